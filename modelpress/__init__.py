@@ -1,0 +1,16 @@
+"""modelpress: make trained PyTorch models much smaller, keep their accuracy.
+
+The library is plain PyTorch: every method is a function you can call from a notebook::
+
+    from modelpress import compress, PQConfig, pack_model, load_packed
+    student, stats = compress(model, PQConfig(), calibration=images, train_batches=batches)
+    size = pack_model(student, "model.mpk", arch_spec("fmnist_cnn"))
+    model, meta = load_packed("model.mpk")
+"""
+
+from .methods import compress
+from .methods.pq import PQConfig
+from .pack import arch_spec, load_packed, pack_model, read_packed
+
+__all__ = ["PQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Dataset fetching (checksummed, multi-source, cached) and loading."""
+
+from modelpress.data.datasets import (
+    DATASET_INFO,
+    DatasetError,
+    NormalizedImageDataset,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+)
+from modelpress.data.fetch import (
+    ChecksumMismatch,
+    FetchError,
+    SourceUnavailable,
+    fetch_files,
+    sha256_file,
+)
+
+__all__ = [
+    "DATASET_INFO",
+    "ChecksumMismatch",
+    "DatasetError",
+    "FetchError",
+    "NormalizedImageDataset",
+    "SourceUnavailable",
+    "fetch_files",
+    "load_cifar10",
+    "load_dataset",
+    "load_fashion_mnist",
+    "sha256_file",
+]

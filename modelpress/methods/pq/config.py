@@ -1,0 +1,36 @@
+"""Settings of layer-by-layer product quantization (Stock et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BlockSpec(BaseModel):
+    """How one layer (or one type of layer) is cut and clustered."""
+
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(ge=1, le=64, description="Length of each sub-vector of the weight.")
+    k: int = Field(ge=2, le=65536, description="Centroids in the layer's codebook (capped by its number of sub-vectors).")
+
+
+class PQConfig(BaseModel):
+    """Product quantization, layer by layer, on the student's own activations."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["pq"] = "pq"
+    conv: BlockSpec = Field(BlockSpec(block_size=9, k=256), description="k x k convolutions (k > 1); block 9 = one 3x3 kernel.")
+    pointwise: BlockSpec = Field(BlockSpec(block_size=4, k=256), description="1x1 convolutions.")
+    linear: BlockSpec = Field(BlockSpec(block_size=8, k=256), description="Fully connected layers.")
+    overrides: dict[str, BlockSpec] = Field({}, description="Per-layer settings by layer name (glob patterns allowed).")
+    exclude: list[str] = Field([], description="Layer names (glob patterns) kept dense.")
+    activation_weighted: bool = Field(True, description="Minimise ||X(W - W_hat)||^2 on in-domain inputs instead of ||W - W_hat||^2.")
+    calibration_images: int = Field(1024, ge=16, description="In-domain images whose activations define each layer's objective.")
+    kmeans_iters: int = Field(30, ge=1, le=1000)
+    kmeans_init: Literal["kmeans++", "random"] = "kmeans++"
+    repair_empty: bool = Field(True, description="Split the largest cluster into empty ones.")
+    layer_finetune_epochs: float = Field(0.1, ge=0, description="Distillation epochs (fractions allowed) tuning each new codebook; 0 disables.")
+    layer_finetune_lr: float = Field(1e-3, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
+    seed: int = 0

@@ -1,0 +1,63 @@
+"""A Conv2d/Linear whose weight is a product-quantized codebook lookup.
+
+Sub-vector layout (as in Stock et al.): the weight is viewed as (out, in * kh * kw), each row
+is cut into contiguous blocks of ``block_size``; for a 3x3 conv with block 9 a block is one
+kernel. The matching input rows come from ``im2col`` in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def to_subvectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(out, in, *k) weight -> (n, block_size) sub-vectors."""
+    row = weight.reshape(weight.shape[0], -1)
+    if row.shape[1] % block_size:
+        raise ValueError(f"block size {block_size} does not divide the layer's input size {row.shape[1]}")
+    return row.reshape(-1, block_size)
+
+
+def input_rows(layer: nn.Module, x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The layer's input as (rows, block_size): im2col for convs, one row per block."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, in*kh*kw, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows.reshape(-1, block_size)
+
+
+class PQLayer(nn.Module):
+    """Drop-in for a Conv2d or Linear; trainable ``codebook`` (k, d), fixed ``codes`` (n,)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, codebook: torch.Tensor, codes: torch.Tensor, block_size: int):
+        super().__init__()
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError("product quantization of grouped convolutions is not supported")
+        self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+        self.weight_shape = tuple(layer.weight.shape)
+        self.block_size = block_size
+        if self.kind == "conv2d":
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        self.codebook = nn.Parameter(codebook.detach().clone().to(layer.weight.device, torch.float32))
+        self.register_buffer("codes", codes.detach().to(layer.weight.device, torch.long))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    @property
+    def k(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.codebook[self.codes].reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":
+            return F.conv2d(x, self.weight, self.bias, **self.conv_args)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}"

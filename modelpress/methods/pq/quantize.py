@@ -1,0 +1,160 @@
+"""Layer-by-layer product quantization of a whole model (the driver around kmeans.py).
+
+For each Conv2d/Linear in forward order: capture the layer's inputs from the *already
+compressed* student on in-domain images (only their Gram matrix is kept), cluster the weight's
+sub-vectors in that metric, swap in a PQLayer, then tune its codebook by distillation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ...progress import Progress, log
+from ...train import distill
+from ...walk import check_patterns, matches, named_layers, set_module
+from .config import BlockSpec, PQConfig
+from .kmeans import gram_kmeans
+from .layer import PQLayer, input_rows, to_subvectors
+
+LayerCallback = Callable[[str, nn.Module, dict], None]
+
+
+def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
+    """The block size and k that apply to a layer, or None when it stays dense."""
+    if matches(name, cfg.exclude) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
+        return None
+    for pattern, spec in cfg.overrides.items():
+        if matches(name, [pattern]):
+            return spec
+    if isinstance(layer, nn.Linear):
+        return cfg.linear
+    return cfg.pointwise if layer.kernel_size == (1, 1) else cfg.conv
+
+
+def code_bits(k: int) -> int:
+    return max(1, math.ceil(math.log2(k)))
+
+
+def pq_bytes(numel: int, spec: BlockSpec, codebook_bytes: int = 2) -> int:
+    """Bytes of a layer's codes (bit-packed) plus its codebook."""
+    n = numel // spec.block_size
+    k = min(spec.k, n)
+    return k * spec.block_size * codebook_bytes + math.ceil(n * code_bits(k) / 8)
+
+
+def plan(model: nn.Module, cfg: PQConfig) -> list[tuple[str, BlockSpec]]:
+    """Layers to quantize, in order, with their settings. Validates names and block sizes."""
+    check_patterns(model, cfg.exclude, "exclude")
+    check_patterns(model, list(cfg.overrides), "overrides")
+    out = []
+    for name, layer in named_layers(model):
+        spec = layer_spec(name, layer, cfg)
+        if spec is None:
+            continue
+        row = layer.weight[0].numel()
+        if row % spec.block_size:
+            raise ValueError(
+                f"layer {name}: block size {spec.block_size} does not divide its input size {row}; "
+                f"set an override for {name!r} or exclude it"
+            )
+        if pq_bytes(layer.weight.numel(), spec) >= 2 * layer.weight.numel():
+            log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, layer.weight.numel())
+            continue
+        out.append((name, spec))
+    if not out:
+        raise ValueError("no layer to quantize: every Conv2d/Linear is excluded or too small")
+    return out
+
+
+@torch.no_grad()
+def input_gram(model: nn.Module, layer: nn.Module, images: torch.Tensor, block_size: int, batch_size: int = 256) -> torch.Tensor:
+    """G = X^T X over the layer's input blocks, X taken from ``model`` on ``images``."""
+    device = next(model.parameters()).device
+    g = torch.zeros(block_size, block_size, dtype=torch.float64, device=device)
+
+    def hook(_m, inputs):
+        rows = input_rows(layer, inputs[0].detach(), block_size).double()
+        g.add_(rows.T @ rows)
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size].to(device))
+    finally:
+        handle.remove()
+    return g.cpu()
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor) -> float:
+    """Relative layer-output error ||X(W - W_hat)||^2 / ||X W||^2 from the Gram matrix."""
+    w, w_hat, g = w.double(), w_hat.double(), g.double()
+    r = w - w_hat
+    return float(((r @ g) * r).sum() / ((w @ g) * w).sum().clamp_min(1e-30))
+
+
+def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cfg: PQConfig, seed: int) -> tuple[PQLayer, dict]:
+    """Cluster one layer's sub-vectors and return the PQLayer that replaces it."""
+    w = to_subvectors(layer.weight.detach().cpu(), spec.block_size)
+    k = min(spec.k, w.shape[0])
+    t0 = time.perf_counter()
+    codebook, codes, info = gram_kmeans(
+        w, k, g, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init, repair_empty=cfg.repair_empty
+    )
+    stats = {
+        "block_size": spec.block_size,
+        "k": k,
+        "subvectors": w.shape[0],
+        "kmeans_s": time.perf_counter() - t0,
+        "empty_repaired": info["empty_repaired"],
+        "weight_rel_error": float((w - codebook[codes]).norm() / w.norm().clamp_min(1e-30)),
+    }
+    return PQLayer(layer, codebook, codes, spec.block_size), stats
+
+
+def quantize_pq(
+    student: nn.Module,
+    cfg: PQConfig,
+    calibration: torch.Tensor,
+    train_batches: DataLoader | None = None,
+    teacher: nn.Module | None = None,
+    on_layer: LayerCallback | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Quantize ``student`` in place, layer by layer, and return it with per-layer stats.
+
+    Layers that are already PQLayers are skipped, so passing a partially quantized student
+    (a checkpoint) resumes the loop. ``teacher`` defaults to a copy of the student as given.
+    ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
+    """
+    teacher = teacher if teacher is not None else copy.deepcopy(student)
+    teacher.eval()
+    todo = plan(teacher, cfg)
+    stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")
+    for index, (name, spec) in enumerate(todo):
+        layer = student.get_submodule(name)
+        if isinstance(layer, PQLayer):
+            prog.update(layer=name, status="done before")
+            continue
+        g = input_gram(student, layer, calibration, spec.block_size) if cfg.activation_weighted else None
+        g_eval = g if g is not None else input_gram(student, layer, calibration, spec.block_size)
+        pq, stats = quantize_layer(layer, spec, g, cfg, seed=cfg.seed + index)
+        w = to_subvectors(layer.weight.detach().cpu(), spec.block_size)
+        stats["output_rel_error"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
+        set_module(student, name, pq)
+        if cfg.layer_finetune_epochs > 0 and train_batches is not None:
+            distill(student, teacher, train_batches, [pq.codebook], cfg.layer_finetune_epochs, cfg.layer_finetune_lr,
+                    temperature=cfg.temperature, stage=f"tune {name}", train_mode=False)
+            stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
+        stats.update(layer=name, index=index, weights=layer.weight.numel(), bytes=pq_bytes(layer.weight.numel(), spec))
+        stats_all.append(stats)
+        prog.update(layer=name, k=stats["k"], out_err=stats["output_rel_error"], kmeans_s=stats["kmeans_s"])
+        if on_layer:
+            on_layer(name, student, stats)
+    return student, stats_all

@@ -1,0 +1,140 @@
+"""The one parameter schema: params.yaml, the CLI, the Prefect UI form and DVC all use it.
+
+Every section forbids unknown keys, so a typo fails at once with the field's name, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .data.datasets import DATASET_INFO
+from .methods.pq.config import PQConfig
+
+_FMNIST = DATASET_INFO["fashion-mnist"]
+
+
+class RecipeError(ValueError):
+    """params.yaml (or a parameter override) is invalid; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(_Section):
+    name: str = Field("fmnist-cnn-pq", description="Run name, used for the MLflow run and output names.")
+    seed: int = Field(0, description="Seed of every random choice (shuffles, k-means, calibration images).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else the CPU.")
+    workdir: str = Field("data", description="Where every stage writes its outputs (tracked by DVC).")
+
+
+class DataConfig(_Section):
+    name: Literal["fashion-mnist", "cifar10"] = Field("fashion-mnist", description="Dataset format to read.")
+    sources: list[str] = Field(
+        list(_FMNIST["sources"]), min_length=1,
+        description="Where to get the files, tried in order: local directory, http(s):// base URL or s3://bucket/prefix.",
+    )
+    files: dict[str, str] = Field(dict(_FMNIST["files"]), min_length=1, description="File name -> expected sha256.")
+    batch_size: int = Field(256, ge=1, le=65536, description="Batch size for evaluation and calibration.")
+
+    @field_validator("files")
+    @classmethod
+    def _sha256s(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"sha256 of {name!r} must be 64 hex digits, got {digest!r}")
+        return v
+
+
+class TeacherConfig(_Section):
+    arch: str = Field("fmnist_cnn", description="Project model (fmnist_cnn, cifar_resnet20/32/44/56) or torchvision:<name>.")
+    weights: str | None = Field(
+        None, description="Weights: a checkpoint path (loaded with weights_only=True) or an MLflow models:/ or runs:/ URI. Empty: train one."
+    )
+    weights_sha256: str | None = Field(None, description="Expected sha256 of the weights file, checked before loading.")
+    epochs: float = Field(3.0, gt=0, le=1000, description="Training epochs when no weights are given.")
+    lr: float = Field(0.05, gt=0, description="Peak learning rate (SGD + Nesterov, cosine schedule).")
+    batch_size: int = Field(128, ge=1, le=65536)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class FinetuneConfig(_Section):
+    epochs: float = Field(1.0, ge=0, le=1000, description="Distillation epochs over all codebooks together (0 skips).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW, cosine schedule).")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
+    batch_size: int = Field(128, ge=1, le=65536)
+    train_other: bool = Field(True, description="Also tune biases and BatchNorm scales, not only codebooks.")
+    bn_batches: int = Field(100, ge=0, description="Batches used to re-estimate BatchNorm statistics (0 skips).")
+
+
+class PackConfig(_Section):
+    float_dtype: Literal["f16", "f32"] = Field("f16", description="Storage of every tensor that is not quantized.")
+    codebook_dtype: Literal["f16", "f32"] = Field("f16", description="Storage of PQ codebooks.")
+
+
+class RegistryConfig(_Section):
+    enabled: bool = Field(True, description="Register the packed model in the MLflow model registry.")
+    model_name: str | None = Field(None, description="Registered model name; default '<teacher arch>-<method>'.")
+    experiment: str = Field("modelpress", description="MLflow experiment of the run.")
+
+
+class Recipe(_Section):
+    """Everything a compression run depends on."""
+
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    method: PQConfig = PQConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    pack: PackConfig = PackConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
+        """Read params.yaml; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such parameter file") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecipeError(f"override {item!r} must look like section.key=value")
+            node = raw
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(value)
+        return cls.parse(raw, source=str(path))
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], source: str = "parameters") -> "Recipe":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            more = f" [+{e.error_count() - 1} more]" if e.error_count() > 1 else ""
+            raise RecipeError(f"{source}: {where}: {err['msg']}{got}{more}") from None
+
+    def section_hash(self, *sections: str, extra: Any = None) -> str:
+        """Stable hash of some sections (and extra inputs): the cache key of a stage."""
+        blob = json.dumps([self.model_dump(include=set(sections), mode="json"), extra], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def registered_name(self) -> str:
+        arch = self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-")
+        return self.registry.model_name or f"{arch}-{self.method.name}"

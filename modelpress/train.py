@@ -1,0 +1,159 @@
+"""The one training loop every method shares: supervised training, distillation, evaluation,
+BatchNorm re-estimation. Pure PyTorch."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .progress import Progress
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to 0 over ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def fit(
+    model: nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    batches: DataLoader,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: float,
+    lr: float,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    warmup_frac: float = 0.0,
+    stage: str = "train",
+    device: torch.device | None = None,
+    train_mode: bool = True,
+) -> list[float]:
+    """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed)
+    with a cosine schedule. Returns the loss of each step."""
+    device = device or next(model.parameters()).device
+    params = [p for p in params if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    total = max(1, int(round(epochs * len(batches))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, int(warmup_frac * total)))
+    model.train(train_mode)
+    prog, losses, step = Progress(stage, total), [], 0
+    while step < total:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            step += 1
+            prog.update(loss=sum(losses[-20:]) / len(losses[-20:]), lr=sched.get_last_lr()[0])
+            if step >= total:
+                break
+    model.eval()
+    return losses
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened outputs, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True, reduction="batchmean"
+    ) * (t * t)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: DataLoader,
+    params: Iterable[torch.nn.Parameter],
+    epochs: float,
+    lr: float,
+    temperature: float = 1.0,
+    stage: str = "distill",
+    train_mode: bool = True,
+    **kw,
+) -> list[float]:
+    """Fit ``params`` of the student to the teacher's outputs. Labels are never used."""
+    teacher.eval()
+
+    def loss_fn(x, _y):
+        with torch.no_grad():
+            t_logits = teacher(x)
+        return distill_loss(student(x), t_logits, temperature)
+
+    return fit(student, params, batches, loss_fn, epochs, lr, stage=stage, train_mode=train_mode, **kw)
+
+
+def train_classifier(model: nn.Module, batches: DataLoader, epochs: float, lr: float, **kw) -> list[float]:
+    """Plain supervised training with cross-entropy (used to make a teacher)."""
+    return fit(model, model.parameters(), batches, lambda x, y: F.cross_entropy(model(x), y), epochs, lr, **kw)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: DataLoader, device: torch.device | None = None) -> torch.Tensor:
+    """Logits for every sample, in order."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: DataLoader, device: torch.device | None = None) -> float:
+    """Top-1 accuracy in percent."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: DataLoader, max_batches: int = 100) -> None:
+    """Re-estimate BatchNorm running statistics of the (compressed) model on real inputs.
+
+    Uses a cumulative average (momentum=None) over ``max_batches`` batches.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    device = next(model.parameters()).device
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i, (x, _) in enumerate(batches):
+        if i >= max_batches:
+            break
+        model(x.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()

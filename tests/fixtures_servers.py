@@ -1,0 +1,112 @@
+"""Loopback servers for fetch tests: a static HTTP server, a truncating one, and moto S3.
+
+Import the fixtures into a test module (``from fixtures_servers import ...``)
+or register the module as a plugin in conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+class QuietFileHandler(SimpleHTTPRequestHandler):
+    """Serves files from ``directory`` without logging each request to stderr."""
+
+    def log_message(self, format, *args):
+        pass
+
+
+class TruncatingFileHandler(QuietFileHandler):
+    """Announces twice the file's length, sends the file once, then closes the connection."""
+
+    def do_GET(self):
+        body = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(2 * len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def serve_http(directory: Path, handler_class=QuietFileHandler):
+    """Serve ``directory`` on a random loopback port in a thread; yield the base URL."""
+    handler = functools.partial(handler_class, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """(base URL, directory): an HTTP server serving a fresh empty directory."""
+    directory = tmp_path / "http-root"
+    directory.mkdir()
+    with serve_http(directory) as url:
+        yield url, directory
+
+
+@pytest.fixture
+def truncating_http_root(tmp_path):
+    """(base URL, directory): like ``http_root`` but every response is cut short."""
+    directory = tmp_path / "truncating-root"
+    directory.mkdir()
+    with serve_http(directory, TruncatingFileHandler) as url:
+        yield url, directory
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback TCP port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """URL of a moto S3 server on loopback, shared by the tests of one module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint, monkeypatch, tmp_path):
+    """Point the standard AWS environment at the moto server; return a boto3 S3 client."""
+    import boto3
+
+    set_aws_env(monkeypatch, tmp_path, moto_endpoint)
+    return boto3.client("s3")
+
+
+def set_aws_env(monkeypatch, tmp_path: Path, endpoint: str) -> None:
+    """Isolate boto3 from the user's AWS config and send it to ``endpoint`` with test credentials."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
