@@ -70,7 +70,7 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             prog.update(loss=sum(losses[-20:]) / len(losses[-20:]), lr=sched.get_last_lr()[0])
             if step >= total:

@@ -1,0 +1,48 @@
+"""fetch -> teacher -> compress -> fine-tune -> pack -> evaluate -> register.
+
+The flow takes the one parameter schema (modelpress.recipe.Recipe); the Prefect UI renders
+it as a typed form. Every step is a retriable task; finished steps are skipped on a re-run
+because each stage recognises its own up-to-date outputs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from modelpress.recipe import Recipe
+from tasks.register import register_model
+from tasks.steps import (
+    compress_model,
+    evaluate_packed,
+    fetch_dataset,
+    finetune_model,
+    pack_model,
+    prepare_teacher,
+    publish_summary,
+)
+
+
+@flow(name="modelpress-compress", log_prints=True)
+def compress_flow(recipe: Recipe = Recipe()) -> dict:
+    """Compress a model end to end and register the result. Returns the run summary."""
+    timings: dict[str, float] = {}
+
+    def timed(name, task, *args):
+        t0 = time.perf_counter()
+        out = task(*args)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+    data_dir = timed("fetch", fetch_dataset, recipe)
+    teacher = timed("teacher", prepare_teacher, recipe, data_dir)
+    compressed = timed("compress", compress_model, recipe, teacher)
+    finetuned = timed("finetune", finetune_model, recipe, compressed)
+    packed = timed("pack", pack_model, recipe, finetuned)
+    summary = timed("evaluate", evaluate_packed, recipe, packed)
+    if recipe.registry.enabled:
+        summary["registered"] = timed("register", register_model, recipe, packed, summary)
+    publish_summary(recipe, summary)
+    summary["seconds"] = timings
+    return summary

@@ -1,0 +1,162 @@
+"""The ``modelpress`` command.
+
+    modelpress run [--params params.yaml] [-S section.key=value ...]   the whole pipeline (Prefect flow)
+    modelpress stage NAME [--params ...]                                one step (what dvc.yaml calls)
+    modelpress evaluate FILE [--params ...]                             top-1 of a packed file
+    modelpress inspect FILE                                             what a packed file holds
+    modelpress schema                                                   the parameter schema (JSON)
+
+Errors print one line, ``modelpress: error: <cause>``, and exit with status 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate")
+
+
+def _recipe(args):
+    from .recipe import Recipe
+
+    return Recipe.from_yaml(args.params, args.set)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(empty)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line([cell(r.get(c)) for c in cols]) for r in rows])
+
+
+def _summary_rows(summary: dict) -> list[dict]:
+    keys = ("teacher_top1", "compressed_top1", "top1_drop", "packed_bytes", "teacher_fp32_bytes", "compression_ratio", "test_images")
+    return [{"metric": k, "value": summary.get(k)} for k in keys]
+
+
+def cmd_run(args) -> int:
+    recipe = _recipe(args)  # invalid parameters fail here, before any work
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
+    from flows.compress import compress_flow
+
+    t0 = time.perf_counter()
+    summary = compress_flow(recipe)
+    total = time.perf_counter() - t0
+    from .stages import paths
+
+    print("\n" + _table(_summary_rows(summary)))
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + f", total {total:.0f}")
+    print(f"packed model: {paths(recipe)['packed']}   metrics: {paths(recipe)['metrics']}")
+    if "registered" in summary:
+        r = summary["registered"]
+        print(f"registered: {r['model_name']} version {r['version']} ({r['model_uri']})")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from . import stages
+
+    recipe = _recipe(args)
+    if args.name == "fetch":
+        print(stages.fetch(recipe))
+    elif args.name == "teacher":
+        weights = recipe.teacher.weights
+        if weights and weights.startswith(("models:/", "runs:/")):
+            from tasks.resolve import resolve_teacher_weights
+
+            weights = resolve_teacher_weights(weights)
+        print(stages.teacher(recipe, weights))
+    elif args.name == "compress":
+        print(stages.compress_stage(recipe))
+    elif args.name == "finetune":
+        print(stages.finetune_stage(recipe))
+    elif args.name == "pack":
+        print(stages.pack_stage(recipe))
+    elif args.name == "evaluate":
+        p = stages.paths(recipe)
+        summary = stages.summarize(recipe, stages.evaluate_file(p["packed"], recipe))
+        print(json.dumps(summary) if args.json else _table(_summary_rows(summary)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .stages import evaluate_file
+
+    result = evaluate_file(Path(args.file), _recipe(args), args.limit)
+    print(json.dumps(result) if args.json else _table([result]))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .pack import read_packed
+
+    packed = read_packed(args.file)
+    print(f"{args.file}: {packed.size:,} bytes, architecture {packed.arch['name']} {packed.arch.get('kwargs', {})}")
+    if "method" in packed.meta:
+        print(f"method: {packed.meta['method']}")
+    print(_table(packed.summary()))
+    return 0
+
+
+def cmd_schema(_args) -> int:
+    from .recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="modelpress", description="Compress PyTorch models into small packed files.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_params(p):
+        p.add_argument("--params", default="params.yaml", help="parameter file (YAML or JSON), default params.yaml")
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter, e.g. -S method.linear.k=128 (repeatable)")
+        return p
+
+    with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow")).set_defaults(fn=cmd_run)
+    st = with_params(sub.add_parser("stage", help="run one stage (used by dvc.yaml)"))
+    st.add_argument("name", choices=STAGES)
+    st.add_argument("--json", action="store_true", help="print the result as JSON")
+    st.set_defaults(fn=cmd_stage)
+    ev = with_params(sub.add_parser("evaluate", help="top-1 of a packed file on the test set"))
+    ev.add_argument("file")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(fn=cmd_evaluate)
+    ins = sub.add_parser("inspect", help="show what a packed file holds")
+    ins.add_argument("file")
+    ins.set_defaults(fn=cmd_inspect)
+    sub.add_parser("schema", help="print the parameter schema").set_defaults(fn=cmd_schema)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command != "run":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("modelpress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one clear line
+        if os.environ.get("MODELPRESS_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"modelpress: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

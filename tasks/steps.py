@@ -1,0 +1,98 @@
+"""The pipeline's steps as Prefect tasks. Each calls the same function the DVC stage calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from modelpress import stages
+from modelpress.recipe import Recipe
+
+from .common import retry_transient, ui_progress
+from .resolve import resolve_teacher_weights
+
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+
+
+@task(name="fetch", timeout_seconds=3600, **RETRY)
+def fetch_dataset(recipe: Recipe) -> str:
+    """Fetch the dataset files (local, HTTP(S) or S3), checked against their sha256."""
+    return str(stages.fetch(recipe))
+
+
+@task(name="teacher", timeout_seconds=6 * 3600, **RETRY)
+def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
+    """Load the teacher (file or MLflow URI) or train one; evaluate it."""
+    with ui_progress("teacher"):
+        path = stages.teacher(recipe, resolve_teacher_weights(recipe.teacher.weights))
+    info = stages.read_json(stages.paths(recipe)["teacher_info"])
+    create_table_artifact([{k: info[k] for k in ("arch", "top1", "params", "fp32_bytes", "source")}],
+                          key="teacher", description="Teacher model")
+    return str(path)
+
+
+@task(name="compress", timeout_seconds=6 * 3600, **RETRY)
+def compress_model(recipe: Recipe, teacher_path: str) -> str:
+    """Layer-by-layer compression; checkpoints each layer, so a retry continues."""
+    with ui_progress("compress"):
+        path = stages.compress_stage(recipe)
+    layers = stages.read_json(stages.paths(recipe)["layers"])["layers"]
+    create_table_artifact(layer_rows(layers), key="layers", description="Per-layer size and error")
+    return str(path)
+
+
+@task(name="finetune", timeout_seconds=6 * 3600, **RETRY)
+def finetune_model(recipe: Recipe, compressed_path: str) -> str:
+    """Distil all codebooks from the teacher; re-estimate BatchNorm statistics."""
+    with ui_progress("finetune"):
+        return str(stages.finetune_stage(recipe))
+
+
+@task(name="pack", timeout_seconds=600, **RETRY)
+def pack_model(recipe: Recipe, finetuned_path: str) -> str:
+    """Write the final packed file."""
+    return str(stages.pack_stage(recipe))
+
+
+@task(name="evaluate", timeout_seconds=3600, **RETRY)
+def evaluate_packed(recipe: Recipe, packed_path: str) -> dict:
+    """Evaluate the packed file in a fresh process, exactly as a consumer would load it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(recipe.model_dump_json())
+    try:
+        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation process failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def layer_rows(layers: list[dict]) -> list[dict]:
+    keys = ("layer", "weights", "block_size", "k", "bytes", "weight_rel_error", "output_rel_error", "output_rel_error_tuned", "kmeans_s")
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k in keys} for s in layers]
+
+
+def summary_markdown(summary: dict) -> str:
+    rows = [
+        ("teacher top-1", f"{summary['teacher_top1']:.2f} %"),
+        ("compressed top-1 (from the packed file)", f"{summary['compressed_top1']:.2f} %"),
+        ("top-1 drop", f"{summary['top1_drop']:.2f} points"),
+        ("packed file", f"{summary['packed_bytes']:,} bytes"),
+        ("teacher fp32 weights", f"{summary['teacher_fp32_bytes']:,} bytes"),
+        ("compression ratio", f"{summary['compression_ratio']:.1f}x"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+@task(name="summarize", **RETRY)
+def publish_summary(recipe: Recipe, summary: dict) -> None:
+    create_markdown_artifact(f"# {recipe.run.name}\n\n" + summary_markdown(summary), key="summary",
+                             description="Compression run summary")
