@@ -51,8 +51,9 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     summary = compress_flow(recipe)
     total = time.perf_counter() - t0
-    from .stages import paths
+    from .stages import paths, write_json
 
+    write_json(paths(recipe)["timings"], {**summary["seconds"], "total": round(total, 1)})
     print("\n" + _table(_summary_rows(summary)))
     print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + f", total {total:.0f}")
     print(f"packed model: {paths(recipe)['packed']}   metrics: {paths(recipe)['metrics']}")

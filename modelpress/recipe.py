@@ -65,6 +65,18 @@ class TeacherConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
 
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from .models import is_known
+
+        if not is_known(v):
+            from .models import known_models
+
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(known_models())}")
+        return v
+
+
 class FinetuneConfig(_Section):
     epochs: float = Field(1.0, ge=0, le=1000, description="Distillation epochs over all codebooks together (0 skips).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW, cosine schedule).")

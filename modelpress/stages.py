@@ -56,6 +56,7 @@ def paths(recipe: Recipe) -> dict[str, Path]:
         "finetuned": w / "finetune" / "finetuned.mpk",
         "packed": w / "model.mpk",
         "metrics": w / "metrics.json",
+        "timings": w / "run_timings.json",
     }
 
 
@@ -319,7 +320,7 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
             "sha256": sha256_file(packed_path)}
 
 
-def summarize(recipe: Recipe, evaluation: dict, timings: dict | None = None) -> dict:
+def summarize(recipe: Recipe, evaluation: dict) -> dict:
     """The run's summary (metrics.json): what a person or DVC compares between runs."""
     p = paths(recipe)
     t = read_json(p["teacher_info"]) or {}
@@ -337,7 +338,5 @@ def summarize(recipe: Recipe, evaluation: dict, timings: dict | None = None) -> 
         "device": str(_device(recipe)),
         "host": platform.node(),
     }
-    if timings:
-        summary["seconds"] = timings
     write_json(p["metrics"], summary)
     return summary

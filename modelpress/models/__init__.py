@@ -33,6 +33,17 @@ def known_models() -> list[str]:
     return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>"]
 
 
+def is_known(arch: str) -> bool:
+    """True if ``build_model(arch)`` can build it (no model is built)."""
+    if arch in _REGISTRY:
+        return True
+    if arch.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        return arch[len(TORCHVISION_PREFIX):] in torchvision.models.list_models()
+    return False
+
+
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Build an untrained model by registry name, or ``torchvision:<name>``.
 

@@ -1,0 +1,87 @@
+"""Shared fixtures: real Fashion-MNIST, a quickly trained real teacher, one Prefect server and
+one MLflow store per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parents[1]
+
+# Fast settings for the pipeline on real data: small enough for a 2-core CI machine.
+TINY = {
+    "run": {"name": "test"},
+    "data": {"sources": [str(FMNIST)]},
+    "teacher": {"epochs": 0.15},
+    "method": {"calibration_images": 256, "kmeans_iters": 5, "layer_finetune_epochs": 0.01, "linear": {"block_size": 8, "k": 64}},
+    "finetune": {"epochs": 0.02, "bn_batches": 5},
+}
+
+
+def tiny_recipe(workdir: Path, **sections):
+    from modelpress.recipe import Recipe
+
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["run"]["workdir"] = str(workdir)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Recipe.parse(raw)
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``modelpress`` command in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelpress", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_stores(tmp_path_factory):
+    """Keep MLflow and Prefect state of the test session out of the user's home and repo."""
+    root = tmp_path_factory.mktemp("stores")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    os.environ["PREFECT_HOME"] = str(root / "prefect")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def fmnist_available():
+    if not (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, fmnist_available) -> Path:
+    """A workdir holding the fetched data set and a (briefly) trained real teacher."""
+    from modelpress import stages
+
+    work = tmp_path_factory.mktemp("trained")
+    recipe = tiny_recipe(work)
+    stages.fetch(recipe)
+    stages.teacher(recipe)
+    return work
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path) -> Path:
+    """A fresh copy of the trained workdir for one test."""
+    dst = tmp_path / "work"
+    shutil.copytree(trained_workdir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server for the whole session (it takes ~25 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
