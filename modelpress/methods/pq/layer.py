@@ -52,7 +52,7 @@ class PQLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.codebook[self.codes].reshape(self.weight_shape)
+        return self.codebook.index_select(0, self.codes).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv2d":

@@ -1,0 +1,324 @@
+"""The packed file: size accounting, exact round trip of a PQ-quantized real model, corruption
+detection, no pickle anywhere, atomic writes, and the bit packing of codes."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from modelpress.data.datasets import load_fashion_mnist
+from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
+from modelpress.models import build_model, parameter_bytes
+from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
+from modelpress.pack.format import MAGIC, encode_pq, model_entries, pack_bits, unpack_bits, write_packed
+from modelpress.stages import calibration_images
+from modelpress.train import loader, train_classifier
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+ARCH = arch_spec("fmnist_cnn", num_classes=10, in_channels=1)
+# Codebook sizes chosen so the codes use 9, 8, 6 and 7 bits (not only the byte-aligned path).
+OVERRIDES = {
+    "features.2.0": BlockSpec(block_size=9, k=256),
+    "features.4.0": BlockSpec(block_size=9, k=512),
+    "classifier.2": BlockSpec(block_size=8, k=64),
+    "classifier.5": BlockSpec(block_size=8, k=100),
+}
+BITS = {"features.2.0": 8, "features.4.0": 9, "classifier.2": 6, "classifier.5": 7}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads spin and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_fashion_mnist(FMNIST)
+
+
+@pytest.fixture(scope="module")
+def quantized(data):
+    """A briefly trained fmnist_cnn, product-quantized on 256 real calibration images."""
+    train, _ = data
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn")
+    train_classifier(model, loader(torch.utils.data.Subset(train, range(6000)), 128, True), epochs=1.0, lr=0.05, optimizer="sgd")
+    model.eval()
+    cfg = PQConfig(kmeans_iters=5, layer_finetune_epochs=0, overrides=OVERRIDES)
+    student, _ = quantize_pq(copy.deepcopy(model), cfg, calibration_images(train, 256, seed=0), teacher=model)
+    assert {n for n, m in student.named_modules() if isinstance(m, PQLayer)} == set(OVERRIDES)
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def packed_path(quantized, tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "model.mpk"
+    size = pack_model(quantized, path, ARCH, {"recipe": "test", "top1": 12.5})
+    return path, size
+
+
+def pq_layers(model: nn.Module) -> dict[str, PQLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PQLayer)}
+
+
+def fp16_rounded(model: nn.Module) -> nn.Module:
+    """What the default packing keeps: every float tensor (codebooks included) rounded to fp16."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in list(out.parameters()) + list(out.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return out
+
+
+# ---- 1. size ---------------------------------------------------------------------------------
+
+def test_reported_size_is_the_file_size(quantized, packed_path):
+    path, size = packed_path
+    assert size == os.path.getsize(path)
+    packed = read_packed(path)
+    assert packed.size == size
+    assert packed.arch == ARCH and packed.meta == {"recipe": "test", "top1": 12.5}
+    # Layout: magic, header length, header, then exactly the tensors' bytes.
+    raw = path.read_bytes()
+    (hlen,) = struct.unpack("<I", raw[8:12])
+    assert size == 12 + hlen + sum(row["bytes"] for row in packed.summary())
+    rows = {row["tensor"]: row for row in packed.summary()}
+    for name, bits in BITS.items():
+        row = rows[f"{name}.weight"]
+        n = quantized.get_submodule(name).codes.numel()
+        assert row["encoding"] == "pq" and row["bits"] == bits
+        assert row["bytes"] == row["k"] * row["block"] * 2 + math.ceil(n * bits / 8)
+    assert rows["features.0.0.weight"]["encoding"] == "dense"
+    assert not any("num_batches_tracked" in t or t.endswith(".codes") for t in rows)
+    # Much smaller than the same model stored densely in fp16.
+    dense = build_model("fmnist_cnn")
+    assert size < parameter_bytes(dense, 2) / 4
+
+
+# ---- 2. exact weights ------------------------------------------------------------------------
+
+def test_unpacked_weights_are_exactly_the_fp16_codebook_lookup(quantized, packed_path):
+    path, _ = packed_path
+    dense, meta = load_packed(path, materialize=True)
+    assert meta == {"recipe": "test", "top1": 12.5}
+    kept, _ = load_packed(path, materialize=False)
+    for name, m in pq_layers(quantized).items():
+        expected = m.codebook.detach().half().float()[m.codes].reshape(m.weight_shape)
+        loaded = dense.get_submodule(name)
+        assert type(loaded) is (nn.Conv2d if m.kind == "conv2d" else nn.Linear)
+        assert torch.equal(loaded.weight, expected), name
+        pq = kept.get_submodule(name)
+        assert isinstance(pq, PQLayer) and pq.block_size == m.block_size
+        assert torch.equal(pq.codes, m.codes), name
+        assert torch.equal(pq.codebook, m.codebook.detach().half().float()), name
+        assert pq.codebook.requires_grad  # still trainable after loading
+
+
+def test_f32_round_trip_is_bit_exact(quantized, tmp_path):
+    path = tmp_path / "f32.mpk"
+    pack_model(quantized, path, ARCH, float_dtype="f32", codebook_dtype="f32")
+    loaded, _ = load_packed(path, materialize=False)
+    want = {k: v for k, v in quantized.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = {k: v for k, v in loaded.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    with torch.no_grad():
+        x = torch.randn(8, 1, 28, 28)
+        assert torch.equal(loaded(x), quantized(x))
+
+
+# ---- 3. predictions and BatchNorm ----------------------------------------------------------
+
+def test_loaded_model_predicts_like_the_rounded_in_memory_model(quantized, packed_path, data):
+    path, _ = packed_path
+    _, test = data
+    x = test.tensors[0][:1000]
+    reference = fp16_rounded(quantized)
+    with torch.no_grad():
+        want = reference(x)
+        for materialize in (True, False):
+            got = load_packed(path, materialize=materialize)[0](x)
+            assert torch.equal(got.argmax(1), want.argmax(1)), materialize
+            assert float((got - want).abs().max()) < 1e-4, materialize
+        # The rounding is real (fp16 differs from fp32), so the comparison above is not vacuous.
+        assert not torch.equal(quantized(x), want)
+
+
+def test_batchnorm_running_stats_survive_pack_and_load(quantized, packed_path):
+    path, _ = packed_path
+    loaded, _ = load_packed(path)
+    bns = [(n, m) for n, m in quantized.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3
+    for name, bn in bns:
+        other = loaded.get_submodule(name)
+        # Trained stats, not the defaults a fresh model would have.
+        assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert torch.equal(other.running_mean, bn.running_mean.half().float()), name
+        assert torch.equal(other.running_var, bn.running_var.half().float()), name
+        assert torch.equal(other.weight, bn.weight.detach().half().float()), name
+        assert torch.equal(other.bias, bn.bias.detach().half().float()), name
+
+
+# ---- 4. bad files, no pickle, atomic writes ------------------------------------------------
+
+def corrupt(src, dst, pos: int | None = None, cut: int = 0):
+    raw = bytearray(src.read_bytes())
+    if pos is not None:
+        raw[pos] ^= 0xFF
+    dst.write_bytes(bytes(raw[:len(raw) - cut]))
+    return dst
+
+
+def header_length(path) -> int:
+    return struct.unpack("<I", path.read_bytes()[8:12])[0]
+
+
+def test_truncated_file_is_rejected(packed_path, tmp_path):
+    path, _ = packed_path
+    with pytest.raises(PackedFormatError, match="truncated"):
+        read_packed(corrupt(path, tmp_path / "cut.mpk", cut=100))
+    with pytest.raises(PackedFormatError, match="truncated"):
+        load_packed(corrupt(path, tmp_path / "cut1.mpk", cut=1))
+    (tmp_path / "magic_only.mpk").write_bytes(MAGIC)
+    with pytest.raises(PackedFormatError, match="truncated"):
+        read_packed(tmp_path / "magic_only.mpk")
+
+
+def test_flipped_payload_byte_fails_the_checksum(packed_path, tmp_path):
+    path, size = packed_path
+    start = 12 + header_length(path)
+    for pos in (start, (start + size) // 2, size - 1):
+        with pytest.raises(PackedFormatError, match="checksum"):
+            load_packed(corrupt(path, tmp_path / f"flip{pos}.mpk", pos=pos))
+
+
+@pytest.mark.parametrize("where", ["magic", "length_low", "length_high", "header_start", "header_mid", "header_end"])
+def test_flipped_header_byte_is_rejected(packed_path, tmp_path, where):
+    path, _ = packed_path
+    hlen = header_length(path)
+    pos = {"magic": 3, "length_low": 8, "length_high": 11, "header_start": 12,
+           "header_mid": 12 + hlen // 2, "header_end": 12 + hlen - 1}[where]
+    with pytest.raises(PackedFormatError):
+        load_packed(corrupt(path, tmp_path / "bad.mpk", pos=pos))
+
+
+def test_not_a_packed_file_and_missing_file(tmp_path):
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(PackedFormatError, match="bad magic"):
+        load_packed(tmp_path / "random.bin")
+    (tmp_path / "empty.mpk").write_bytes(b"")
+    with pytest.raises(PackedFormatError, match="bad magic"):
+        load_packed(tmp_path / "empty.mpk")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "model.pt")  # a pickle-based checkpoint
+    with pytest.raises(PackedFormatError, match="bad magic"):
+        load_packed(tmp_path / "model.pt")
+    with pytest.raises(PackedFormatError, match="no such"):
+        load_packed(tmp_path / "absent.mpk")
+
+
+def test_valid_file_that_does_not_fit_its_architecture_is_rejected(quantized, tmp_path):
+    entries = model_entries(quantized)
+    write_packed(tmp_path / "classes.mpk", arch_spec("fmnist_cnn", num_classes=5), {}, entries)
+    with pytest.raises(PackedFormatError, match="shape"):
+        load_packed(tmp_path / "classes.mpk")
+    write_packed(tmp_path / "arch.mpk", {"name": "os.system", "kwargs": {}}, {}, entries)
+    with pytest.raises(PackedFormatError, match="cannot rebuild"):
+        load_packed(tmp_path / "arch.mpk")
+    write_packed(tmp_path / "missing.mpk", ARCH, {}, entries[:-1])
+    with pytest.raises(PackedFormatError, match="missing"):
+        load_packed(tmp_path / "missing.mpk")
+    name, _, p, buf = entries[0]
+    write_packed(tmp_path / "enc.mpk", ARCH, {}, [(name, "pickle", p, buf)] + entries[1:])
+    with pytest.raises(PackedFormatError, match="unknown encoding"):
+        read_packed(tmp_path / "enc.mpk")
+    # Codes pointing past the codebook (k = 100 fits 7 bits, so 120 is representable).
+    m = quantized.get_submodule("classifier.5")
+    codes = m.codes.clone()
+    codes[3] = 120
+    p, buf = encode_pq(m.codebook, codes, m.weight_shape, "f16")
+    bad = [(n, "pq", p, buf) if n == "classifier.5.weight" else (n, e, q, b) for n, e, q, b in entries]
+    write_packed(tmp_path / "codes.mpk", ARCH, {}, bad)
+    with pytest.raises(PackedFormatError, match="beyond codebook"):
+        load_packed(tmp_path / "codes.mpk")
+
+
+def test_loading_never_unpickles(packed_path, monkeypatch):
+    path, _ = packed_path
+    raw = path.read_bytes()
+    assert raw.startswith(MAGIC) and raw[0] != 0x80  # 0x80 = PROTO opcode that opens every pickle >= v2
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the loader unpickled something")
+
+    for mod, attr in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(mod, attr, refuse)
+    model, _ = load_packed(path, materialize=False)
+    assert pq_layers(model)
+
+
+def test_write_is_atomic(quantized, tmp_path, monkeypatch):
+    entries = model_entries(quantized)
+    target = tmp_path / "out" / "model.mpk"
+    size = write_packed(target, ARCH, {}, entries)
+    assert sorted(os.listdir(target.parent)) == ["model.mpk"] and size == os.path.getsize(target)
+    good = target.read_bytes()
+
+    def boom(*_a, **_k):
+        raise OSError("disk gone")
+
+    # Failing at the final rename: no partial file, and the existing file is untouched.
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        write_packed(target, ARCH, {"v": 2}, entries)
+    assert sorted(os.listdir(target.parent)) == ["model.mpk"] and target.read_bytes() == good
+    # Failing before anything exists: neither the target nor a partial file is left.
+    fresh = tmp_path / "fresh" / "model.mpk"
+    with pytest.raises(OSError, match="disk gone"):
+        write_packed(fresh, ARCH, {}, entries)
+    assert os.listdir(fresh.parent) == []
+    monkeypatch.undo()
+    # Failing midway, after the data went into the temporary file but before it is synced.
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        write_packed(fresh, ARCH, {}, entries)
+    assert os.listdir(fresh.parent) == []
+
+
+# ---- 5. bit packing --------------------------------------------------------------------------
+
+def reference_pack(values, bits: int) -> bytes:
+    """The documented layout, written the slow obvious way: one LSB-first bit stream."""
+    acc = 0
+    for i, v in enumerate(values):
+        acc |= int(v) << (i * bits)
+    return acc.to_bytes(math.ceil(len(values) * bits / 8), "little")
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_bits_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    for n in (1, 7, 8, 1001):
+        values = rng.integers(0, 2**bits, n)
+        values[0] = 2**bits - 1  # the largest code must survive
+        buf = pack_bits(values, bits)
+        assert len(buf) == math.ceil(n * bits / 8)
+        assert buf == reference_pack(values, bits)
+        out = unpack_bits(buf, bits, n)
+        assert out.dtype == np.int64 and np.array_equal(out, values)
