@@ -77,6 +77,7 @@ def naive_assign_time(w: torch.Tensor, c: torch.Tensor, x: torch.Tensor, budget_
 
 def reference_case(args) -> None:
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
     w = to_subvectors(conv.weight.detach(), 9)  # (4096, 9)
     x = torch.relu(torch.randn(args.rows, 9, generator=gen))  # random post-ReLU activation rows

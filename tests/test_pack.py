@@ -322,3 +322,14 @@ def test_pack_bits_round_trip(bits):
         assert buf == reference_pack(values, bits)
         out = unpack_bits(buf, bits, n)
         assert out.dtype == np.int64 and np.array_equal(out, values)
+
+
+def test_entry_shorter_than_its_shape_is_rejected(quantized, tmp_path):
+    """A file with a valid checksum but too few code bytes must not load as code 0."""
+    entries = model_entries(quantized)
+    for i, (name, enc, p, buf) in enumerate(entries):
+        if enc == "pq" or name.endswith("running_var"):
+            short = entries[:i] + [(name, enc, {**p, "n": p["n"] - 4}, buf[:-4])] + entries[i + 1:]
+            write_packed(tmp_path / "short.mpk", ARCH, {}, short)
+            with pytest.raises(PackedFormatError, match="corrupted entry"):
+                load_packed(tmp_path / "short.mpk")

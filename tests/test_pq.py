@@ -294,6 +294,8 @@ def test_quantize_pq_resumes_a_partly_quantized_student(trained, calib):
     assert done == ["features.2.0", "features.4.0"]
     assert not isinstance(student.get_submodule("classifier.2"), PQLayer)
     first = {n: student.get_submodule(n).codebook.detach().clone() for n in done}
+    with pytest.raises(ValueError, match="needs the dense teacher"):
+        quantize_pq(student, cfg, images)
     _, stats = quantize_pq(student, cfg, images, teacher=trained)
     assert [s["layer"] for s in stats] == ["classifier.2", "classifier.5"]
     assert [s["index"] for s in stats] == [2, 3]

@@ -58,15 +58,15 @@ def plan(model: nn.Module, cfg: PQConfig) -> list[tuple[str, BlockSpec]]:
         spec = layer_spec(name, layer, cfg)
         if spec is None:
             continue
+        if pq_bytes(layer.weight.numel(), spec) >= 2 * layer.weight.numel():
+            log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, layer.weight.numel())
+            continue
         row = layer.weight[0].numel()
         if row % spec.block_size:
             raise ValueError(
                 f"layer {name}: block size {spec.block_size} does not divide its input size {row}; "
                 f"set an override for {name!r} or exclude it"
             )
-        if pq_bytes(layer.weight.numel(), spec) >= 2 * layer.weight.numel():
-            log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, layer.weight.numel())
-            continue
         out.append((name, spec))
     if not out:
         raise ValueError("no layer to quantize: every Conv2d/Linear is excluded or too small")
@@ -136,10 +136,14 @@ def quantize_pq(
     """Quantize ``student`` in place, layer by layer, and return it with per-layer stats.
 
     Layers that are already PQLayers are skipped, so passing a partially quantized student
-    (a checkpoint) resumes the loop. ``teacher`` defaults to a copy of the student as given.
+    (a checkpoint) resumes the loop; the dense ``teacher`` is then required (the plan and the
+    per-layer seeds come from it). Otherwise it defaults to a copy of the student as given.
     ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
     """
-    teacher = teacher if teacher is not None else copy.deepcopy(student)
+    if teacher is None:
+        if any(isinstance(m, PQLayer) for m in student.modules()):
+            raise ValueError("resuming a partly quantized student needs the dense teacher (teacher=...)")
+        teacher = copy.deepcopy(student)
     teacher.eval()
     todo = plan(teacher, cfg)
     stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")

@@ -1,0 +1,55 @@
+"""Time a whole `modelpress run`, stage by stage, and print the summary.
+
+    python bench/run_bench.py                       # the default params.yaml, fresh workdir
+    python bench/run_bench.py -S method.linear.k=128
+
+Runs the real command in a fresh process with a fresh work directory (so the teacher is
+trained, nothing is cached) and a throw-away MLflow store, then prints seconds per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("-S", "--set", action="append", default=[])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "data"
+        cmd = [sys.executable, "-m", "modelpress", "run", "--params", args.params, "-S", f"run.workdir={work}"]
+        for s in args.set:
+            cmd += ["-S", s]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PREFECT_HOME": f"{tmp}/prefect"}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+        timings = json.loads((work / "run_timings.json").read_text())
+        metrics = json.loads((work / "metrics.json").read_text())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {cpu}; python {platform.python_version()}")
+    print(f"{'stage':<10} {'seconds':>8}")
+    for stage, s in timings.items():
+        print(f"{stage:<10} {s:>8.1f}")
+    print(f"{'wall':<10} {wall:>8.1f}   (whole command: imports, Prefect's temporary server, all stages)")
+    print(f"teacher top-1 {metrics['teacher_top1']:.2f}%  packed top-1 {metrics['compressed_top1']:.2f}%  "
+          f"drop {metrics['top1_drop']:.2f} points  {metrics['packed_bytes']:,} bytes  "
+          f"{metrics['compression_ratio']:.1f}x smaller than {metrics['teacher_fp32_bytes']:,} fp32 bytes")
+
+
+if __name__ == "__main__":
+    main()
