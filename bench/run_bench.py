@@ -43,8 +43,9 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {cpu}; python {platform.python_version()}")
     print(f"{'stage':<10} {'seconds':>8}")
-    for stage, s in timings.items():
-        print(f"{stage:<10} {s:>8.1f}")
+    order = ["fetch", "teacher", "compress", "finetune", "pack", "evaluate", "register", "total"]
+    for stage in sorted(timings, key=lambda k: order.index(k) if k in order else len(order)):
+        print(f"{stage:<10} {timings[stage]:>8.1f}")
     print(f"{'wall':<10} {wall:>8.1f}   (whole command: imports, Prefect's temporary server, all stages)")
     print(f"teacher top-1 {metrics['teacher_top1']:.2f}%  packed top-1 {metrics['compressed_top1']:.2f}%  "
           f"drop {metrics['top1_drop']:.2f} points  {metrics['packed_bytes']:,} bytes  "

@@ -4,6 +4,7 @@
     modelpress stage NAME [--params ...]                                one step (what dvc.yaml calls)
     modelpress evaluate FILE [--params ...]                             top-1 of a packed file
     modelpress inspect FILE                                             what a packed file holds
+    modelpress models list | show NAME[@ALIAS]                          the MLflow registry's models
     modelpress schema                                                   the parameter schema (JSON)
 
 Errors print one line, ``modelpress: error: <cause>``, and exit with status 1 (2 for usage).
@@ -108,6 +109,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """Registry views for people without the MLflow UI (needs MLflow, not Prefect)."""
+    from tasks import registry
+
+    if args.action == "list":
+        print(_table(registry.list_rows()))
+        return 0
+    if not args.ref:
+        raise ValueError("models show needs NAME, NAME@ALIAS or NAME/VERSION")
+    v = registry.resolve(args.ref)
+    aliases = ", ".join(getattr(v, "aliases", []) or []) or "-"
+    print(f"{v.name} version {v.version}  aliases: {aliases}  source: {v.source}")
+    print(_table([{"tag": k.removeprefix(registry.TAG), "value": val} for k, val in sorted(v.tags.items())]))
+    if v.description:
+        print("\n" + v.description)
+    return 0
+
+
 def cmd_schema(_args) -> int:
     from .recipe import Recipe
 
@@ -138,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show what a packed file holds")
     ins.add_argument("file")
     ins.set_defaults(fn=cmd_inspect)
+    mo = sub.add_parser("models", help="registered models: list, or show NAME[@ALIAS]")
+    mo.add_argument("action", choices=("list", "show"))
+    mo.add_argument("ref", nargs="?", help="NAME, NAME@ALIAS or NAME/VERSION (for show)")
+    mo.set_defaults(fn=cmd_models)
     sub.add_parser("schema", help="print the parameter schema").set_defaults(fn=cmd_schema)
     return ap
 

@@ -95,6 +95,9 @@ class RegistryConfig(_Section):
     enabled: bool = Field(True, description="Register the packed model in the MLflow model registry.")
     model_name: str | None = Field(None, description="Registered model name; default '<teacher arch>-<method>'.")
     experiment: str = Field("modelpress", description="MLflow experiment of the run.")
+    max_top1_drop: float = Field(
+        1.0, ge=0, description="Promotion rule: 'champion' goes to the smallest version losing at most this many top-1 points."
+    )
 
 
 class Recipe(_Section):

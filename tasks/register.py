@@ -1,9 +1,10 @@
-"""Register the packed model in MLflow: run with params, metrics, per-layer table, lineage
-tags, and a registered model version carrying the packed file (a pyfunc model)."""
+"""Register the packed model in MLflow: a run with params, metrics, the per-layer table and
+lineage tags, then a registered model version carrying the packed file as a pyfunc model,
+with a model card, the ``candidate`` alias and, when the promotion rule holds, ``champion``."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -11,31 +12,27 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from modelpress import stages
+from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
 
+from . import registry
 from .common import retry_transient
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+T = registry.TAG
 
 
-def configure_mlflow() -> str:
-    """Tracking URI from MLFLOW_TRACKING_URI, else a local sqlite store (registry included)."""
-    import mlflow
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
-    return uri
-
-
-def _git_commit() -> str:
+def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _dvc_revision() -> str:
+    """sha256 of dvc.lock (which pins every DVC output by hash), or 'none'."""
+    lock = Path("dvc.lock")
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "none"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -46,52 +43,64 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
+    """Lineage and key figures of a model version (strings, as MLflow stores tags)."""
+    p = stages.paths(recipe)
+    teacher = stages.read_json(p["teacher_info"]) or {}
+    m = recipe.method
+    key_params = f"conv={m.conv.block_size}/{m.conv.k} linear={m.linear.block_size}/{m.linear.k} " \
+                 f"pointwise={m.pointwise.block_size}/{m.pointwise.k} finetune_epochs={recipe.finetune.epochs}"
+    tags = {
+        "method": m.name, "key_params": key_params,
+        "packed_bytes": summary["packed_bytes"], "compression_ratio": f"{summary['compression_ratio']:.3f}",
+        "teacher_top1": f"{summary['teacher_top1']:.2f}", "compressed_top1": f"{summary['compressed_top1']:.2f}",
+        "top1_drop": f"{summary['top1_drop']:.2f}",
+        "teacher_arch": recipe.teacher.arch, "teacher_source": teacher.get("source", ""),
+        "teacher_sha256": teacher.get("sha256", ""),
+        "dataset": recipe.data.name,
+        "dataset_sha256": ",".join(f"{k}:{v}" for k, v in sorted(recipe.data.files.items())),
+        "packed_sha256": summary["packed_sha256"],
+        "git_commit": _git("rev-parse", "HEAD"), "dvc_revision": _dvc_revision(),
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+    }
+    return {T + k: str(v) for k, v in tags.items()}
+
+
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
     """Log the run and register a model version. The version is created last, so a failure
-    leaves no registered version; the run is then marked FAILED."""
+    leaves no registered version (the run is then marked FAILED). A packed file already
+    registered under this name is not registered again."""
     import mlflow
     import numpy as np
 
-    configure_mlflow()
-    mlflow.set_experiment(recipe.registry.experiment)
-    p = stages.paths(recipe)
-    layers = (stages.read_json(p["layers"]) or {}).get("layers", [])
-    teacher = stages.read_json(p["teacher_info"]) or {}
+    registry.configure_mlflow()
     name = recipe.registered_name()
-    tags = {
-        "modelpress.method": recipe.method.name,
-        "modelpress.teacher_arch": recipe.teacher.arch,
-        "modelpress.teacher_source": teacher.get("source", ""),
-        "modelpress.teacher_sha256": teacher.get("sha256", ""),
-        "modelpress.dataset": recipe.data.name,
-        "modelpress.dataset_sha256": ",".join(f"{k}:{v[:16]}" for k, v in recipe.data.files.items()),
-        "modelpress.packed_sha256": summary["packed_sha256"],
-        "modelpress.packed_bytes": str(summary["packed_bytes"]),
-        "modelpress.git_commit": _git_commit(),
-        "modelpress.prefect_flow_run_id": str(flow_run.get_id() or ""),
-    }
+    existing = registry.find_duplicate(name, summary["packed_sha256"])
+    if existing is not None:
+        decision = existing.tags.get(T + "promotion") or registry.promote(name, existing.version, recipe.registry.max_top1_drop)
+        return {"model_name": name, "version": existing.version, "run_id": existing.run_id,
+                "model_uri": existing.source, "duplicate": True, "promotion": decision}
+    registry.use_experiment(recipe.registry.experiment)
+    tags = version_tags(recipe, summary)
+    input_shape = read_packed(packed_path).meta["input"]["shape"]
+    layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
     with mlflow.start_run(run_name=recipe.run.name) as run:
         try:
-            params = {k: str(v)[:500] for k, v in _flat(recipe.model_dump(mode="json")).items()}
-            mlflow.log_params(params)
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(recipe.model_dump(mode="json")).items()})
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
             mlflow.set_tags(tags)
             mlflow.log_dict({"layers": layers}, "layers.json")
-            mlflow.log_artifact(packed_path, "packed")
-            example = np.zeros([1, *summary_input_shape(packed_path)], dtype=np.float32)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
-                input_example=example, pip_requirements=["torch", "numpy", "modelpress"],
+                input_example=np.zeros([2, *input_shape], dtype=np.float32),
+                pip_requirements=["modelpress[runtime]", "torch", "numpy"],
             )
-            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
+            version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card)
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
-    return {"run_id": run.info.run_id, "model_name": name, "version": version.version, "model_uri": info.model_uri}
-
-
-def summary_input_shape(packed_path: str) -> list[int]:
-    from modelpress.pack import read_packed
-
-    return read_packed(packed_path).meta["input"]["shape"]
+    decision = registry.promote(name, version.version, recipe.registry.max_top1_drop)
+    return {"run_id": run.info.run_id, "model_name": name, "version": version.version, "model_uri": info.model_uri,
+            "duplicate": False, "promotion": decision}

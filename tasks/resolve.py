@@ -15,7 +15,7 @@ def resolve_teacher_weights(ref: str | None) -> str | None:
         return ref
     import mlflow
 
-    from .register import configure_mlflow
+    from .registry import configure_mlflow
 
     configure_mlflow()
     try:

@@ -118,14 +118,20 @@ class Packed:
     size: int = 0
 
     def summary(self) -> list[dict]:
-        """One row per tensor: name, encoding, bytes, shape, and k / bits for PQ."""
+        """One row per tensor: name, encoding, bytes, shape, codebook (k x block) and code
+        bits for PQ, storage dtype, and the sparsity (share of exact zeros) of weights."""
         rows = []
-        for name, enc, p, _ in self.entries:
+        for name, enc, p, buf in self.entries:
             row = {"tensor": name, "encoding": enc, "bytes": p["n"], "shape": "x".join(map(str, p["shape"]))}
             if enc == "pq":
-                row.update(block=p["d"], k=p["k"], bits=p["bits"])
-            elif enc == "dense":
+                codebook, codes = decode_pq(p, buf)
+                weight = codebook[codes]
+                row.update(codebook=f"{p['k']}x{p['d']} {p['cb']}", bits=p["bits"])
+            else:
+                weight = decode_dense(p, buf)
                 row.update(dtype=p["dtype"])
+            if name.endswith(".weight") and len(p["shape"]) > 1:
+                row["sparsity"] = round(float((weight == 0).float().mean()), 4)
             rows.append(row)
         return rows
 

@@ -1,0 +1,186 @@
+"""The MLflow model registry side of modelpress, in plain MLflow (no Prefect, no DVC), so the
+register task, the `modelpress models` commands and registry consumers share it.
+
+Rules, documented in the README:
+- **Name**: one registered model per (teacher, method): ``<teacher arch>-<method>``, unless
+  ``registry.model_name`` is set.
+- **Duplicates**: a version whose packed file has the same sha256 as an existing version of the
+  same registered model is not created again; the existing version is returned.
+- **Aliases**: every new version gets ``candidate``. ``champion`` goes to the version that
+  (1) loses at most ``max_top1_drop`` points of top-1 against its teacher and (2) has the
+  smallest packed file among the versions meeting (1) (ties: higher top-1, then newer). The
+  decision is written to the new version's ``modelpress.promotion`` tag.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+TAG = "modelpress."
+
+
+def configure_mlflow() -> str:
+    """Tracking URI from MLFLOW_TRACKING_URI, else a local sqlite store (registry included)."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return uri
+
+
+def use_experiment(name: str) -> None:
+    """Select (creating if needed) the experiment. With a sqlite store, artifacts live beside
+    the database (``<db dir>/artifacts``) rather than in the current directory."""
+    import mlflow
+
+    uri = configure_mlflow()
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
+def client():
+    from mlflow import MlflowClient
+
+    configure_mlflow()
+    return MlflowClient()
+
+
+def versions(name: str) -> list:
+    """All versions of a registered model, newest first ([] if it does not exist)."""
+    found = client().search_model_versions(f"name='{name}'")
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def find_duplicate(name: str, packed_sha256: str):
+    """The existing version holding exactly this packed file, if any."""
+    return next((v for v in versions(name) if v.tags.get(TAG + "packed_sha256") == packed_sha256), None)
+
+
+def _num(v, key: str, default: float = float("nan")) -> float:
+    try:
+        return float(v.tags[TAG + key])
+    except (KeyError, ValueError):
+        return default
+
+
+def choose_champion(candidates: list, max_top1_drop: float):
+    """Apply the promotion rule to model versions; returns the winner or None."""
+    eligible = [v for v in candidates if _num(v, "top1_drop") <= max_top1_drop]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda v: (_num(v, "packed_bytes"), -_num(v, "compressed_top1"), -int(v.version)))
+
+
+def promote(name: str, new_version: str, max_top1_drop: float) -> str:
+    """Set ``candidate`` on the new version; move ``champion`` if the rule says so.
+    Returns the decision, also stored in the new version's ``modelpress.promotion`` tag."""
+    c = client()
+    c.set_registered_model_alias(name, "candidate", new_version)
+    all_versions = versions(name)
+    best = choose_champion(all_versions, max_top1_drop)
+    new = next(v for v in all_versions if v.version == str(new_version))
+    drop, size = _num(new, "top1_drop"), int(_num(new, "packed_bytes", 0))
+    if best is not None and best.version == str(new_version):
+        c.set_registered_model_alias(name, "champion", new_version)
+        decision = f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
+    elif drop > max_top1_drop:
+        decision = f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}"
+    else:
+        decision = f"not promoted: version {best.version} is smaller ({int(_num(best, 'packed_bytes', 0)):,} vs {size:,} bytes)"
+    c.set_model_version_tag(name, new_version, TAG + "promotion", decision)
+    return decision
+
+
+def model_card(name: str, tags: dict, summary: dict) -> str:
+    """The version's description: what it is, how it was made, how to load it, what it scores."""
+    return f"""# {name}
+
+**What**: `{tags[TAG + 'teacher_arch']}` compressed by modelpress ({tags[TAG + 'method']}) into one packed
+file of {summary['packed_bytes']:,} bytes, {summary['compression_ratio']:.1f}x smaller than the teacher's
+{summary['teacher_fp32_bytes']:,} fp32 bytes.
+
+**Accuracy** (top-1, full {tags[TAG + 'dataset']} test set, {summary['test_images']} images, measured on the
+packed file loaded in a fresh process): {summary['compressed_top1']:.2f} % (teacher {summary['teacher_top1']:.2f} %,
+drop {summary['top1_drop']:.2f} points).
+
+**How it was made**: teacher `{tags[TAG + 'teacher_source']}` (sha256 {tags[TAG + 'teacher_sha256'][:16]}...),
+data set {tags[TAG + 'dataset']}, git commit {tags[TAG + 'git_commit'][:12]}, Prefect flow run
+{tags[TAG + 'prefect_flow_run_id'] or '-'}. Full parameters are in the run's params.
+
+**How to load** (needs `pip install "modelpress[runtime]"`, no Prefect or DVC):
+
+```python
+import mlflow
+model = mlflow.pyfunc.load_model("models:/{name}@champion")
+logits = model.predict(batch)          # float32 array shaped like the input example
+net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module
+```
+
+Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's
+mean/std (stored in the packed file's metadata).
+"""
+
+
+def create_version(name: str, source: str, run_id: str, tags: dict, description: str):
+    """Create the version with its tags and model card in one call (no half-described version)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.create_registered_model(name, description=f"{name}: compressed by modelpress. See each version's card.")
+    except MlflowException as e:
+        if "already exists" not in str(e).lower():
+            raise
+    return c.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+
+
+def load_module(model_uri: str):
+    """The rebuilt ``torch.nn.Module`` of a registered packed model (mlflow.pytorch style)."""
+    import mlflow
+
+    configure_mlflow()
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
+def list_rows() -> list[dict]:
+    """One row per version of every modelpress model in the registry."""
+    c = client()
+    rows = []
+    for rm in c.search_registered_models():
+        aliases = {}
+        for alias, ver in (rm.aliases or {}).items():
+            aliases.setdefault(str(ver), []).append(alias)
+        for v in versions(rm.name):
+            if TAG + "method" not in v.tags:
+                continue
+            rows.append({
+                "name": rm.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(v.version, []))),
+                "bytes": int(_num(v, "packed_bytes", 0)), "ratio": round(_num(v, "compression_ratio"), 1),
+                "top1": round(_num(v, "compressed_top1"), 2), "teacher_top1": round(_num(v, "teacher_top1"), 2),
+                "method": v.tags[TAG + "method"],
+            })
+    return rows
+
+
+def resolve(ref: str):
+    """NAME, NAME@ALIAS or NAME/VERSION -> the model version."""
+    c = client()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return c.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return c.get_model_version(name, version)
+    found = versions(ref)
+    if not found:
+        raise LookupError(f"no registered model named {ref!r}")
+    return found[0]

@@ -1,0 +1,176 @@
+"""The registry consumer's side: versions, aliases by the promotion rule, no duplicates, and a
+consumer in a separate process (without Prefect or DVC) reproducing the evaluate step."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_cli, tiny_recipe
+
+from modelpress.data import load_dataset
+from modelpress.pack import PackedFormatError, load_packed
+from tasks import registry
+
+NAME = "fmnist-cnn-pq"  # the default name, as in the README's consumer example
+
+# Runs in a fresh interpreter; importing Prefect or DVC there fails, so passing proves the
+# consumer path needs neither (what `pip install modelpress[runtime]` provides).
+CONSUMER = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("prefect", "dvc", "flows"):
+            raise ImportError(f"consumer must not need {name}")
+sys.meta_path.insert(0, Block())
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+"""
+
+
+@pytest.fixture(scope="module")
+def registered(prefect_server, trained_workdir, tmp_path_factory):
+    """Two versions of the default-named model, the second smaller (k=32 on the big layer)."""
+    from flows.compress import compress_flow
+
+    runs = []
+    for k in (64, 32):
+        work = tmp_path_factory.mktemp(f"reg{k}")
+        shutil.copytree(trained_workdir, work, dirs_exist_ok=True)
+        recipe = tiny_recipe(work, method={"linear": {"block_size": 8, "k": k}}, registry={"max_top1_drop": 100})
+        runs.append((recipe, compress_flow(recipe)))
+    return runs
+
+
+def _batch(n: int = 64) -> np.ndarray:
+    _, test = load_dataset("fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+    return test.tensors[0][:n].numpy()
+
+
+def test_versions_aliases_and_no_duplicates(registered):
+    (recipe1, s1), (recipe2, s2) = registered
+    v1, v2 = s1["registered"], s2["registered"]
+    assert (v1["model_name"], v2["model_name"]) == (NAME, NAME)
+    assert int(v2["version"]) == int(v1["version"]) + 1
+    assert s2["packed_bytes"] < s1["packed_bytes"]
+    c = registry.client()
+    assert c.get_model_version_by_alias(NAME, "candidate").version == v2["version"]
+    # Both are within the (test's) tolerance: the smaller file is champion.
+    assert c.get_model_version_by_alias(NAME, "champion").version == v2["version"]
+    assert v2["promotion"].startswith("champion")
+    mv = c.get_model_version(NAME, v2["version"])
+    assert mv.tags["modelpress.packed_sha256"] == s2["packed_sha256"]
+    assert mv.tags["modelpress.compressed_top1"] == f"{s2['compressed_top1']:.2f}"
+    assert mv.tags["modelpress.prefect_flow_run_id"]
+    assert "How to load" in mv.description and f"{s2['packed_bytes']:,} bytes" in mv.description
+
+    # Re-running the same inputs registers nothing new.
+    from flows.compress import compress_flow
+
+    again = compress_flow(recipe2)["registered"]
+    assert again["duplicate"] and again["version"] == v2["version"]
+    assert len(registry.versions(NAME)) == 2
+
+
+def test_promotion_rule():
+    def v(version, size, drop, top1):
+        tags = {"modelpress.packed_bytes": str(size), "modelpress.top1_drop": str(drop), "modelpress.compressed_top1": str(top1)}
+        return SimpleNamespace(version=str(version), tags=tags)
+
+    versions = [v(1, 100_000, 0.2, 91.0), v(2, 60_000, 1.5, 89.7), v(3, 80_000, 0.9, 90.3), v(4, 80_000, 0.5, 90.7)]
+    assert registry.choose_champion(versions, 1.0).version == "4"  # smallest eligible, ties -> higher top-1
+    assert registry.choose_champion(versions, 2.0).version == "2"
+    assert registry.choose_champion(versions, 0.1) is None
+
+
+def test_consumer_process_reproduces_evaluate_predictions(registered, tmp_path):
+    (_, s2) = registered[1]
+    batch = _batch()
+    np.save(tmp_path / "x.npy", batch)
+    proc = subprocess.run([sys.executable, "-c", CONSUMER, f"models:/{NAME}@champion", tmp_path / "x.npy", tmp_path / "y.npy"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    # The evaluate step: the packed file loaded with load_packed, run on the same batch.
+    model, _ = load_packed(_packed_of(s2))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def _packed_of(summary: dict) -> Path:
+    """The packed file the champion version carries, found by its sha256 among the runs."""
+    import mlflow
+
+    version = registry.client().get_model_version(NAME, summary["registered"]["version"])
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))
+    (packed,) = [p for p in local.rglob("*.mpk")]
+    return packed
+
+
+def test_module_access_and_tampered_artifact(registered):
+    (_, s2) = registered[1]
+    net = registry.load_module(f"models:/{NAME}@champion")
+    assert isinstance(net, torch.nn.Module)
+    packed = _packed_of(s2)
+    with torch.no_grad():
+        x = torch.from_numpy(_batch(8))
+        assert torch.equal(net(x), load_packed(packed)[0](x))
+    # The registry's stored copy: tamper with it, and loading fails with the checksum error.
+    version = registry.client().get_model_version(NAME, s2["registered"]["version"])
+    stored = _stored_packed_file(version)
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original[:-20] + bytes(20))
+        import mlflow
+
+        with pytest.raises(PackedFormatError, match="checksum mismatch"):
+            mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        stored.unlink()
+        with pytest.raises(Exception, match=r"(?i)no such|not found|does not exist"):
+            mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    finally:
+        stored.write_bytes(original)
+
+
+def _stored_packed_file(version) -> Path:
+    """The packed file inside the local artifact store (sqlite store: beside the database)."""
+    from modelpress.data import sha256_file
+
+    db = Path(re.sub(r"^sqlite:///", "", registry.configure_mlflow()))
+    sha = version.tags["modelpress.packed_sha256"]
+    (match,) = [p for p in (db.parent / "artifacts").rglob("*.mpk") if sha256_file(p) == sha]
+    return match
+
+
+def test_models_cli_lists_and_shows(registered):
+    out = run_cli("models", "list")
+    assert out.returncode == 0, out.stderr
+    assert NAME in out.stdout and "champion" in out.stdout and "candidate" in out.stdout
+    show = run_cli("models", "show", f"{NAME}@champion")
+    assert show.returncode == 0, show.stderr
+    assert "packed_sha256" in show.stdout and "How to load" in show.stdout
+    missing = run_cli("models", "show", "no-such-model")
+    assert missing.returncode == 1 and "no-such-model" in missing.stderr
+
+
+def test_readme_consumer_example_runs(registered, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- consumer-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "README lacks the consumer example"
+    script = tmp_path / "example.py"
+    script.write_text(block.group(1))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["batch"] == 16 and 0 <= result["accuracy"] <= 1
