@@ -87,9 +87,9 @@ def promote(name: str, new_version: str, max_top1_drop: float) -> str:
     c.set_registered_model_alias(name, "candidate", new_version)
     all_versions = versions(name)
     best = choose_champion(all_versions, max_top1_drop)
-    new = next(v for v in all_versions if v.version == str(new_version))
+    new = next(v for v in all_versions if str(v.version) == str(new_version))
     drop, size = _num(new, "top1_drop"), int(_num(new, "packed_bytes", 0))
-    if best is not None and best.version == str(new_version):
+    if best is not None and str(best.version) == str(new_version):
         c.set_registered_model_alias(name, "champion", new_version)
         decision = f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
     elif drop > max_top1_drop:
@@ -163,7 +163,7 @@ def list_rows() -> list[dict]:
             if TAG + "method" not in v.tags:
                 continue
             rows.append({
-                "name": rm.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(v.version, []))),
+                "name": rm.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
                 "bytes": int(_num(v, "packed_bytes", 0)), "ratio": round(_num(v, "compression_ratio"), 1),
                 "top1": round(_num(v, "compressed_top1"), 2), "teacher_top1": round(_num(v, "teacher_top1"), 2),
                 "method": v.tags[TAG + "method"],
