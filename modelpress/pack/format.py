@@ -126,7 +126,7 @@ class Packed:
             if enc == "pq":
                 codebook, codes = decode_pq(p, buf)
                 weight = codebook[codes]
-                row.update(codebook=f"{p['k']}x{p['d']} {p['cb']}", bits=p["bits"])
+                row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])
             else:
                 weight = decode_dense(p, buf)
                 row.update(dtype=p["dtype"])
