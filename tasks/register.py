@@ -97,7 +97,7 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
                 pip_requirements=["modelpress[runtime]", "torch", "numpy"],
             )
             card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
-            version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card)
+            version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card, info.model_id)
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise

@@ -130,7 +130,7 @@ mean/std (stored in the packed file's metadata).
 """
 
 
-def create_version(name: str, source: str, run_id: str, tags: dict, description: str):
+def create_version(name: str, source: str, run_id: str, tags: dict, description: str, model_id: str | None = None):
     """Create the version with its tags and model card in one call (no half-described version)."""
     from mlflow.exceptions import MlflowException
 
@@ -140,7 +140,7 @@ def create_version(name: str, source: str, run_id: str, tags: dict, description:
     except MlflowException as e:
         if "already exists" not in str(e).lower():
             raise
-    return c.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+    return c.create_model_version(name, source, run_id=run_id, tags=tags, description=description, model_id=model_id)
 
 
 def load_module(model_uri: str):
