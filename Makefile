@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup run test lock bench clean
+.PHONY: setup run test repro lock bench clean
 
 setup: $(STAMP) /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
@@ -26,6 +26,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The same pipeline through DVC (stages call `modelpress stage NAME`).
+repro: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
 
 # Re-pin dependencies after editing requirements.in (uv resolves this stack in seconds).
 lock:

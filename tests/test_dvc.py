@@ -1,0 +1,51 @@
+"""`dvc repro` runs the same stages as the flow, and reruns only what a change affects."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY
+
+
+def _sh(*cmd: str, cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.usefixtures("fmnist_available")
+def test_dvc_repro_reproduces_a_run(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, repo / f)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"]):
+        _sh(*cmd, cwd=repo, env=env)
+
+    out = _sh("dvc", "repro", cwd=repo, env=env)
+    for stage in ("fetch", "teacher", "compress", "finetune", "pack", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    metrics = yaml.safe_load((repo / "data" / "metrics.json").read_text())
+    assert metrics["packed_bytes"] == (repo / "data" / "model.mpk").stat().st_size
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch", "teacher", "compress", "finetune", "pack", "evaluate"}
+
+    assert "Running stage" not in _sh("dvc", "repro", cwd=repo, env=env)  # all up to date
+    params["method"]["kmeans_iters"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _sh("dvc", "status", cwd=repo, env=env)
+    assert "compress:" in status and "teacher:" not in status and "fetch:" not in status
