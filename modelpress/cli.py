@@ -47,6 +47,7 @@ def _summary_rows(summary: dict) -> list[dict]:
 def cmd_run(args) -> int:
     recipe = _recipe(args)  # invalid parameters fail here, before any work
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
     from flows.compress import compress_flow
 
     t0 = time.perf_counter()
