@@ -85,3 +85,40 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, two threads make small
+    ops 10-100x slower (spinning workers). Modules opt in with usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data(fmnist_available):
+    """Real Fashion-MNIST (train, test), normalised."""
+    from modelpress.data import load_fashion_mnist
+
+    return load_fashion_mnist(FMNIST)
+
+
+@pytest.fixture(scope="session")
+def trained(data):
+    """fmnist_cnn after one pass over 6,000 real training images (0.1 epoch of the full set).
+    Shared: tests must copy it before changing it."""
+    import torch
+
+    from modelpress.models import build_model
+    from modelpress.train import loader, train_classifier
+
+    train, _ = data
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn")
+    subset = torch.utils.data.Subset(train, range(6000))
+    train_classifier(model, loader(subset, 128, True), epochs=1.0, lr=0.05, optimizer="sgd")
+    return model.eval()

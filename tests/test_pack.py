@@ -14,13 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modelpress.data.datasets import load_fashion_mnist
 from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
 from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
 from modelpress.pack.format import MAGIC, encode_pq, model_entries, pack_bits, unpack_bits, write_packed
 from modelpress.stages import calibration_images
-from modelpress.train import loader, train_classifier
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 ARCH = arch_spec("fmnist_cnn", num_classes=10, in_channels=1)
@@ -34,30 +32,15 @@ OVERRIDES = {
 BITS = {"features.2.0": 8, "features.4.0": 9, "classifier.2": 6, "classifier.5": 7}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_fashion_mnist(FMNIST)
-
-
-@pytest.fixture(scope="module")
-def quantized(data):
-    """A briefly trained fmnist_cnn, product-quantized on 256 real calibration images."""
+def quantized(data, trained):
+    """The briefly trained fmnist_cnn, product-quantized on 256 real calibration images."""
     train, _ = data
-    torch.manual_seed(0)
-    model = build_model("fmnist_cnn")
-    train_classifier(model, loader(torch.utils.data.Subset(train, range(6000)), 128, True), epochs=1.0, lr=0.05, optimizer="sgd")
-    model.eval()
     cfg = PQConfig(kmeans_iters=5, layer_finetune_epochs=0, overrides=OVERRIDES)
-    student, _ = quantize_pq(copy.deepcopy(model), cfg, calibration_images(train, 256, seed=0), teacher=model)
+    student, _ = quantize_pq(copy.deepcopy(trained), cfg, calibration_images(train, 256, seed=0), teacher=trained)
     assert {n for n, m in student.named_modules() if isinstance(m, PQLayer)} == set(OVERRIDES)
     return student.eval()
 

@@ -8,7 +8,6 @@ import os
 import pytest
 from conftest import tiny_recipe
 
-from modelpress import stages
 
 
 def _registry():

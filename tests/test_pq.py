@@ -14,42 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modelpress.data.datasets import load_fashion_mnist
 from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, plan, quantize_pq
 from modelpress.methods.pq.kmeans import assign, gram_kmeans, objective
 from modelpress.methods.pq.layer import input_rows, to_subvectors
 from modelpress.methods.pq.quantize import input_gram, output_error
-from modelpress.models import build_model
 from modelpress.stages import calibration_images
-from modelpress.train import evaluate, loader, train_classifier
+from modelpress.train import evaluate, loader
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the 2-core CI machine, shared with other jobs, two threads make
-    small ops 10-100x slower (spinning workers); one thread keeps this file well under 40 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_fashion_mnist(FMNIST)
-
-
-@pytest.fixture(scope="module")
-def trained(data):
-    """fmnist_cnn after one pass over 6,000 training images (0.1 epoch of the full set)."""
-    train, _ = data
-    torch.manual_seed(0)
-    model = build_model("fmnist_cnn")
-    subset = torch.utils.data.Subset(train, range(6000))
-    train_classifier(model, loader(subset, 128, True), epochs=1.0, lr=0.05, optimizer="sgd")
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
