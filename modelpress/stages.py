@@ -123,7 +123,11 @@ def fetch(recipe: Recipe) -> Path:
 
 
 def teacher_key(recipe: Recipe) -> str:
-    return recipe.section_hash("teacher", extra=[_data_key(recipe), recipe.run.seed])
+    """Teacher settings, data, seed, and the weights file's content when it is a local file
+    (replacing the file at the same path invalidates everything downstream)."""
+    weights = recipe.teacher.weights
+    content = sha256_file(weights) if weights and Path(weights).is_file() else None
+    return recipe.section_hash("teacher", extra=[_data_key(recipe), recipe.run.seed, content])
 
 
 def _load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None) -> None:

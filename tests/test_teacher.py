@@ -1,0 +1,72 @@
+"""The teacher step with given weights: safe loading, checksums, real pretrained files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from modelpress import stages
+from modelpress.data import sha256_file
+from modelpress.pack import load_packed
+
+RESNET20 = Path("/work/shared/data/cifar10-resnets/resnet20-12fca82f.th")
+CIFAR = Path("/work/shared/data/cifar10")
+
+
+class NotWeights:  # a pickled object that weights_only=True must refuse to build
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_teacher_from_checkpoint_is_loaded_not_trained(workdir, tmp_path):
+    trained, _ = load_packed(workdir / "teacher" / "teacher.mpk")
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(out, teacher={"weights": str(ckpt), "weights_sha256": sha256_file(ckpt)})
+    (out / "datasets").mkdir(parents=True)
+    os.symlink(workdir / "datasets" / "fashion-mnist", out / "datasets" / "fashion-mnist")
+    stages.teacher(recipe)
+    info = stages.read_json(stages.paths(recipe)["teacher_info"])
+    assert info["trained"] is False and info["source"] == str(ckpt)
+    reference = stages.read_json(workdir / "teacher" / "teacher.json")
+    assert info["top1"] == pytest.approx(reference["top1"])
+    # Another file at the same path changes the key: the stage is no longer up to date.
+    key = stages.teacher_key(recipe)
+    torch.save({k: v * 0 for k, v in trained.state_dict().items()}, ckpt)
+    assert stages.teacher_key(recipe) != key
+
+
+def test_unsafe_or_mismatched_weights_are_refused(workdir, tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": NotWeights()}, evil)
+    recipe = tiny_recipe(workdir, teacher={"weights": str(evil)})
+    with pytest.raises(stages.StageError, match="weights_only=True"):
+        stages.teacher(recipe)
+    wrong = tiny_recipe(workdir, teacher={"weights": str(evil), "weights_sha256": "ab" * 32})
+    with pytest.raises(stages.StageError, match="sha256 does not match"):
+        stages.teacher(wrong)
+    other = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, other)
+    with pytest.raises(stages.StageError, match="do not fit"):
+        stages.teacher(tiny_recipe(workdir, teacher={"weights": str(other)}))
+    with pytest.raises(stages.StageError, match="no such file"):
+        stages.teacher(tiny_recipe(workdir, teacher={"weights": str(tmp_path / "missing.pt")}))
+
+
+@pytest.mark.skipif(not (RESNET20.is_file() and (CIFAR / "cifar10-test.npz").is_file()), reason="shared CIFAR-10 data not present")
+def test_pretrained_cifar_resnet20_scores_as_published(tmp_path):
+    """The project's CIFAR ResNet loads the published weights (weights_only=True) and scores
+    their published 91.73 % on the 10,000 test images."""
+    work = tmp_path / "w"
+    (work / "datasets").mkdir(parents=True)
+    os.symlink(CIFAR, work / "datasets" / "cifar10")
+    recipe = tiny_recipe(work, data={"name": "cifar10", "sources": [str(CIFAR)], "files": {
+        "cifar10-train.npz": sha256_file(CIFAR / "cifar10-train.npz"), "cifar10-test.npz": sha256_file(CIFAR / "cifar10-test.npz")}},
+        teacher={"arch": "cifar_resnet20", "weights": str(RESNET20)})
+    stages.teacher(recipe)
+    assert stages.read_json(stages.paths(recipe)["teacher_info"])["top1"] == pytest.approx(91.73, abs=0.01)
