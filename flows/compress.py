@@ -1,4 +1,4 @@
-"""fetch -> teacher -> compress -> fine-tune -> pack -> evaluate -> register.
+"""fetch -> teacher -> compress -> fine-tune -> pack -> evaluate -> version (DVC) -> register.
 
 The flow takes the one parameter schema (modelpress.recipe.Recipe); the Prefect UI renders
 it as a typed form. Every step is a retriable task; finished steps are skipped on a re-run
@@ -22,6 +22,7 @@ from tasks.steps import (
     prepare_teacher,
     publish_summary,
 )
+from tasks.versioning import version_outputs
 
 
 @flow(name="modelpress-compress", log_prints=True)
@@ -41,6 +42,7 @@ def compress_flow(recipe: Recipe = Recipe()) -> dict:
     finetuned = timed("finetune", finetune_model, recipe, compressed)
     packed = timed("pack", pack_model, recipe, finetuned)
     summary = timed("evaluate", evaluate_packed, recipe, packed)
+    summary["versioning"] = timed("version", version_outputs, recipe, summary)
     if recipe.registry.enabled:
         summary["registered"] = timed("register", register_model, recipe, packed, summary)
     publish_summary(recipe, summary)

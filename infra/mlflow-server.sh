@@ -3,6 +3,7 @@
 # production, see infra/README.md) and artifacts proxied to S3.
 # Usage: infra/mlflow-server.sh [PORT]   (Ctrl-C stops it)
 #   MLFLOW_BACKEND_STORE_URI  default sqlite:///<repo>/.state/mlflow/mlflow.db
+#   MLFLOW_HOST               default 127.0.0.1 (0.0.0.0 in a container, see infra/docker/compose.prod.yaml)
 #   MLFLOW_ARTIFACTS          default s3://modelpress/mlflow (needs MLFLOW_S3_ENDPOINT_URL + AWS keys
 #                             for the server only); a local path also works
 set -euo pipefail
@@ -11,6 +12,7 @@ PORT="${1:-${MLFLOW_PORT:-5000}}"
 mkdir -p "$ROOT/.state/mlflow"
 BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$ROOT/.state/mlflow/mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS:-s3://modelpress/mlflow}"
-echo "MLflow on http://127.0.0.1:$PORT (clients: MLFLOW_TRACKING_URI=http://127.0.0.1:$PORT), backend $BACKEND, artifacts $ARTIFACTS"
-exec "$ROOT/.venv/bin/mlflow" server --host 127.0.0.1 --port "$PORT" \
+HOST="${MLFLOW_HOST:-127.0.0.1}"
+echo "MLflow on http://$HOST:$PORT (clients: MLFLOW_TRACKING_URI=http://$HOST:$PORT), backend $BACKEND, artifacts $ARTIFACTS"
+exec "$ROOT/.venv/bin/mlflow" server --host "$HOST" --port "$PORT" \
   --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --workers 1

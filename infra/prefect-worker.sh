@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # A Prefect worker for the GPU work pool (process type), one flow run at a time.
 # Usage: PREFECT_API_URL=http://127.0.0.1:4200/api infra/prefect-worker.sh [POOL]   (Ctrl-C stops it)
+#   MODELPRESS_WORKER_NAME  default modelpress-<hostname>; keep it stable per machine: on start the
+#                           worker reschedules the runs it had started whose process is gone
+#                           (machine or worker killed), and they resume where they stopped.
+# Before starting it creates the pool if missing and this machine's GPU concurrency limit
+# (gpu-<hostname>, limit 1), which the GPU-heavy tasks hold while they run (MODELPRESS_GPU_LIMIT).
+# Device selection is automatic (run.device=auto: CUDA when present, else CPU) and logged by each task.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 POOL="${1:-${MODELPRESS_POOL:-gpu}}"
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api}"
+NAME="${MODELPRESS_WORKER_NAME:-modelpress-$(hostname)}"
 cd "$ROOT"
-"$ROOT/.venv/bin/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 || "$ROOT/.venv/bin/prefect" work-pool create "$POOL" --type process
-exec "$ROOT/.venv/bin/prefect" worker start --pool "$POOL" --limit 1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-modelpress}"
+MODELPRESS_GPU_LIMIT="$("$ROOT/.venv/bin/python" -m flows.deploy worker-setup "$POOL" "$NAME")"
+export MODELPRESS_GPU_LIMIT
+echo "worker $NAME on pool $POOL (GPU limit $MODELPRESS_GPU_LIMIT), API $PREFECT_API_URL"
+exec "$ROOT/.venv/bin/prefect" worker start --pool "$POOL" --name "$NAME" --limit 1

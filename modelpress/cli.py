@@ -48,6 +48,13 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)  # invalid parameters fail here, before any work
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    if args.set or Path(args.params).resolve() != Path("params.yaml").resolve():
+        # One-off parameters: record nothing in dvc.lock (that would rewrite params.yaml);
+        # `dvc exp run -S ...` or a deployment run versions such runs.
+        if "MODELPRESS_DVC" not in os.environ:
+            os.environ["MODELPRESS_DVC"] = "off"
+            print("modelpress: parameters differ from params.yaml: outputs are not recorded in dvc.lock "
+                  "(set MODELPRESS_DVC=on to record them, which rewrites params.yaml)", file=sys.stderr)
     from flows.compress import compress_flow
 
     t0 = time.perf_counter()

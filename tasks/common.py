@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
 
 from modelpress.data import ChecksumMismatch, DatasetError
 from modelpress.pack import PackedFormatError
@@ -57,3 +59,46 @@ def ui_progress(key: str, every_s: float = 2.0):
         yield
     finally:
         remove()
+
+
+# GPU-heavy tasks (teacher, compress, fine-tune) hold one slot of the global concurrency limit
+# named by MODELPRESS_GPU_LIMIT while they run. infra/prefect-worker.sh creates that limit
+# (one per machine, limit 1) and sets the variable, so a worker machine never runs two of them
+# at once even if flow runs overlap. Unset (local runs): no limit, nothing to acquire.
+GPU_TAG = "gpu"
+
+
+@contextlib.contextmanager
+def gpu_slot():
+    name = os.environ.get("MODELPRESS_GPU_LIMIT", "").strip()
+    if not name or TaskRunContext.get() is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    get_run_logger().info("waiting for GPU slot %r", name)
+    with concurrency(name, occupy=1, strict=True, lease_duration=120):
+        get_run_logger().info("holding GPU slot %r", name)
+        yield
+
+
+def log_device(requested: str) -> str:
+    """Log (and return) the device a task computes on: CUDA when present, else the CPU."""
+    import torch
+
+    from modelpress.train import resolve_device
+
+    device = resolve_device(requested)
+    if device.type == "cuda" and torch.cuda.is_available():
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        what = f"cuda:{idx} ({torch.cuda.get_device_name(idx)}, {torch.cuda.device_count()} visible)"
+    elif device.type == "cuda":
+        what = "cuda requested but no CUDA device is available"
+    else:
+        what = f"cpu ({torch.get_num_threads()} threads; no CUDA device)" if requested == "auto" else "cpu (requested)"
+    msg = f"device: {what} [run.device={requested}]"
+    if TaskRunContext.get() is not None:
+        get_run_logger().info(msg)
+    else:
+        logging.getLogger("modelpress").info(msg)
+    return str(device)

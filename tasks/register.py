@@ -4,7 +4,6 @@ with a model card, the ``candidate`` alias and, when the promotion rule holds, `
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from modelpress.recipe import Recipe
 
 from . import registry
 from .common import retry_transient
+from .versioning import dvc_lock_revision
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 T = registry.TAG
@@ -27,12 +27,6 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _dvc_revision() -> str:
-    """sha256 of dvc.lock (which pins every DVC output by hash), or 'none'."""
-    lock = Path("dvc.lock")
-    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "none"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -60,7 +54,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "dataset": recipe.data.name,
         "dataset_sha256": ",".join(f"{k}:{v}" for k, v in sorted(recipe.data.files.items())),
         "packed_sha256": summary["packed_sha256"],
-        "git_commit": _git("rev-parse", "HEAD"), "dvc_revision": _dvc_revision(),
+        "git_commit": _git("rev-parse", "HEAD"), "dvc_revision": dvc_lock_revision(Path(".")),
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
     }
     return {T + k: str(v) for k, v in tags.items()}

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from modelpress import stages
 from modelpress.recipe import Recipe
 
-from .common import retry_transient, ui_progress
+from .common import GPU_TAG, gpu_slot, log_device, retry_transient, ui_progress
 from .resolve import resolve_teacher_weights
 
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
@@ -26,10 +26,11 @@ def fetch_dataset(recipe: Recipe) -> str:
     return str(stages.fetch(recipe))
 
 
-@task(name="teacher", timeout_seconds=6 * 3600, **RETRY)
+@task(name="teacher", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
 def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
     """Load the teacher (file or MLflow URI) or train one; evaluate it."""
-    with ui_progress("teacher"):
+    log_device(recipe.run.device)
+    with gpu_slot(), ui_progress("teacher"):
         path = stages.teacher(recipe, resolve_teacher_weights(recipe.teacher.weights))
     info = stages.read_json(stages.paths(recipe)["teacher_info"])
     create_table_artifact([{k: info[k] for k in ("arch", "top1", "params", "fp32_bytes", "source")}],
@@ -37,20 +38,22 @@ def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
     return str(path)
 
 
-@task(name="compress", timeout_seconds=6 * 3600, **RETRY)
+@task(name="compress", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
 def compress_model(recipe: Recipe, teacher_path: str) -> str:
     """Layer-by-layer compression; checkpoints each layer, so a retry continues."""
-    with ui_progress("compress"):
+    log_device(recipe.run.device)
+    with gpu_slot(), ui_progress("compress"):
         path = stages.compress_stage(recipe)
     layers = stages.read_json(stages.paths(recipe)["layers"])["layers"]
     create_table_artifact(layer_rows(layers), key="layers", description="Per-layer size and error")
     return str(path)
 
 
-@task(name="finetune", timeout_seconds=6 * 3600, **RETRY)
+@task(name="finetune", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
 def finetune_model(recipe: Recipe, compressed_path: str) -> str:
     """Distil all codebooks from the teacher; re-estimate BatchNorm statistics."""
-    with ui_progress("finetune"):
+    log_device(recipe.run.device)
+    with gpu_slot(), ui_progress("finetune"):
         return str(stages.finetune_stage(recipe))
 
 

@@ -1,0 +1,188 @@
+"""The production deployments of the compression flow, and the worker-side bookkeeping.
+
+    python -m flows.deploy [--pool gpu] [--cron "0 2 * * *"] [--timezone UTC] [--source DIR|GIT-URL] [--params FILE]
+        creates (or updates) two deployments of flow ``modelpress-compress`` on the work pool:
+          modelpress-compress/nightly    cron schedule (MODELPRESS_NIGHTLY_CRON, default 02:00 UTC)
+          modelpress-compress/on-demand  no schedule: run it from the UI, the API or
+                                         `prefect deployment run modelpress-compress/on-demand`
+        Both take the one parameter ``recipe`` (modelpress.recipe.Recipe), so the UI shows a typed
+        form with the schema's defaults and descriptions; ``--params`` (default: params.yaml of the
+        source) sets the form's defaults. The worker runs the flow from ``--source``: a directory
+        it can read (the repository checkout; default: this one) or a git URL it clones.
+
+    python -m flows.deploy worker-setup POOL WORKER_NAME
+        what infra/prefect-worker.sh runs before starting a worker: creates the process work pool
+        if missing, (re)creates this machine's GPU concurrency limit (limit 1, fresh: a starting
+        worker means nothing on this machine holds the GPU), and reschedules the runs this worker
+        had started but whose process is gone (the machine or worker was killed): they resume,
+        skipping finished stages and finished layers. Prints the GPU limit's name.
+
+    python -m flows.deploy reschedule FLOW_RUN_ID ...
+        puts runs back into Scheduled so a worker picks them up again (same run id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import yaml
+
+FLOW_NAME = "modelpress-compress"
+ENTRYPOINT = "flows/compress.py:compress_flow"
+NIGHTLY, ON_DEMAND = "nightly", "on-demand"
+DEFAULT_CRON = "0 2 * * *"
+REPO = Path(__file__).resolve().parents[1]
+# Library progress lines (layer i/n, ETA, "resuming after ...") go to the Prefect run logs.
+JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "modelpress", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def gpu_limit_name(host: str | None = None) -> str:
+    return f"gpu-{host or socket.gethostname()}"
+
+
+def default_parameters(params_file: Path | None) -> dict:
+    """The deployments' default parameters (the UI form's pre-filled values), validated."""
+    from modelpress.recipe import Recipe
+
+    if params_file is None or not params_file.is_file():
+        return {}
+    return {"recipe": Recipe.from_yaml(params_file).model_dump(mode="json")}
+
+
+def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path | None) -> dict[str, UUID]:
+    """Create or update the nightly and on-demand deployments; returns their ids."""
+    from prefect import deploy as prefect_deploy
+    from prefect import flow as prefect_flow
+    from prefect.schedules import Cron
+
+    asyncio.run(_ensure_pool(pool))
+    flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
+    parameters = default_parameters(params_file)
+    description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
+    common = dict(parameters=parameters, job_variables={"env": JOB_ENV}, tags=["modelpress", "gpu"],
+                  enforce_parameter_schema=True)
+    nightly = flow.to_deployment(
+        name=NIGHTLY, schedules=[Cron(cron, timezone=timezone, slug="nightly")],
+        description=f"{description} Scheduled: cron '{cron}' ({timezone}).", **common)
+    on_demand = flow.to_deployment(name=ON_DEMAND, description=f"{description} Triggered from the UI or the API.", **common)
+    ids = prefect_deploy(nightly, on_demand, work_pool_name=pool, build=False, push=False,
+                         print_next_steps_message=False, ignore_warnings=True)
+    return {NIGHTLY: ids[0], ON_DEMAND: ids[1]}
+
+
+def _process_alive(pid: str | None) -> bool:
+    if not pid:
+        return False
+    try:
+        pid_int = int(str(pid).rsplit(":", 1)[-1])
+        os.kill(pid_int, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    try:  # guard against pid reuse: it must still be a Python (flow-run) process
+        return "python" in Path(f"/proc/{pid_int}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True
+
+
+async def ensure_pool(client, pool: str) -> None:
+    """The work pool, created as a process pool if it does not exist yet. For docker or
+    kubernetes pools create them with infra/docker or infra/k8s's base job templates."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        await client.read_work_pool(pool)
+    except ObjectNotFound:
+        try:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            print(f"created work pool {pool!r} (process)", file=sys.stderr)
+        except ObjectAlreadyExists:
+            pass
+
+
+async def _ensure_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        await ensure_pool(client, pool)
+
+
+async def _worker_setup(pool: str, worker_name: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed, Scheduled
+
+    limit = gpu_limit_name()
+    async with get_client() as client:
+        await ensure_pool(client, pool)
+        # A fresh limit: slots leased by a killed process on this machine must not block it
+        # until their lease expires.
+        try:
+            await client.delete_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            pass
+        await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING]))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
+        for run in runs:
+            if (run.labels or {}).get("prefect.worker.name") != worker_name or _process_alive(run.infrastructure_pid):
+                continue
+            await client.set_flow_run_state(run.id, Crashed(message=f"worker {worker_name} restarted; the run's process is gone"), force=True)
+            await client.set_flow_run_state(run.id, Scheduled(), force=True)
+            print(f"rescheduled orphaned flow run {run.name} ({run.id}): it resumes where it stopped", file=sys.stderr)
+    return limit
+
+
+async def _reschedule(ids: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    async with get_client() as client:
+        for run_id in ids:
+            await client.set_flow_run_state(UUID(run_id), Scheduled(), force=True)
+            print(f"rescheduled {run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker-setup"]:
+        p = argparse.ArgumentParser(prog="python -m flows.deploy worker-setup")
+        p.add_argument("pool")
+        p.add_argument("worker_name")
+        a = p.parse_args(argv[1:])
+        print(asyncio.run(_worker_setup(a.pool, a.worker_name)))
+        return 0
+    if argv[:1] == ["reschedule"]:
+        asyncio.run(_reschedule(argv[1:]))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Create the nightly and on-demand deployments.")
+    p.add_argument("--pool", default=os.environ.get("MODELPRESS_POOL", "gpu"))
+    p.add_argument("--cron", default=os.environ.get("MODELPRESS_NIGHTLY_CRON", DEFAULT_CRON))
+    p.add_argument("--timezone", default=os.environ.get("MODELPRESS_NIGHTLY_TZ", "UTC"))
+    p.add_argument("--source", default=os.environ.get("MODELPRESS_SOURCE", str(REPO)),
+                   help="repository checkout the worker reads (a directory) or a git URL it clones")
+    p.add_argument("--params", type=Path, default=None, help="defaults of the UI form (default: params.yaml of the source)")
+    a = p.parse_args(argv)
+    params = a.params or (Path(a.source) / "params.yaml" if "://" not in a.source else None)
+    ids = deploy(a.pool, a.cron, a.timezone, a.source, params)
+    print(yaml.safe_dump({f"{FLOW_NAME}/{k}": str(v) for k, v in ids.items()}, sort_keys=False).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create or update the deployments (nightly on a cron schedule, on-demand) on the work pool.
+# Usage: PREFECT_API_URL=http://127.0.0.1:4200/api infra/deploy.sh [--pool gpu] [--cron "0 2 * * *"]
+#        [--timezone UTC] [--source DIR|GIT-URL] [--params FILE]     (see flows/deploy.py)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+: "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api}"
+cd "$ROOT"
+exec "$ROOT/.venv/bin/python" -m flows.deploy "$@"

@@ -1,0 +1,177 @@
+"""Start the real services (infra/*.sh) as subprocesses on free loopback ports, each in its own
+process group, and stop them so that no process is left (checked with psutil)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return 200 <= r.status < 300
+    except OSError:
+        return False
+
+
+class Service:
+    """One infra command running in its own session (process group), output to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO):
+        self.name, self.cmd = name, cmd
+        self.log = log_dir / f"{name}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid = self.proc.pid
+        self.seen: set[int] = {self.proc.pid}
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._track()
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if check():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def _track(self) -> None:
+        """Remember every descendant (some start their own session, e.g. flow-run processes)."""
+        try:
+            self.seen.update(p.pid for p in psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this service: its process group and every descendant seen."""
+        self._track()
+        alive = []
+        for pid in set(self.seen) | {p.pid for p in psutil.process_iter() if _pgid(p.pid) == self.pgid}:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole tree at once (a machine loss when SIGKILL)."""
+        for p in self.processes():
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(timeout=30)
+
+    def stop(self, grace: float = 20) -> None:
+        """SIGTERM to the process group (what Ctrl-C / a supervisor sends), SIGKILL after grace."""
+        procs = self.processes()
+        try:
+            os.killpg(self.pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _, left = psutil.wait_procs(procs, timeout=grace)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+class Stack:
+    """The services of one test; ``close()`` stops them all and reports any process left."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.logs = root / "logs"
+        self.services: list[Service] = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
+        self.env.update(AWS, PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> Service:
+        svc = Service(name, cmd, {**self.env, **(env or {})}, self.logs, cwd)
+        self.services.append(svc)
+        return svc
+
+    def s3(self, bucket: str = "modelpress") -> str:
+        port = free_port()
+        svc = self.start("s3", [str(INFRA / "s3-server.sh"), str(port), bucket])
+        svc.wait_ready(lambda: "S3 endpoint" in svc.tail(), 60)
+        return f"http://127.0.0.1:{port}"
+
+    def mlflow(self, s3_endpoint: str, artifacts: str) -> str:
+        port = free_port()
+        env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_ARTIFACTS": artifacts,
+               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{self.root}/mlflow.db"}
+        svc = self.start("mlflow", [str(INFRA / "mlflow-server.sh"), str(port)], env)
+        url = f"http://127.0.0.1:{port}"
+        svc.wait_ready(lambda: http_ok(url + "/health"), 120)
+        return url
+
+    def prefect(self) -> str:
+        port = free_port()
+        svc = self.start("prefect-server", [str(INFRA / "prefect-server.sh"), str(port)])
+        url = f"http://127.0.0.1:{port}/api"
+        svc.wait_ready(lambda: http_ok(url + "/health"), 150)
+        return url
+
+    def worker(self, api_url: str, pool: str, env: dict | None = None, name: str = "prefect-worker") -> Service:
+        svc = self.start(name, [str(INFRA / "prefect-worker.sh"), pool], {"PREFECT_API_URL": api_url, **(env or {})})
+        svc.wait_ready(lambda: "started!" in svc.tail(20000), 90)
+        return svc
+
+    def leftovers(self) -> list[str]:
+        return [f"{s.name}: pid {p.pid} {' '.join(p.cmdline()[:4])}" for s in self.services for p in _safe(s.processes)]
+
+    def close(self) -> list[str]:
+        for svc in reversed(self.services):
+            svc.stop()
+        return self.leftovers()
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except psutil.Error:
+        return []
