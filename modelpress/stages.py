@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import atomic_write
 from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
@@ -62,15 +62,7 @@ def paths(recipe: Recipe) -> dict[str, Path]:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, [json.dumps(obj, indent=2, sort_keys=True).encode()])
 
 
 def read_json(path: Path) -> dict | None:

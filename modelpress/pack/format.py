@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..atomic import atomic_write
 
 MAGIC = b"MPRESS01"
 _DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -136,21 +137,6 @@ class Packed:
         return rows
 
 
-def _atomic_write(path: Path, chunks: list[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_packed(path: str | Path, arch: dict, meta: dict, entries: list[tuple[str, str, dict, bytes]]) -> int:
     """Write entries ``(name, encoding, params, data)`` atomically; return the file size."""
     payload = b"".join(e[3] for e in entries)
@@ -164,7 +150,7 @@ def write_packed(path: str | Path, arch: dict, meta: dict, entries: list[tuple[s
     }
     blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     path = Path(path)
-    _atomic_write(path, [MAGIC, struct.pack("<I", len(blob)), blob, payload])
+    atomic_write(path, [MAGIC, struct.pack("<I", len(blob)), blob, payload])
     return os.path.getsize(path)
 
 
