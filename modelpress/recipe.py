@@ -64,7 +64,6 @@ class TeacherConfig(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     weight_decay: float = Field(5e-4, ge=0)
 
-
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:

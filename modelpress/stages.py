@@ -165,7 +165,7 @@ def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
     t0 = time.perf_counter()
     source = weights_path or recipe.teacher.weights
     if source:
-        _load_weights(model, Path(weights_path or recipe.teacher.weights), recipe.teacher.weights_sha256)
+        _load_weights(model, Path(source), recipe.teacher.weights_sha256)
         model.to(device)
     else:
         torch.manual_seed(recipe.run.seed)

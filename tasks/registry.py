@@ -21,13 +21,19 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 TAG = "modelpress."
 
 
+def sqlite_db(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (relative or absolute), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def configure_mlflow() -> str:
     """Tracking URI from MLFLOW_TRACKING_URI, else a local sqlite store (registry included)."""
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_db(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
     return uri
@@ -38,11 +44,9 @@ def use_experiment(name: str) -> None:
     the database (``<db dir>/artifacts``) rather than in the current directory."""
     import mlflow
 
-    uri = configure_mlflow()
+    db = sqlite_db(configure_mlflow())
     if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+        location = (db.resolve().parent / "artifacts").as_uri() if db is not None else None
         mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
 

@@ -316,3 +316,8 @@ def test_entry_shorter_than_its_shape_is_rejected(quantized, tmp_path):
             write_packed(tmp_path / "short.mpk", ARCH, {}, short)
             with pytest.raises(PackedFormatError, match="corrupted entry"):
                 load_packed(tmp_path / "short.mpk")
+        if enc == "pq":  # cut inside the codebook itself
+            cut = entries[:i] + [(name, enc, {**p, "n": 10}, buf[:10])] + entries[i + 1:]
+            write_packed(tmp_path / "cut.mpk", ARCH, {}, cut)
+            with pytest.raises(PackedFormatError, match="corrupted entry"):
+                load_packed(tmp_path / "cut.mpk")

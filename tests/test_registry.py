@@ -147,7 +147,7 @@ def _stored_packed_file(version) -> Path:
     """The packed file inside the local artifact store (sqlite store: beside the database)."""
     from modelpress.data import sha256_file
 
-    db = Path(re.sub(r"^sqlite:///", "", registry.configure_mlflow()))
+    db = registry.sqlite_db(registry.configure_mlflow())
     sha = version.tags["modelpress.packed_sha256"]
     (match,) = [p for p in (db.parent / "artifacts").rglob("*.mpk") if sha256_file(p) == sha]
     return match

@@ -38,7 +38,6 @@ from ..atomic import atomic_write
 
 MAGIC = b"MPRESS01"
 _DTYPES = {"f32": np.float32, "f16": np.float16}
-_DTYPE_NAMES = {"float32": "f32", "float16": "f16"}
 
 
 class PackedFormatError(ValueError):
@@ -75,13 +74,13 @@ def encode_dense(t: torch.Tensor, dtype: str) -> tuple[dict, bytes]:
     return {"dtype": dtype, "shape": list(t.shape), "n": len(data)}, data
 
 
-def _expect_bytes(p: dict, buf: bytes, expected: int) -> None:
+def _expect_bytes(buf: bytes, expected: int) -> None:
     if len(buf) != expected:
         raise PackedFormatError(f"corrupted entry: {len(buf)} bytes where its shape needs {expected}")
 
 
 def decode_dense(p: dict, buf: bytes) -> torch.Tensor:
-    _expect_bytes(p, buf, int(np.prod(p["shape"])) * np.dtype(_DTYPES[p["dtype"]]).itemsize)
+    _expect_bytes(buf, int(np.prod(p["shape"])) * np.dtype(_DTYPES[p["dtype"]]).itemsize)
     arr = np.frombuffer(buf, _DTYPES[p["dtype"]]).astype(np.float32)
     return torch.from_numpy(arr.reshape(p["shape"]).copy())
 
@@ -98,9 +97,9 @@ def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """(codebook (k, d) float32, codes (n,) int64)."""
     k, d = p["k"], p["d"]
     cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
-    codebook = torch.from_numpy(np.frombuffer(buf[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
     count = int(np.prod(p["shape"])) // d
-    _expect_bytes(p, buf, cb_len + -(-count * p["bits"] // 8))
+    _expect_bytes(buf, cb_len + -(-count * p["bits"] // 8))
+    codebook = torch.from_numpy(np.frombuffer(buf[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
     codes = torch.from_numpy(unpack_bits(buf[cb_len:], p["bits"], count))
     if codes.numel() and int(codes.max()) >= k:
         raise PackedFormatError("corrupted codes: index beyond codebook")
