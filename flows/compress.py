@@ -1,4 +1,5 @@
-"""fetch -> teacher -> compress -> fine-tune -> pack -> evaluate -> version (DVC) -> register.
+"""check -> fetch -> teacher -> [prune cycles] -> compress -> fine-tune -> pack -> evaluate ->
+version (DVC) -> register.
 
 The flow takes the one parameter schema (modelpress.recipe.Recipe); the Prefect UI renders
 it as a typed form. Every step is a retriable task; finished steps are skipped on a re-run
@@ -14,12 +15,14 @@ from prefect import flow
 from modelpress.recipe import Recipe
 from tasks.register import register_model
 from tasks.steps import (
+    check_recipe,
     compress_model,
     evaluate_packed,
     fetch_dataset,
     finetune_model,
     pack_model,
     prepare_teacher,
+    prune_cycle,
     publish_summary,
 )
 from tasks.versioning import version_outputs
@@ -36,8 +39,16 @@ def compress_flow(recipe: Recipe = Recipe()) -> dict:
         timings[name] = round(time.perf_counter() - t0, 1)
         return out
 
+    check_recipe(recipe)
     data_dir = timed("fetch", fetch_dataset, recipe)
     teacher = timed("teacher", prepare_teacher, recipe, data_dir)
+    if recipe.prune_settings() is not None:
+        # One task per cycle: each is retried on its own and checkpoints its result, so a run
+        # killed in cycle 7 resumes at cycle 7. The number of cycles follows from the goal.
+        t0, cycle = time.perf_counter(), 1
+        while not prune_cycle(recipe, teacher, cycle)["done"]:
+            cycle += 1
+        timings["prune_cycles"] = round(time.perf_counter() - t0, 1)
     compressed = timed("compress", compress_model, recipe, teacher)
     finetuned = timed("finetune", finetune_model, recipe, compressed)
     packed = timed("pack", pack_model, recipe, finetuned)

@@ -76,6 +76,7 @@ def cmd_stage(args) -> int:
     from . import stages
 
     recipe = _recipe(args)
+    stages.preflight(recipe)  # bad layer names or budgets fail here, before any work
     if args.name == "fetch":
         print(stages.fetch(recipe))
     elif args.name == "teacher":

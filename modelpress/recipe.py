@@ -15,7 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .data.datasets import DATASET_INFO
+from .methods import MethodConfig
 from .methods.pq.config import PQConfig
+from .methods.prune.config import PruneConfig
 
 _FMNIST = DATASET_INFO["fashion-mnist"]
 
@@ -105,7 +107,7 @@ class Recipe(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
-    method: PQConfig = PQConfig()
+    method: MethodConfig = Field(PQConfig(), description="Compression method: pq, prune or prune_pq (by 'name').")
     finetune: FinetuneConfig = FinetuneConfig()
     pack: PackConfig = PackConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -122,10 +124,14 @@ class Recipe(_Section):
             raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for item in overrides or []:
+        # Switching method (-S method.name=prune) starts that section afresh: the file's
+        # settings belong to the other method. Method switches apply before other overrides.
+        for item in sorted(overrides or [], key=lambda o: not o.startswith("method.name=")):
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"override {item!r} must look like section.key=value")
+            if key == "method.name" and (raw.get("method") or {}).get("name", "pq") != yaml.safe_load(value):
+                raw["method"] = {}
             node = raw
             *parents, leaf = key.split(".")
             for p in parents:
@@ -139,7 +145,10 @@ class Recipe(_Section):
             return cls.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            loc = list(err["loc"])
+            if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in ("pq", "prune", "prune_pq"):
+                del loc[1]  # pydantic names the union member; the user's path has no such level
+            where = ".".join(str(x) for x in loc) or "(top level)"
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             more = f" [+{e.error_count() - 1} more]" if e.error_count() > 1 else ""
             raise RecipeError(f"{source}: {where}: {err['msg']}{got}{more}") from None
@@ -148,6 +157,16 @@ class Recipe(_Section):
         """Stable hash of some sections (and extra inputs): the cache key of a stage."""
         blob = json.dumps([self.model_dump(include=set(sections), mode="json"), extra], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def prune_settings(self) -> PruneConfig | None:
+        """The pruning settings of a prune/prune_pq recipe, with the original training schedule
+        (epochs, LR, weight decay, batch size) filled in from the teacher's where left empty."""
+        cfg = {"prune": self.method, "prune_pq": getattr(self.method, "prune", None)}.get(self.method.name)
+        if cfg is None:
+            return None
+        t = self.teacher
+        defaults = {"epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
+        return cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
     def registered_name(self) -> str:
         arch = self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-")

@@ -25,9 +25,14 @@ from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
 from .methods.pq.layer import PQLayer
+from .methods.pq.quantize import plan as pq_plan
+from .methods.prune import (
+    keep_masks, masks_of, next_sparsity, prunable, prune_cycle, quantize_survivors, schedule, tune_codebooks,
+)
+from .methods.prune.imp import check_budget, require_schedule
 from .models import build_model, parameter_bytes
 from .pack import arch_spec, load_packed, pack_model, read_packed
-from .pack.format import build_from_packed
+from .pack.format import build_from_packed, packed_nbytes
 from .progress import log
 from .recipe import Recipe
 from .train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
@@ -51,6 +56,8 @@ def paths(recipe: Recipe) -> dict[str, Path]:
         "teacher": w / "teacher" / "teacher.mpk",
         "teacher_info": w / "teacher" / "teacher.json",
         "checkpoint": w / "compress" / "checkpoint.mpk",
+        "cycles": w / "compress" / "cycles",
+        "cycles_log": w / "compress" / "cycles.json",
         "compressed": w / "compress" / "compressed.mpk",
         "layers": w / "compress" / "layers.json",
         "finetuned": w / "finetune" / "finetuned.mpk",
@@ -103,6 +110,22 @@ def calibration_images(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
 
 def _data_key(recipe: Recipe) -> dict:
     return {"name": recipe.data.name, "files": recipe.data.files}
+
+
+# ---- checks before any work ----------------------------------------------------------------
+
+def preflight(recipe: Recipe) -> None:
+    """Check what can be checked from the recipe and the architecture alone (layer names,
+    block sizes, prunable layers, byte budgets), so a bad setting fails in seconds, before a
+    teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
+    model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    if recipe.method.name == "pq":
+        pq_plan(model, recipe.method)
+        return
+    cfg = recipe.prune_settings()
+    require_schedule(cfg)
+    prunable(model, cfg.exclude)
+    check_budget(model, cfg, _size_fn(recipe))
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -205,11 +228,49 @@ def _load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def prune_key(recipe: Recipe) -> str:
+    """What the pruning cycles depend on: resolved prune settings, data, teacher."""
+    return recipe.section_hash(extra=[recipe.prune_settings().model_dump(mode="json"), teacher_key(recipe),
+                                      recipe.pack.float_dtype])
+
+
+def cycle_schedule(recipe: Recipe) -> list[float] | None:
+    """The sparsity after each cycle when the goal is a sparsity (None for a byte budget,
+    where each cycle's target follows from the model's packed size)."""
+    cfg = recipe.prune_settings()
+    return None if cfg.target_bytes else schedule(cfg.target_sparsity, cfg.rate, cfg.milestones)
+
+
+def cycle_key(recipe: Recipe, index: int) -> str | None:
+    """Identity of cycle ``index``: the settings that shape retraining plus the sparsities of
+    cycles 0..index. A run to 95 % therefore reuses the cycles of a finished run to 90 % with
+    the same schedule. None when the schedule has no such cycle."""
+    cfg = recipe.prune_settings()
+    base = cfg.model_dump(mode="json", exclude={"target_sparsity", "target_bytes", "milestones"})
+    steps = cycle_schedule(recipe)
+    if steps is None:
+        path = ["bytes", cfg.target_bytes, recipe.pack.float_dtype, index]
+    elif index < len(steps):
+        path = steps[: index + 1]
+    else:
+        return None
+    return recipe.section_hash(extra=[base, teacher_key(recipe), path])
+
+
 def compress_key(recipe: Recipe) -> str:
-    return recipe.section_hash("method", extra=teacher_key(recipe))
+    prune = prune_key(recipe) if recipe.prune_settings() else None
+    return recipe.section_hash("method", extra=[teacher_key(recipe), prune])
 
 
 def compress_stage(recipe: Recipe) -> Path:
+    """Compress the teacher with the recipe's method (PQ layer by layer, or pruning cycles
+    with optional quantization of the survivors). Checkpointed as it goes; a retry continues."""
+    if recipe.method.name == "pq":
+        return _compress_pq(recipe)
+    return _compress_pruned(recipe)
+
+
+def _compress_pq(recipe: Recipe) -> Path:
     """Layer-by-layer compression, checkpointed after every layer (a retry continues)."""
     p, key = paths(recipe), compress_key(recipe)
     layers = read_json(p["layers"])
@@ -243,6 +304,132 @@ def compress_stage(recipe: Recipe) -> Path:
     return p["compressed"]
 
 
+def _size_fn(recipe: Recipe):
+    arch = _arch(recipe)
+    return lambda model: packed_nbytes(model, recipe.pack.float_dtype, recipe.pack.codebook_dtype, arch,
+                                       {"input": _input_meta(recipe)})
+
+
+def cycle_path(recipe: Recipe, index: int) -> Path:
+    return paths(recipe)["cycles"] / f"cycle-{index + 1:02d}.mpk"
+
+
+def _cycle_done(recipe: Recipe, index: int) -> dict | None:
+    """The record of cycle ``index`` if its checkpoint is there and current."""
+    path = cycle_path(recipe, index)
+    if not path.is_file():
+        return None
+    meta = read_packed(path).meta
+    key = cycle_key(recipe, index)
+    if key is None or meta.get("key") != key:
+        return None
+    steps = cycle_schedule(recipe)  # a cycle reused from a run with another goal: is it our last?
+    return meta["cycle"] if steps is None else {**meta["cycle"], "done": index == len(steps) - 1}
+
+
+def _cycle_start(recipe: Recipe, index: int, device: torch.device) -> torch.nn.Module:
+    """The model cycle ``index`` starts from: the previous cycle's checkpoint, or the teacher."""
+    if index == 0:
+        return _load_teacher(recipe, device)
+    if _cycle_done(recipe, index - 1) is None:
+        raise StageError(f"prune cycle {index + 1} needs cycle {index} first (no current checkpoint {cycle_path(recipe, index - 1)})")
+    return build_from_packed(read_packed(cycle_path(recipe, index - 1))).to(device)
+
+
+def prune_cycle_stage(recipe: Recipe, index: int) -> dict:
+    """Pruning cycle ``index`` (0-based): start from cycle index-1's checkpoint, prune to the
+    schedule's next sparsity, retrain, evaluate, checkpoint. A current checkpoint is returned
+    as is, so a re-run skips finished cycles. The record's ``done`` says whether the goal is
+    met (no further cycle)."""
+    cfg = recipe.prune_settings()
+    done = _cycle_done(recipe, index)
+    if done is not None:
+        log.info("prune: cycle %d up to date (sparsity %.2f%%)", index + 1, 100 * done["sparsity"])
+        return done
+    device = _device(recipe)
+    model = _cycle_start(recipe, index, device)
+    size_fn = _size_fn(recipe)
+    steps = cycle_schedule(recipe)
+    if steps is None:
+        if index == 0:
+            check_budget(model, cfg, size_fn)
+        target = next_sparsity(model, cfg, size_fn)
+    else:
+        target = steps[index] if index < len(steps) else None
+    if target is None:
+        return {"cycle": index + 1, "done": True, "skipped": True}
+    train, test = _datasets(recipe)
+    teacher_model = _load_teacher(recipe, device) if cfg.loss == "distill" else None
+    stats = prune_cycle(model, cfg, index, target, loader(train, cfg.batch_size, True, cfg.seed), teacher_model, device)
+    stats["top1"] = evaluate(model, loader(test, recipe.data.batch_size, False), device)
+    stats["packed_bytes"] = size_fn(model)
+    stats["done"] = index == len(steps) - 1 if steps is not None else next_sparsity(model, cfg, size_fn) is None
+    log.info("prune: cycle %d: sparsity %.2f%%, top-1 %.2f%%, %d bytes packed%s", index + 1, 100 * stats["sparsity"],
+             stats["top1"], stats["packed_bytes"], " (goal reached)" if stats["done"] else "")
+    pack_model(model, cycle_path(recipe, index), _arch(recipe),
+               {"key": cycle_key(recipe, index), "cycle": stats, "input": _input_meta(recipe)}, "f32", "f32")
+    _log_cycles(recipe)
+    return stats
+
+
+def _log_cycles(recipe: Recipe) -> list[dict]:
+    """cycles.json: every finished cycle's record (what MLflow logs as steps)."""
+    records, index = [], 0
+    while (rec := _cycle_done(recipe, index)) is not None:
+        records.append(rec)
+        index += 1
+    write_json(paths(recipe)["cycles_log"], {"key": prune_key(recipe), "cycles": records})
+    return records
+
+
+def _compress_pruned(recipe: Recipe) -> Path:
+    """Run (or skip) every pruning cycle, then, for prune_pq, quantize the survivors."""
+    p, key = paths(recipe), compress_key(recipe)
+    layers = read_json(p["layers"])
+    if layers and layers.get("key") == key and p["compressed"].is_file():
+        log.info("compress: up to date")
+        return p["compressed"]
+    index, last = 0, None
+    while True:
+        rec = prune_cycle_stage(recipe, index)
+        if rec.get("skipped"):
+            break
+        last = index
+        if rec["done"]:
+            break
+        index += 1
+    device = _device(recipe)
+    model = _load_teacher(recipe, device) if last is None else build_from_packed(read_packed(cycle_path(recipe, last))).to(device)
+    stats = []
+    if recipe.method.name == "prune_pq":
+        q = recipe.method.quantize
+        stats = quantize_survivors(model, q, recipe.method.prune.exclude)
+        train, _ = _datasets(recipe)
+        tune_codebooks(model, _load_teacher(recipe, device), loader(train, recipe.finetune.batch_size, True, q.seed),
+                       q.finetune_epochs, q.finetune_lr, q.seed, device)
+    meta = {"key": key, "input": _input_meta(recipe)}
+    pack_model(model, p["compressed"], _arch(recipe), meta, "f32", "f32")
+    rows = _weight_rows(p["compressed"], stats)
+    write_json(p["layers"], {"key": key, "layers": rows, "cycles": _log_cycles(recipe)})
+    return p["compressed"]
+
+
+def _weight_rows(path: Path, stats: list[dict]) -> list[dict]:
+    """Per-layer table of a pruned model: weights, kept, sparsity (+ clustering stats)."""
+    extra = {s["layer"]: s for s in stats}
+    rows = []
+    for r in read_packed(path).summary():
+        if "sparsity" not in r:
+            continue
+        layer = r["tensor"].removesuffix(".weight")
+        n = 1
+        for dim in r["shape"].split("x"):
+            n *= int(dim)
+        rows.append({"layer": layer, "weights": n, "kept": round(n * (1 - r["sparsity"])), "sparsity": r["sparsity"],
+                     **{k: v for k, v in extra.get(layer, {}).items() if k in ("block_size", "k", "weight_rel_error", "kmeans_s")}})
+    return rows
+
+
 def finetune_key(recipe: Recipe) -> str:
     return recipe.section_hash("finetune", extra=compress_key(recipe))
 
@@ -260,10 +447,15 @@ def finetune_stage(recipe: Recipe) -> Path:
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         params = [m.codebook for m in student.modules() if isinstance(m, PQLayer)]
+        masks = {}
+        if recipe.method.name == "prune":  # sparse dense weights: tuned with their masks held
+            masks = masks_of(student, recipe.method.exclude)
+            params += [student.get_submodule(n).weight for n in masks]
         if cfg.train_other:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and _is_small(n, student)]
-        distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs, cfg.lr,
-                temperature=cfg.temperature, stage="finetune", device=device)
+        with keep_masks(student, masks):
+            distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
+                    cfg.lr, temperature=cfg.temperature, stage="finetune", device=device)
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
     _round_codebooks(student, recipe.pack.codebook_dtype)
@@ -330,9 +522,12 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
         "compression_ratio": (t.get("fp32_bytes") or 0) / evaluation["packed_bytes"],
         "test_images": evaluation["test_images"],
         "layers_quantized": len(layers),
+        "method": recipe.method.name,
         "packed_sha256": evaluation["sha256"],
         "device": str(_device(recipe)),
         "host": platform.node(),
     }
+    if layers and all("kept" in r for r in layers):
+        summary["sparsity"] = 1 - sum(r["kept"] for r in layers) / sum(r["weights"] for r in layers)
     write_json(p["metrics"], summary)
     return summary

@@ -47,9 +47,16 @@ def fit(
     stage: str = "train",
     device: torch.device | None = None,
     train_mode: bool = True,
+    schedule: str = "cosine",
+    schedule_epochs: float | None = None,
 ) -> list[float]:
-    """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed)
-    with a cosine schedule. Returns the loss of each step."""
+    """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed).
+    Returns the loss of each step.
+
+    ``schedule="cosine"``: linear warm-up then cosine decay. With ``schedule_epochs`` (the
+    length of an original schedule, >= ``epochs``) only its *last* ``epochs`` are replayed:
+    learning-rate rewinding. ``schedule="constant"``: ``lr`` throughout (plain fine-tuning).
+    """
     device = device or next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
     if optimizer == "sgd":
@@ -59,7 +66,14 @@ def fit(
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     total = max(1, int(round(epochs * len(batches))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, int(warmup_frac * total)))
+    full = max(total, int(round((schedule_epochs or epochs) * len(batches))))
+    if schedule == "cosine":
+        offset, warmup = full - total, int(warmup_frac * full)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s + offset, full, warmup))
+    elif schedule == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
     model.train(train_mode)
     prog, losses, step = Progress(stage, total), [], 0
     while step < total:

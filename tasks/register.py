@@ -42,8 +42,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
     p = stages.paths(recipe)
     teacher = stages.read_json(p["teacher_info"]) or {}
     m = recipe.method
-    key_params = f"conv={m.conv.block_size}/{m.conv.k} linear={m.linear.block_size}/{m.linear.k} " \
-                 f"pointwise={m.pointwise.block_size}/{m.pointwise.k} finetune_epochs={recipe.finetune.epochs}"
+    key_params = f"{m.key_params()} finetune_epochs={recipe.finetune.epochs}"
     tags = {
         "method": m.name, "key_params": key_params,
         "packed_bytes": summary["packed_bytes"], "compression_ratio": f"{summary['compression_ratio']:.3f}",
@@ -58,6 +57,27 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
     }
     return {T + k: str(v) for k, v in tags.items()}
+
+
+def _log_cycles(recipe: Recipe, summary: dict) -> None:
+    """Pruning runs: each cycle's sparsity, top-1 and packed bytes as metric steps, and the
+    accuracy-vs-sparsity plot as an artifact."""
+    import tempfile
+
+    import mlflow
+
+    from modelpress.report import plot_cycles
+
+    cycles = (stages.read_json(stages.paths(recipe)["cycles_log"]) or {}).get("cycles", [])
+    if recipe.prune_settings() is None or not cycles:
+        return
+    for c in cycles:
+        mlflow.log_metrics({"cycle_sparsity": c["sparsity"], "cycle_top1": c["top1"],
+                            "cycle_packed_bytes": c["packed_bytes"]}, step=c["cycle"])
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_cycles(cycles, Path(tmp) / "accuracy_vs_sparsity.png", summary.get("teacher_top1"), recipe.run.name)
+        mlflow.log_artifact(str(png))
+    mlflow.log_dict({"cycles": cycles}, "cycles.json")
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
@@ -85,6 +105,7 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
             mlflow.set_tags(tags)
             mlflow.log_dict({"layers": layers}, "layers.json")
+            _log_cycles(recipe, summary)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
                 input_example=np.zeros([2, *input_shape], dtype=np.float32),

@@ -38,6 +38,26 @@ def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
     return str(path)
 
 
+@task(name="check", timeout_seconds=300)
+def check_recipe(recipe: Recipe) -> None:
+    """Fail in seconds on settings the architecture cannot take (layer names, budgets)."""
+    stages.preflight(recipe)
+
+
+@task(name="prune-cycle", task_run_name="prune-cycle-{cycle}", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+def prune_cycle(recipe: Recipe, teacher_path: str, cycle: int) -> dict:
+    """One pruning cycle (1-based): prune, retrain, evaluate, checkpoint. A retry restarts
+    this cycle from the previous cycle's checkpoint; finished cycles are never redone."""
+    log_device(recipe.run.device)
+    with gpu_slot(), ui_progress(f"prune-cycle-{cycle}"):
+        record = stages.prune_cycle_stage(recipe, cycle - 1)
+    if not record.get("skipped"):
+        keys = ("cycle", "target_sparsity", "sparsity", "top1", "packed_bytes", "retrain", "seconds")
+        create_table_artifact([{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k in keys}],
+                              key=f"prune-cycle-{cycle}", description=f"Pruning cycle {cycle}")
+    return record
+
+
 @task(name="compress", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
 def compress_model(recipe: Recipe, teacher_path: str) -> str:
     """Layer-by-layer compression; checkpoints each layer, so a retry continues."""
@@ -79,7 +99,8 @@ def evaluate_packed(recipe: Recipe, packed_path: str) -> dict:
 
 
 def layer_rows(layers: list[dict]) -> list[dict]:
-    keys = ("layer", "weights", "block_size", "k", "bytes", "weight_rel_error", "output_rel_error", "output_rel_error_tuned", "kmeans_s")
+    keys = ("layer", "weights", "kept", "sparsity", "block_size", "k", "bytes", "weight_rel_error", "output_rel_error",
+            "output_rel_error_tuned", "kmeans_s")
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k in keys} for s in layers]
 
 

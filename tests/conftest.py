@@ -30,6 +30,8 @@ def tiny_recipe(workdir: Path, **sections):
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["run"]["workdir"] = str(workdir)
     for section, values in sections.items():
+        if section == "method" and values.get("name", "pq") != "pq":
+            raw["method"] = {}  # another method: the PQ settings above do not apply
         raw.setdefault(section, {}).update(values)
     return Recipe.parse(raw)
 

@@ -1,30 +1,39 @@
 """Compression methods behind one verb: ``compress(model, config, ...)``.
 
 The handler is looked up by the config's type, as torchao's ``quantize_`` does; adding a
-method means adding a subpackage and one line here.
+method means adding a subpackage and one line here. ``data`` carries what methods need;
+each takes what it uses:
+
+- ``calibration``: in-domain images (PQ's activation-weighted objective);
+- ``train_batches``: a DataLoader of (image, label) batches (fine-tuning, retraining);
+- ``teacher``: the dense model (distillation); ``on_layer`` / ``on_cycle``: callbacks.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Annotated, Callable, Union
 
 import torch.nn as nn
+from pydantic import Field
 
 from .pq import PQConfig, quantize_pq
+from .prune import PrunePQConfig, PruneConfig, prune_imp, prune_pq
 
-_HANDLERS: dict[type, Callable] = {PQConfig: quantize_pq}
+_HANDLERS: dict[type, Callable] = {PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq}
 
-MethodConfig = PQConfig
+MethodConfig = Annotated[Union[PQConfig, PruneConfig, PrunePQConfig], Field(discriminator="name")]
 
 
 def compress(model: nn.Module, config, **data) -> tuple[nn.Module, list[dict]]:
     """Compress ``model`` in place with the method ``config`` describes.
 
-    ``data`` carries what the method needs (calibration images, training batches, teacher).
-    Returns the compressed model and per-layer statistics.
+    Returns the compressed model and per-layer (or per-cycle) statistics.
     """
     try:
         handler = _HANDLERS[type(config)]
     except KeyError:
         raise TypeError(f"no compression method for {type(config).__name__}") from None
-    return handler(model, config, **data)
+    accepted = inspect.signature(handler).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    return handler(model, config, **{k: v for k, v in data.items() if takes_all or k in accepted})

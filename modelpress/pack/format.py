@@ -15,6 +15,13 @@ payload. Encodings:
 - ``dense``: raw values, ``dtype`` f32/f16, ``shape``.
 - ``pq``: a codebook (``k`` x ``d``, dtype ``cb``) then the codes, bit-packed with ``bits``
   bits each (LSB first); the weight is ``codebook[codes].reshape(shape)``.
+- ``sparse``: a weight with ``count`` non-zeros (a pruned layer). First their positions
+  (``pos_n`` bytes), then their values in row-major order. Positions are whichever is smaller
+  for the layer: ``bitmask`` (one bit per weight) or ``delta``: ``tokens`` gap codes of
+  ``pos_bits`` bits, where a code t < E = 2**pos_bits - 1 means "skip t zeros, then a
+  non-zero" and E means "skip E zeros" (long gaps). Values are ``values`` = ``f16``/``f32``
+  raw, or ``pq``: a codebook (``k`` x ``d``, ``cb``) and ``bits``-bit codes over the values
+  cut into sub-vectors of ``d`` (the last one zero-padded).
 
 The size we report for a model is ``os.path.getsize`` of this file, nothing else.
 """
@@ -106,6 +113,101 @@ def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     return codebook, codes
 
 
+# ---- sparse weights: positions + values ----------------------------------------------------
+
+def encode_positions(mask: np.ndarray) -> tuple[dict, bytes]:
+    """Positions of the True entries of a flat bool mask, as a bitmask or as gap codes,
+    whichever takes fewer bytes."""
+    mask = np.asarray(mask, bool).reshape(-1)
+    best = ({"pos": "bitmask"}, np.packbits(mask, bitorder="little").tobytes())
+    idx = np.flatnonzero(mask)
+    gaps = np.diff(np.concatenate([[-1], idx])) - 1  # zeros skipped before each kept weight
+    for bits in range(1, 25):
+        esc = (1 << bits) - 1
+        tokens = len(gaps) + int((gaps // esc).sum())
+        if -(-tokens * bits // 8) < len(best[1]):
+            extra = gaps // esc
+            codes = np.full(tokens, esc, dtype=np.int64)
+            codes[np.cumsum(extra + 1) - 1] = gaps % esc
+            best = ({"pos": "delta", "pos_bits": bits, "tokens": tokens}, pack_bits(codes, bits))
+    p, data = best
+    return {**p, "pos_n": len(data)}, data
+
+
+def decode_positions(p: dict, buf: bytes, numel: int, count: int) -> np.ndarray:
+    """Flat indices of the kept weights (sorted)."""
+    if p["pos"] == "bitmask":
+        _expect_bytes(buf, -(-numel // 8))
+        idx = np.flatnonzero(np.unpackbits(np.frombuffer(buf, np.uint8), count=numel, bitorder="little"))
+    elif p["pos"] == "delta":
+        bits, esc = p["pos_bits"], (1 << p["pos_bits"]) - 1
+        _expect_bytes(buf, -(-p["tokens"] * bits // 8))
+        codes = unpack_bits(buf, bits, p["tokens"])
+        idx = np.cumsum(np.where(codes == esc, esc, codes + 1))[codes != esc] - 1
+    else:
+        raise PackedFormatError(f"unknown position coding {p['pos']!r}")
+    if len(idx) != count or (count and (idx[-1] >= numel or idx[0] < 0)):
+        raise PackedFormatError("corrupted sparse positions")
+    return idx
+
+
+def _sparse_header(shape: tuple, mask: np.ndarray) -> tuple[dict, bytes]:
+    pos_p, pos = encode_positions(mask)
+    return {"shape": list(shape), "count": int(mask.sum()), **pos_p}, pos
+
+
+def encode_sparse(t: torch.Tensor, dtype: str) -> tuple[dict, bytes]:
+    """A dense tensor with zeros, stored as positions + raw values of the non-zeros."""
+    flat = t.detach().cpu().float().reshape(-1).numpy()
+    p, pos = _sparse_header(tuple(t.shape), flat != 0)
+    values = flat[flat != 0].astype(_DTYPES[dtype]).tobytes()
+    return {**p, "values": dtype, "n": len(pos) + len(values)}, pos + values
+
+
+def encode_sparse_pq(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, cb_dtype: str) -> tuple[dict, bytes]:
+    """A sparse PQ layer: positions, then the codebook and codes of its kept values."""
+    p, pos = _sparse_header(tuple(mask.shape), mask.detach().cpu().numpy().reshape(-1))
+    k, d = codebook.shape
+    bits = max(1, int(k - 1).bit_length())
+    cb = codebook.detach().cpu().float().numpy().astype(_DTYPES[cb_dtype]).tobytes()
+    data = pos + cb + pack_bits(codes.detach().cpu().numpy(), bits)
+    return {**p, "values": "pq", "d": d, "k": k, "bits": bits, "cb": cb_dtype, "n": len(data)}, data
+
+
+def decode_sparse(p: dict, buf: bytes) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(mask (bool, shape), (codebook, codes) for PQ values or None) and the dense weight is
+    rebuilt by :func:`sparse_weight`. Raw values come back as the dense weight directly."""
+    numel, count = int(np.prod(p["shape"])), p["count"]
+    if len(buf) < p["pos_n"]:
+        raise PackedFormatError("corrupted entry: shorter than its positions")
+    idx = decode_positions(p, buf[:p["pos_n"]], numel, count)
+    mask = np.zeros(numel, bool)
+    mask[idx] = True
+    mask_t = torch.from_numpy(mask.reshape(p["shape"]))
+    rest = buf[p["pos_n"]:]
+    if p["values"] == "pq":
+        k, d = p["k"], p["d"]
+        n_codes = -(-count // d)
+        cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
+        _expect_bytes(rest, cb_len + -(-n_codes * p["bits"] // 8))
+        codebook = torch.from_numpy(np.frombuffer(rest[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
+        codes = torch.from_numpy(unpack_bits(rest[cb_len:], p["bits"], n_codes))
+        if codes.numel() and int(codes.max()) >= k:
+            raise PackedFormatError("corrupted codes: index beyond codebook")
+        return mask_t, (codebook, codes)
+    if p["values"] not in _DTYPES:
+        raise PackedFormatError(f"unknown value storage {p['values']!r}")
+    _expect_bytes(rest, count * np.dtype(_DTYPES[p["values"]]).itemsize)
+    weight = np.zeros(numel, np.float32)
+    weight[idx] = np.frombuffer(rest, _DTYPES[p["values"]]).astype(np.float32)
+    return torch.from_numpy(weight.reshape(p["shape"])), None
+
+
+def sparse_weight(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    kept = codebook[codes].reshape(-1)[: int(mask.sum())]
+    return torch.zeros(mask.shape).masked_scatter(mask, kept)
+
+
 # ---- whole files --------------------------------------------------------------------------
 
 @dataclass
@@ -127,6 +229,14 @@ class Packed:
                 codebook, codes = decode_pq(p, buf)
                 weight = codebook[codes]
                 row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])
+            elif enc == "sparse":
+                weight, pq = decode_sparse(p, buf)
+                if pq is not None:
+                    weight = sparse_weight(weight, *pq)
+                    row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])
+                else:
+                    row.update(dtype=p["values"])
+                row.update(positions=p["pos"] + (f"/{p['pos_bits']}b" if p["pos"] == "delta" else ""))
             else:
                 weight = decode_dense(p, buf)
                 row.update(dtype=p["dtype"])
@@ -136,8 +246,7 @@ class Packed:
         return rows
 
 
-def write_packed(path: str | Path, arch: dict, meta: dict, entries: list[tuple[str, str, dict, bytes]]) -> int:
-    """Write entries ``(name, encoding, params, data)`` atomically; return the file size."""
+def _file_chunks(arch: dict, meta: dict, entries: list[tuple[str, str, dict, bytes]]) -> list[bytes]:
     payload = b"".join(e[3] for e in entries)
     header = {
         "format": 1,
@@ -148,8 +257,13 @@ def write_packed(path: str | Path, arch: dict, meta: dict, entries: list[tuple[s
         "tensors": [[n, enc, p] for n, enc, p, _ in entries],
     }
     blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    return [MAGIC, struct.pack("<I", len(blob)), blob, payload]
+
+
+def write_packed(path: str | Path, arch: dict, meta: dict, entries: list[tuple[str, str, dict, bytes]]) -> int:
+    """Write entries ``(name, encoding, params, data)`` atomically; return the file size."""
     path = Path(path)
-    atomic_write(path, [MAGIC, struct.pack("<I", len(blob)), blob, payload])
+    atomic_write(path, _file_chunks(arch, meta, entries))
     return os.path.getsize(path)
 
 
@@ -178,7 +292,7 @@ def read_packed(path: str | Path) -> Packed:
         raise PackedFormatError(f"{path}: checksum mismatch: the file is corrupted or was modified")
     packed, offset = Packed(header["arch"], header["meta"], size=len(raw)), 0
     for name, enc, p in header["tensors"]:
-        if enc not in ("dense", "pq"):
+        if enc not in ("dense", "pq", "sparse"):
             raise PackedFormatError(f"{path}: unknown encoding {enc!r} for {name}")
         packed.entries.append((name, enc, p, payload[offset:offset + p["n"]]))
         offset += p["n"]
@@ -199,16 +313,36 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
         if mod in pq_layers:
             if attr == "codebook":
                 m = pq_layers[mod]
-                p, data = encode_pq(m.codebook, m.codes, m.weight_shape, codebook_dtype)
-                entries.append((f"{mod}.weight", "pq", p, data))
+                if m.mask is not None:
+                    p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, codebook_dtype)
+                    entries.append((f"{mod}.weight", "sparse", p, data))
+                else:
+                    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, codebook_dtype)
+                    entries.append((f"{mod}.weight", "pq", p, data))
                 continue
-            if attr == "codes":
+            if attr in ("codes", "mask"):
                 continue
         if not t.is_floating_point():
             continue
-        p, data = encode_dense(t, float_dtype)
-        entries.append((key, "dense", p, data))
+        entries.append((key, *_dense_or_sparse(t, float_dtype)))
     return entries
+
+
+def _dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
+    """A weight matrix with enough zeros (a pruned layer) is smaller as positions + values."""
+    p, data = encode_dense(t, dtype)
+    if t.dim() >= 2 and (t == 0).float().mean() > 0.05:
+        sp, sdata = encode_sparse(t, dtype)
+        if len(sdata) < len(data):
+            return "sparse", sp, sdata
+    return "dense", p, data
+
+
+def packed_nbytes(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16", arch: dict | None = None,
+                  meta: dict | None = None) -> int:
+    """The size in bytes of the file ``pack_model`` would write, without writing it."""
+    chunks = _file_chunks(arch or {"name": type(model).__name__}, meta or {}, model_entries(model, float_dtype, codebook_dtype))
+    return sum(len(c) for c in chunks)
 
 
 def pack_model(
@@ -235,13 +369,23 @@ def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
         if enc == "dense":
             state[name] = decode_dense(p, buf)
             continue
-        codebook, codes = decode_pq(p, buf)
+        mask = None
+        if enc == "sparse":
+            weight, pq = decode_sparse(p, buf)
+            if pq is None:
+                state[name] = weight
+                continue
+            mask, (codebook, codes) = weight, pq
+        else:
+            codebook, codes = decode_pq(p, buf)
         if materialize:
-            state[name] = codebook[codes].reshape(p["shape"])
+            state[name] = codebook[codes].reshape(p["shape"]) if mask is None else sparse_weight(mask, codebook, codes)
         else:
             mod = name.rpartition(".")[0]
-            set_module(model, mod, PQLayer(model.get_submodule(mod), codebook, codes, p["d"]))
+            set_module(model, mod, PQLayer(model.get_submodule(mod), codebook, codes, p["d"], mask=mask))
             state[f"{mod}.codebook"], state[f"{mod}.codes"] = codebook, codes
+            if mask is not None:
+                state[f"{mod}.mask"] = mask
     own = model.state_dict()
     missing = [k for k in own if k not in state and own[k].is_floating_point()]
     unexpected = [k for k in state if k not in own]

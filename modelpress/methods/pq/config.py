@@ -34,3 +34,7 @@ class PQConfig(BaseModel):
     layer_finetune_lr: float = Field(1e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     seed: int = 0
+
+    def key_params(self) -> str:
+        return (f"conv={self.conv.block_size}/{self.conv.k} pointwise={self.pointwise.block_size}/{self.pointwise.k} "
+                f"linear={self.linear.block_size}/{self.linear.k}")

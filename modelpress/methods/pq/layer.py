@@ -31,9 +31,16 @@ def input_rows(layer: nn.Module, x: torch.Tensor, block_size: int) -> torch.Tens
 
 
 class PQLayer(nn.Module):
-    """Drop-in for a Conv2d or Linear; trainable ``codebook`` (k, d), fixed ``codes`` (n,)."""
+    """Drop-in for a Conv2d or Linear; trainable ``codebook`` (k, d), fixed ``codes`` (n,).
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, codebook: torch.Tensor, codes: torch.Tensor, block_size: int):
+    With a ``mask`` (bool, the weight's shape) the layer is sparse: the codes quantize only
+    the kept weights, in row-major order (padded to whole sub-vectors), and the rest are zero.
+    """
+
+    def __init__(
+        self, layer: nn.Conv2d | nn.Linear, codebook: torch.Tensor, codes: torch.Tensor, block_size: int,
+        mask: torch.Tensor | None = None,
+    ):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError("product quantization of grouped convolutions is not supported")
@@ -45,6 +52,13 @@ class PQLayer(nn.Module):
         self.codebook = nn.Parameter(codebook.detach().clone().to(layer.weight.device, torch.float32))
         self.register_buffer("codes", codes.detach().to(layer.weight.device, torch.long))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        if mask is not None:
+            if tuple(mask.shape) != self.weight_shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {self.weight_shape}")
+            self.register_buffer("mask", mask.detach().to(layer.weight.device, torch.bool))
+            self.kept = int(self.mask.sum())
+        else:
+            self.mask, self.kept = None, None
 
     @property
     def k(self) -> int:
@@ -52,7 +66,11 @@ class PQLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.codebook.index_select(0, self.codes).reshape(self.weight_shape)
+        values = self.codebook.index_select(0, self.codes)
+        if self.mask is None:
+            return values.reshape(self.weight_shape)
+        kept = values.reshape(-1)[: self.kept]
+        return torch.zeros(self.weight_shape, device=kept.device, dtype=kept.dtype).masked_scatter(self.mask, kept)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv2d":
@@ -60,4 +78,5 @@ class PQLayer(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}"
+        sparse = "" if self.mask is None else f", kept={self.kept}"
+        return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}{sparse}"

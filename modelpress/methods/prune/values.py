@@ -1,0 +1,78 @@
+"""Pruning followed by quantization: each pruned layer's surviving weights are clustered into
+a small per-layer codebook (sub-vectors of ``block_size`` consecutive survivors, row-major),
+then all codebooks are tuned together by distillation from the teacher."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ...progress import log
+from ...train import distill
+from ...walk import set_module
+from ..pq.kmeans import gram_kmeans
+from ..pq.layer import PQLayer
+from .config import PrunePQConfig, ValueQuantConfig
+from .imp import prune_imp
+from .magnitude import prunable
+
+
+def quantize_survivors(model: nn.Module, cfg: ValueQuantConfig, exclude: list[str] = ()) -> list[dict]:
+    """Replace each pruned layer by a sparse PQLayer over its kept weights. Returns stats."""
+    stats = []
+    for index, (name, layer) in enumerate(prunable(model, exclude)):
+        w = layer.weight.detach().cpu()
+        mask = w != 0
+        kept = w[mask]
+        if kept.numel() == 0:
+            continue
+        d = cfg.block_size
+        pad = (-kept.numel()) % d
+        vectors = torch.cat([kept, kept.new_zeros(pad)]).reshape(-1, d)
+        k = min(cfg.k, vectors.shape[0])
+        t0 = time.perf_counter()
+        codebook, codes, _ = gram_kmeans(vectors, k, None, iters=cfg.kmeans_iters, seed=cfg.seed + index)
+        set_module(model, name, PQLayer(layer, codebook, codes, d, mask=mask.to(layer.weight.device)))
+        stats.append({
+            "layer": name, "index": index, "weights": w.numel(), "kept": int(mask.sum()), "block_size": d, "k": k,
+            "kmeans_s": time.perf_counter() - t0,
+            "weight_rel_error": float((vectors - codebook[codes]).norm() / vectors.norm().clamp_min(1e-30)),
+        })
+    return stats
+
+
+def tune_codebooks(
+    model: nn.Module, teacher: nn.Module, batches: DataLoader, epochs: float, lr: float, seed: int = 0,
+    device: torch.device | None = None,
+) -> None:
+    """Distil every codebook (and nothing else) from the teacher."""
+    if epochs <= 0:
+        return
+    gen = getattr(batches, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed)
+    torch.manual_seed(seed)
+    codebooks = [m.codebook for m in model.modules() if isinstance(m, PQLayer)]
+    distill(model, teacher, batches, codebooks, epochs, lr, stage="tune codebooks", device=device)
+
+
+def prune_pq(
+    model: nn.Module,
+    cfg: PrunePQConfig,
+    train_batches: DataLoader,
+    teacher: nn.Module | None = None,
+    device: torch.device | None = None,
+    on_cycle=None,
+) -> tuple[nn.Module, list[dict]]:
+    """Iterative magnitude pruning, then quantization of the survivors (notebook entry point)."""
+    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
+    prune_imp(model, cfg.prune, train_batches, teacher=teacher, device=device, on_cycle=on_cycle)
+    stats = quantize_survivors(model, cfg.quantize, cfg.prune.exclude)
+    tune_codebooks(model, teacher, train_batches, cfg.quantize.finetune_epochs, cfg.quantize.finetune_lr,
+                   cfg.quantize.seed, device)
+    log.info("prune_pq: %d layers quantized", len(stats))
+    return model, stats
