@@ -46,6 +46,9 @@ def _summary_rows(summary: dict) -> list[dict]:
 
 def cmd_run(args) -> int:
     recipe = _recipe(args)  # invalid parameters fail here, before any work
+    from .stages import preflight
+
+    preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
     if args.set or Path(args.params).resolve() != Path("params.yaml").resolve():

@@ -183,6 +183,7 @@ def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
     device = _device(recipe)
     log.info("teacher: device %s", device)
     info_meta = DATASET_INFO[recipe.data.name]
+    torch.manual_seed(recipe.run.seed)  # before building: the initial weights come from it
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
     train, test = _datasets(recipe)
     t0 = time.perf_counter()
@@ -191,7 +192,6 @@ def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
         _load_weights(model, Path(source), recipe.teacher.weights_sha256)
         model.to(device)
     else:
-        torch.manual_seed(recipe.run.seed)
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
         train_classifier(

@@ -34,6 +34,17 @@ def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def lr_multiplier(schedule: str, steps: int, full: int, warmup_frac: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier of step s of a run of ``steps`` steps that replays the last ``steps`` of a
+    ``full``-step schedule (``full == steps``: the whole schedule, warm-up included)."""
+    if schedule == "cosine":
+        offset, warmup = full - steps, int(warmup_frac * full)
+        return lambda s: cosine_lr(s + offset, full, warmup)
+    if schedule == "constant":
+        return lambda s: 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
 def fit(
     model: nn.Module,
     params: Iterable[torch.nn.Parameter],
@@ -67,13 +78,7 @@ def fit(
         raise ValueError(f"unknown optimizer {optimizer!r}")
     total = max(1, int(round(epochs * len(batches))))
     full = max(total, int(round((schedule_epochs or epochs) * len(batches))))
-    if schedule == "cosine":
-        offset, warmup = full - total, int(warmup_frac * full)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s + offset, full, warmup))
-    elif schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(schedule, total, full, warmup_frac))
     model.train(train_mode)
     prog, losses, step = Progress(stage, total), [], 0
     while step < total:

@@ -126,3 +126,21 @@ def test_tampered_packed_file_is_refused(tmp_path, workdir):
     _one_line_error(run_cli("inspect", str(bad)), "checksum mismatch")
     ok = run_cli("inspect", str(packed))
     assert ok.returncode == 0 and "fmnist_cnn" in ok.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method.target_sparsity=1.0"], "method.target_sparsity: Input should be less than 1"),
+        (["method.target_sparsity=0"], "method.target_sparsity: Input should be greater than 0"),
+        (["method.exclude=[classifier.9]"], "exclude: 'classifier.9' matches no Conv2d/Linear layer"),
+        (["method.exclude=['*']"], "no prunable layers in FashionCNN"),
+        (["method.target_bytes=1000"], "smallest reachable packed size is"),
+    ],
+)
+def test_invalid_pruning_settings_fail_before_any_training(tmp_path, overrides, needle):
+    args = ["run", "-S", f"run.workdir={tmp_path / 'w'}", "-S", "method.name=prune"]
+    for o in overrides:
+        args += ["-S", o]
+    _one_line_error(run_cli(*args), needle)
+    assert not (tmp_path / "w").exists()

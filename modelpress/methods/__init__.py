@@ -15,14 +15,24 @@ import inspect
 from typing import Annotated, Callable, Union
 
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Discriminator, Tag
 
 from .pq import PQConfig, quantize_pq
 from .prune import PrunePQConfig, PruneConfig, prune_imp, prune_pq
 
 _HANDLERS: dict[type, Callable] = {PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq}
 
-MethodConfig = Annotated[Union[PQConfig, PruneConfig, PrunePQConfig], Field(discriminator="name")]
+
+
+def _method_name(value) -> str:
+    """The method a config (or raw mapping) is for; a mapping without ``name`` means PQ."""
+    return value.get("name", "pq") if isinstance(value, dict) else getattr(value, "name", "pq")
+
+
+MethodConfig = Annotated[
+    Union[Annotated[PQConfig, Tag("pq")], Annotated[PruneConfig, Tag("prune")], Annotated[PrunePQConfig, Tag("prune_pq")]],
+    Discriminator(_method_name),
+]
 
 
 def compress(model: nn.Module, config, **data) -> tuple[nn.Module, list[dict]]:
