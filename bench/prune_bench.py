@@ -36,6 +36,12 @@ def recipe_for(work: Path, method: dict, finetune_epochs: float):
     return Recipe.parse(raw)
 
 
+def base_pq() -> dict:
+    from modelpress.recipe import Recipe
+
+    return Recipe.from_yaml(REPO / "params.yaml").method.model_dump(mode="json")
+
+
 def run_row(recipe) -> dict:
     from modelpress import stages
 
@@ -52,13 +58,15 @@ def run_row(recipe) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(REPO / "bench" / "out" / "prune"))
-    ap.add_argument("--retrain", nargs="+", default=["lr_rewind", "finetune"])
+    ap.add_argument("--retrain", nargs="*", default=["lr_rewind", "finetune"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--rewind-fraction", type=float, default=1 / 3,
                     help="share of the teacher's 3-epoch schedule each cycle replays (1/3 = 1 epoch per cycle)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--pq-targets", nargs="*", type=float, default=[0.9, 0.95], help="prune_pq rows (lr_rewind cycles)")
     ap.add_argument("--pq-k", nargs="*", type=int, default=[16, 4])
+    ap.add_argument("--pq-blocks", nargs="*", type=int, default=[8, 16, 32],
+                    help="plain PQ rows (params.yaml's PQ with this linear block size) for the equal-bytes comparison")
     args = ap.parse_args()
     import logging
 
@@ -66,6 +74,9 @@ def main() -> None:
     from modelpress import stages
 
     root = Path(args.workdir)
+    from modelpress.recipe import Recipe
+
+    default_finetune = Recipe.from_yaml(REPO / "params.yaml").finetune.epochs
     base = recipe_for(root / "teacher-only", {"name": "pq"}, 0)
     stages.fetch(base)
     stages.teacher(base)  # trained once (3 epochs), reused below
@@ -98,17 +109,23 @@ def main() -> None:
                                                    "retrain": "lr_rewind", "rewind_fraction": args.rewind_fraction,
                                                    "finetune_lr": args.finetune_lr},
                       "quantize": {"block_size": 1, "k": k}}
-            s = run_row(recipe_for(work, method, 0))
+            # The same final distillation as plain PQ gets (params.yaml's finetune: 1 epoch).
+            s = run_row(recipe_for(work, method, default_finetune))
             rows.append({"method": f"prune_pq (lr_rewind, {k} values)", "sparsity": t, **s})
             print(json.dumps(rows[-1]), flush=True)
+    for block in args.pq_blocks:
+        method = {**base_pq(), "linear": {"block_size": block, "k": 256}}
+        s = run_row(recipe_for(workdir_for(f"pq-linear{block}"), method, default_finetune))
+        rows.append({"method": f"pq (linear block {block})", "sparsity": s.get("sparsity", 0.0), **s})
+        print(json.dumps(rows[-1]), flush=True)
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\nmachine: {platform.node()}, {os.cpu_count()} cores, {cpu}; teacher top-1 {teacher['top1']:.2f}%")
-    print("| method | sparsity | top-1 (packed file) | drop | packed bytes | ratio vs fp32 |")
-    print("|---|---|---|---|---|---|")
+    print("| method | sparsity | top-1 (packed file) | drop | packed bytes | ratio vs fp32 | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {100 * r['sparsity']:.0f} % | {r['compressed_top1']:.2f} % | {r['top1_drop']:+.2f} | "
-              f"{r['packed_bytes']:,} | {r['compression_ratio']:.1f}x |")
+        print(f"| {r['method']} | {100 * r['sparsity']:.0f} % | {r['compressed_top1']:.2f} % | {-r['top1_drop']:+.2f} | "
+              f"{r['packed_bytes']:,} | {r['compression_ratio']:.1f}x | {r['seconds']:.0f} |")
     (root / "results.json").write_text(json.dumps(rows, indent=2))
 
 

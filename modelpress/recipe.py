@@ -65,6 +65,18 @@ class TeacherConfig(_Section):
     lr: float = Field(0.05, gt=0, description="Peak learning rate (SGD + Nesterov, cosine schedule).")
     batch_size: int = Field(128, ge=1, le=65536)
     weight_decay: float = Field(5e-4, ge=0)
+    snapshots: list[float] = Field(
+        [], description="When training: keep the weights at these fractions of the schedule (0 = the initial "
+                        "weights). Pruning with retrain=weight_rewind rewinds to the one at 1 - rewind_fraction.",
+    )
+
+    @field_validator("snapshots")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for f in v:
+            if not 0 <= f < 1:
+                raise ValueError(f"snapshot {f} must be in [0, 1)")
+        return sorted(set(v))
 
     @field_validator("arch")
     @classmethod

@@ -55,6 +55,7 @@ def paths(recipe: Recipe) -> dict[str, Path]:
         "data": w / "datasets" / recipe.data.name,
         "teacher": w / "teacher" / "teacher.mpk",
         "teacher_info": w / "teacher" / "teacher.json",
+        "snapshots": w / "teacher" / "snapshots",
         "checkpoint": w / "compress" / "checkpoint.mpk",
         "cycles": w / "compress" / "cycles",
         "cycles_log": w / "compress" / "cycles.json",
@@ -126,6 +127,14 @@ def preflight(recipe: Recipe) -> None:
     require_schedule(cfg)
     prunable(model, cfg.exclude)
     check_budget(model, cfg, _size_fn(recipe))
+    if cfg.retrain == "weight_rewind":
+        point = round(1 - cfg.rewind_fraction, 4)
+        if recipe.teacher.weights:
+            raise ValueError("retrain=weight_rewind needs the weights from the teacher's own training; with "
+                             "teacher.weights set there are none (use lr_rewind, or let the pipeline train the teacher)")
+        if not any(abs(f - point) < 1e-4 for f in recipe.teacher.snapshots):
+            raise ValueError(f"retrain=weight_rewind with rewind_fraction={cfg.rewind_fraction:g} rewinds to "
+                             f"{point:g} of the teacher's schedule: add {point:g} to teacher.snapshots")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -194,10 +203,11 @@ def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
     else:
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
+        keep = _snapshot_keeper(recipe, model)
         train_classifier(
             model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
             recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
-            stage="teacher", device=device,
+            stage="teacher", device=device, on_step=keep,
         )
     top1 = evaluate(model, loader(test, recipe.data.batch_size, False), device)
     log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(test))
@@ -209,6 +219,26 @@ def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
         "sha256": sha256_file(p["teacher"]),
     })
     return p["teacher"]
+
+
+def snapshot_path(recipe: Recipe, fraction: float) -> Path:
+    return paths(recipe)["snapshots"] / f"at-{fraction:.4f}.mpk"
+
+
+def _snapshot_keeper(recipe: Recipe, model: torch.nn.Module):
+    """Keep the teacher's weights at the fractions of its schedule in teacher.snapshots
+    (what weight rewinding rewinds to)."""
+    fractions = recipe.teacher.snapshots
+    meta = {"input": _input_meta(recipe)}
+    if 0.0 in fractions:
+        pack_model(model, snapshot_path(recipe, 0.0), _arch(recipe), {**meta, "fraction": 0.0}, "f32")
+
+    def on_step(step: int, total: int) -> None:
+        for f in fractions:
+            if f > 0 and step == max(1, round(f * total)):
+                pack_model(model, snapshot_path(recipe, f), _arch(recipe), {**meta, "fraction": f}, "f32")
+
+    return on_step
 
 
 def _arch_kwargs(recipe: Recipe) -> dict:
@@ -360,7 +390,14 @@ def prune_cycle_stage(recipe: Recipe, index: int) -> dict:
         return {"cycle": index + 1, "done": True, "skipped": True}
     train, test = _datasets(recipe)
     teacher_model = _load_teacher(recipe, device) if cfg.loss == "distill" else None
-    stats = prune_cycle(model, cfg, index, target, loader(train, cfg.batch_size, True, cfg.seed), teacher_model, device)
+    rewind = None
+    if cfg.retrain == "weight_rewind":
+        snap = snapshot_path(recipe, round(1 - cfg.rewind_fraction, 4))
+        if not snap.is_file():
+            raise StageError(f"weight rewinding: no teacher snapshot {snap} (add it to teacher.snapshots)")
+        rewind = build_from_packed(read_packed(snap)).to(device).state_dict()
+    stats = prune_cycle(model, cfg, index, target, loader(train, cfg.batch_size, True, cfg.seed), teacher_model, device,
+                        rewind)
     stats["top1"] = evaluate(model, loader(test, recipe.data.batch_size, False), device)
     stats["packed_bytes"] = size_fn(model)
     stats["done"] = index == len(steps) - 1 if steps is not None else next_sparsity(model, cfg, size_fn) is None

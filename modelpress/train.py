@@ -60,6 +60,7 @@ def fit(
     train_mode: bool = True,
     schedule: str = "cosine",
     schedule_epochs: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed).
     Returns the loss of each step.
@@ -67,6 +68,7 @@ def fit(
     ``schedule="cosine"``: linear warm-up then cosine decay. With ``schedule_epochs`` (the
     length of an original schedule, >= ``epochs``) only its *last* ``epochs`` are replayed:
     learning-rate rewinding. ``schedule="constant"``: ``lr`` throughout (plain fine-tuning).
+    ``on_step(step, total)`` runs after every optimizer step (e.g. to keep snapshots).
     """
     device = device or next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
@@ -92,6 +94,8 @@ def fit(
             losses.append(loss.item())
             step += 1
             prog.update(loss=sum(losses[-20:]) / len(losses[-20:]), lr=sched.get_last_lr()[0])
+            if on_step is not None:
+                on_step(step, total)
             if step >= total:
                 break
     model.eval()

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from modelpress.methods import compress
+from modelpress.models import build_model
 from modelpress.methods.prune import (
     PrunePQConfig,
     PruneConfig,
@@ -213,3 +214,21 @@ def test_byte_budget(trained):
     assert next_sparsity(model, cfg) is None  # goal met
     with pytest.raises(ValueError, match=r"smallest reachable packed size is \d+ bytes"):
         check_budget(trained, cfg.model_copy(update={"target_bytes": 1_000}))
+
+
+def test_weight_rewinding_resets_survivors_to_the_earlier_weights(trained, data):
+    train, _ = data
+    torch.manual_seed(1)
+    early = build_model("fmnist_cnn").state_dict()  # stands in for the weights early in training
+    cfg = PruneConfig(target_sparsity=0.5, retrain="weight_rewind", epochs=0.02, lr=1e-12, weight_decay=0)
+    batches = loader(torch.utils.data.Subset(train, range(512)), 128, True)
+    with pytest.raises(ValueError, match="weight_rewind"):
+        prune_cycle(copy.deepcopy(trained), cfg, 0, 0.5, batches)
+    model = copy.deepcopy(trained)
+    prune_cycle(model, cfg, 0, 0.5, batches, rewind_state=early)
+    reference = copy.deepcopy(trained)
+    masks = prune_to(reference, 0.5)  # the masks come from the *trained* magnitudes
+    for n, m in masks.items():
+        w = model.get_submodule(n).weight
+        assert torch.equal(w != 0, m), n
+        assert torch.allclose(w[m], early[f"{n}.weight"][m], atol=1e-6), n  # ...the values from the early weights

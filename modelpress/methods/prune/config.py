@@ -23,8 +23,10 @@ class PruneConfig(BaseModel):
     milestones: list[float] = Field(
         [], description="Extra sparsities the schedule stops at exactly; every cycle's model is kept, so one run gives several points."
     )
-    retrain: Literal["lr_rewind", "finetune"] = Field(
-        "lr_rewind", description="lr_rewind: replay the original LR schedule; finetune: small constant LR."
+    retrain: Literal["lr_rewind", "finetune", "weight_rewind"] = Field(
+        "lr_rewind",
+        description="lr_rewind: keep the weights, replay the original LR schedule; finetune: small constant LR; "
+                    "weight_rewind: reset the survivors to their values at that point of the original training, then replay.",
     )
     rewind_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of the original schedule each cycle replays (1.0 = all of it, as in the paper)."

@@ -93,16 +93,27 @@ def prune_cycle(
     train_batches: DataLoader,
     teacher: nn.Module | None = None,
     device: torch.device | None = None,
+    rewind_state: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Cycle ``index`` (0-based): prune globally to ``target`` sparsity, then retrain the
-    survivors with the configured schedule while the masks hold. Returns the cycle's stats."""
+    survivors with the configured schedule while the masks hold. Returns the cycle's stats.
+
+    ``retrain="weight_rewind"`` needs ``rewind_state``: the model's state at the point of the
+    original training that the replayed schedule starts from (1 - rewind_fraction)."""
     require_schedule(cfg)
     if cfg.loss == "distill" and teacher is None:
         raise ValueError("prune: loss='distill' needs the teacher")
+    if cfg.retrain == "weight_rewind" and rewind_state is None:
+        raise ValueError("prune: retrain='weight_rewind' needs the weights from the original training (rewind_state)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed + index)
     _reseed(train_batches, cfg.seed + index)
-    masks = prune_to(model, target, cfg.exclude)
+    masks = prune_to(model, target, cfg.exclude)  # chosen on the trained weights' magnitudes
+    if rewind_state is not None and cfg.retrain == "weight_rewind":
+        model.load_state_dict(rewind_state)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                model.get_submodule(name).weight.mul_(mask)
     epochs = cfg.rewind_fraction * cfg.epochs
     if cfg.loss == "labels":
         def loss_fn(x, y):
@@ -112,7 +123,7 @@ def prune_cycle(
             with torch.no_grad():
                 t = teacher(x)
             return distill_loss(model(x), t, 1.0)
-    if cfg.retrain == "lr_rewind":
+    if cfg.retrain in ("lr_rewind", "weight_rewind"):
         sched = dict(lr=cfg.lr, schedule="cosine", schedule_epochs=cfg.epochs, warmup_frac=cfg.warmup_fraction)
     else:
         sched = dict(lr=cfg.finetune_lr, schedule="constant")
@@ -137,6 +148,7 @@ def prune_imp(
     on_cycle: CycleCallback | None = None,
     size_fn: SizeFn = default_size,
     device: torch.device | None = None,
+    rewind_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Prune ``model`` in place, cycle after cycle, until the goal is met. A model that is
     already partly pruned continues from its current sparsity (resume from a checkpoint).
@@ -147,7 +159,7 @@ def prune_imp(
     stats: list[dict] = []
     index = 0
     while (target := next_sparsity(model, cfg, size_fn)) is not None:
-        s = prune_cycle(model, cfg, index, target, train_batches, teacher, device)
+        s = prune_cycle(model, cfg, index, target, train_batches, teacher, device, rewind_state)
         log.info("prune: cycle %d done, sparsity %.2f%%", s["cycle"], 100 * s["sparsity"])
         stats.append(s)
         if on_cycle:
