@@ -25,6 +25,7 @@ from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
 from .methods.pq.layer import PQLayer
+from .methods.pq.budget import check_reachable
 from .methods.pq.quantize import plan as pq_plan
 from .methods.prune import (
     keep_masks, masks_of, next_sparsity, prunable, prune_cycle, quantize_survivors, schedule, tune_codebooks,
@@ -61,6 +62,7 @@ def paths(recipe: Recipe) -> dict[str, Path]:
         "cycles_log": w / "compress" / "cycles.json",
         "compressed": w / "compress" / "compressed.mpk",
         "layers": w / "compress" / "layers.json",
+        "allocation": w / "compress" / "allocation.json",
         "finetuned": w / "finetune" / "finetuned.mpk",
         "packed": w / "model.mpk",
         "metrics": w / "metrics.json",
@@ -122,6 +124,7 @@ def preflight(recipe: Recipe) -> None:
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
     if recipe.method.name == "pq":
         pq_plan(model, recipe.method)
+        check_reachable(model, recipe.method, recipe.pack.float_dtype, _arch(recipe), {"input": _input_meta(recipe)})
         return
     cfg = recipe.prune_settings()
     require_schedule(cfg)
@@ -321,6 +324,8 @@ def _compress_pq(recipe: Recipe) -> Path:
     cfg = recipe.method
     calib = calibration_images(train, cfg.calibration_images, cfg.seed)
     meta = {"key": key, "input": _input_meta(recipe)}
+    if cfg.target_bytes is not None:
+        cfg = _budget_plan(recipe, teacher_model, calib, key)
 
     def checkpoint(name: str, model: torch.nn.Module, layer_stats: dict) -> None:
         stats.append(layer_stats)
@@ -332,6 +337,31 @@ def _compress_pq(recipe: Recipe) -> Path:
     write_json(p["layers"], {"key": key, "layers": stats})
     p["checkpoint"].unlink(missing_ok=True)
     return p["compressed"]
+
+
+def _final_meta(recipe: Recipe) -> dict:
+    """Metadata of the final packed file (its size counts against a byte budget)."""
+    teacher_info = read_json(paths(recipe)["teacher_info"]) or {}
+    return {
+        "input": _input_meta(recipe),
+        "method": recipe.method.name,
+        "teacher": {k: teacher_info.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256", "source")},
+        "recipe_key": finetune_key(recipe),
+    }
+
+
+def _budget_plan(recipe: Recipe, teacher_model: torch.nn.Module, calib: torch.Tensor, key: str):
+    """Per-layer settings chosen for method.target_bytes, computed once and kept beside the
+    checkpoint (a resumed run uses the same plan)."""
+    from .methods.pq.budget import plan_budget
+
+    path = paths(recipe)["allocation"]
+    saved = read_json(path)
+    if saved and saved.get("key") == key:
+        return recipe.method.model_validate(saved["config"])
+    cfg, rows = plan_budget(teacher_model, recipe.method, calib, recipe.pack.float_dtype, _arch(recipe), _final_meta(recipe))
+    write_json(path, {"key": key, "config": cfg.model_dump(mode="json"), "layers": rows})
+    return cfg
 
 
 def _size_fn(recipe: Recipe):
@@ -519,13 +549,12 @@ def pack_stage(recipe: Recipe) -> Path:
     """Write the final compact file; its size on disk is the size we report."""
     p = paths(recipe)
     student = build_from_packed(read_packed(p["finetuned"]), materialize=False)
-    teacher_info = read_json(p["teacher_info"]) or {}
-    meta = {
-        "input": _input_meta(recipe),
-        "method": recipe.method.name,
-        "teacher": {k: teacher_info.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256", "source")},
-        "recipe_key": finetune_key(recipe),
-    }
+    meta = _final_meta(recipe)
+    budget = getattr(recipe.method, "target_bytes", None)
+    if budget is not None:
+        size = packed_nbytes(student, recipe.pack.float_dtype, recipe.pack.codebook_dtype, _arch(recipe), meta)
+        if size > budget:
+            raise StageError(f"packed file would be {size} bytes, over method.target_bytes={budget}")
     size = pack_model(student, p["packed"], _arch(recipe), meta, recipe.pack.float_dtype, recipe.pack.codebook_dtype)
     log.info("pack: %s, %d bytes", p["packed"], size)
     return p["packed"]

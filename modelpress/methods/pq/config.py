@@ -25,6 +25,12 @@ class PQConfig(BaseModel):
     linear: BlockSpec = Field(BlockSpec(block_size=8, k=256), description="Fully connected layers.")
     overrides: dict[str, BlockSpec] = Field({}, description="Per-layer settings by layer name (glob patterns allowed).")
     exclude: list[str] = Field([], description="Layer names (glob patterns) kept dense.")
+    target_bytes: int | None = Field(
+        None, ge=1, description="Byte budget of the packed file: each layer's block size and k (or fp16) are chosen "
+                                "to fit it with the least damage; conv/pointwise/linear/overrides are then ignored.",
+    )
+    budget_k: list[int] = Field([16, 32, 64, 128, 256], description="Centroid counts the byte budget chooses from.")
+    budget_images: int = Field(256, ge=16, description="Calibration images on which each candidate's damage is measured.")
     activation_weighted: bool = Field(True, description="Minimise ||X(W - W_hat)||^2 on in-domain inputs instead of ||W - W_hat||^2.")
     calibration_images: int = Field(1024, ge=16, description="In-domain images whose activations define each layer's objective.")
     kmeans_iters: int = Field(30, ge=1, le=1000)
@@ -36,5 +42,7 @@ class PQConfig(BaseModel):
     seed: int = 0
 
     def key_params(self) -> str:
+        if self.target_bytes:
+            return f"target_bytes={self.target_bytes} budget_k={self.budget_k}"
         return (f"conv={self.conv.block_size}/{self.conv.k} pointwise={self.pointwise.block_size}/{self.pointwise.k} "
                 f"linear={self.linear.block_size}/{self.linear.k}")

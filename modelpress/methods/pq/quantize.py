@@ -145,6 +145,10 @@ def quantize_pq(
             raise ValueError("resuming a partly quantized student needs the dense teacher (teacher=...)")
         teacher = copy.deepcopy(student)
     teacher.eval()
+    if cfg.target_bytes is not None:
+        from .budget import plan_budget
+
+        cfg, _ = plan_budget(teacher, cfg, calibration)
     todo = plan(teacher, cfg)
     stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")
     for index, (name, spec) in enumerate(todo):

@@ -1,0 +1,194 @@
+"""A byte budget instead of hand-picked settings: choose each layer's block size and number of
+centroids (or fp16) so the packed file fits ``target_bytes`` with the least damage.
+
+1. Candidates per layer: block sizes that fit its shape (a 3x3 conv: one or two kernels; a
+   1x1 conv: 4 or 8 inputs; a linear layer: 4, 8 or 16 inputs) x ``budget_k``, plus fp16.
+2. Damage of a candidate: quantize *only that layer* of the dense model (k-means in the
+   metric of its own input activations) and measure KL(teacher || model) on calibration
+   images. Its cost: the layer's bytes in the packed format.
+3. Allocation: the damages are treated as additive and a Lagrange multiplier is bisected
+   (each layer picks argmin damage + lambda * bytes), then leftover bytes buy the upgrades
+   with the best damage saved per byte. Everything not quantized (BatchNorm, biases, the
+   header) is counted exactly by packing a stand-in model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...progress import Progress, log
+from ...walk import matches, named_layers, set_module
+from .config import BlockSpec, PQConfig
+from .layer import PQLayer, to_subvectors
+
+HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
+
+
+class BudgetError(ValueError):
+    """The byte budget cannot be met; the message names the smallest reachable size."""
+
+
+def block_candidates(layer: nn.Module) -> list[int]:
+    row = layer.weight[0].numel()
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+        kk = layer.kernel_size[0] * layer.kernel_size[1]
+        sizes = [kk, 2 * kk]
+    elif isinstance(layer, nn.Conv2d):
+        sizes = [4, 8]
+    else:
+        sizes = [4, 8, 16]
+    return [b for b in sizes if row % b == 0]
+
+
+def layer_bytes(numel: int, spec: BlockSpec | None, float_bytes: int = 2, codebook_bytes: int = 2) -> int:
+    """Bytes of one layer's weight in the packed file (None = dense)."""
+    if spec is None:
+        return numel * float_bytes
+    n = numel // spec.block_size
+    k = min(spec.k, n)
+    return k * spec.block_size * codebook_bytes + math.ceil(n * max(1, math.ceil(math.log2(k))) / 8)
+
+
+def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean"))
+
+
+@torch.no_grad()
+def measure(model: nn.Module, cfg: PQConfig, images: torch.Tensor) -> dict[str, list[dict]]:
+    """Every candidate's bytes and damage, per layer (in forward order)."""
+    from .kmeans import gram_kmeans
+    from .quantize import input_gram
+
+    model = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    ref = model(images)
+    layers = [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
+              and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    table: dict[str, list[dict]] = {}
+    total = sum(len(block_candidates(m)) * len(cfg.budget_k) for _, m in layers)
+    prog = Progress("budget: candidates", total, unit="candidate")
+    for index, (name, layer) in enumerate(layers):
+        numel = layer.weight.numel()
+        rows = [{"spec": None, "bytes": layer_bytes(numel, None), "damage": 0.0}]
+        for block in block_candidates(layer):
+            w = to_subvectors(layer.weight.detach().cpu(), block)
+            g = input_gram(model, layer, images, block)
+            for k in sorted(set(min(k, w.shape[0]) for k in cfg.budget_k)):
+                spec = BlockSpec(block_size=block, k=k)
+                c, codes, _ = gram_kmeans(w, k, g, iters=min(cfg.kmeans_iters, 15), seed=cfg.seed + index,
+                                          init=cfg.kmeans_init, repair_empty=cfg.repair_empty)
+                set_module(model, name, PQLayer(layer, c, codes, block))
+                damage = _kl(model(images), ref)
+                set_module(model, name, layer)
+                rows.append({"spec": spec, "bytes": layer_bytes(numel, spec), "damage": damage})
+                prog.update(layer=name, block=block, k=k, kl=damage)
+        table[name] = rows
+    return table
+
+
+def fixed_bytes(model: nn.Module, names: list[str], float_dtype: str = "f16", arch: dict | None = None,
+                meta: dict | None = None) -> int:
+    """Bytes of the packed file outside the weights of ``names`` (exact, by packing a stand-in
+    with those weights empty)."""
+    from ...pack.format import packed_nbytes
+
+    stub = copy.deepcopy(model)
+    for name in names:
+        layer = stub.get_submodule(name)
+        layer.weight = nn.Parameter(layer.weight.detach().new_zeros(0))
+    return packed_nbytes(stub, float_dtype, "f16", arch, meta) + HEADER_MARGIN
+
+
+def allocate(table: dict[str, list[dict]], budget: int) -> dict[str, dict]:
+    """Least total damage with sum of bytes <= budget (Lagrangian + greedy fill)."""
+    def pick(lam: float) -> dict[str, dict]:
+        return {n: min(rows, key=lambda r: (r["damage"] + lam * r["bytes"], r["bytes"])) for n, rows in table.items()}
+
+    def size(choice: dict[str, dict]) -> int:
+        return sum(r["bytes"] for r in choice.values())
+
+    smallest = {n: min(rows, key=lambda r: (r["bytes"], r["damage"])) for n, rows in table.items()}
+    if size(smallest) > budget:
+        raise BudgetError(str(size(smallest)))
+    lo, hi = 0.0, 1.0
+    while size(pick(hi)) > budget:
+        hi *= 4
+        if hi > 1e12:
+            break
+    choice = pick(hi) if size(pick(hi)) <= budget else smallest
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if size(pick(mid)) <= budget:
+            hi, choice = mid, pick(mid)
+        else:
+            lo = mid
+    while True:  # spend what is left on the best upgrades per byte
+        left = budget - size(choice)
+        best = None
+        for n, rows in table.items():
+            cur = choice[n]
+            for r in rows:
+                extra = r["bytes"] - cur["bytes"]
+                gain = cur["damage"] - r["damage"]
+                if 0 < extra <= left and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, n, r)
+        if best is None:
+            return choice
+        choice[best[1]] = best[2]
+
+
+def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dtype: str = "f16",
+                arch: dict | None = None, meta: dict | None = None) -> tuple[PQConfig, list[dict]]:
+    """Turn ``cfg.target_bytes`` into explicit per-layer settings: returns the PQConfig to run
+    (overrides + exclusions, no budget) and the allocation table."""
+    images = images[: cfg.budget_images]
+    table = measure(model, cfg, images)
+    fixed = fixed_bytes(model, list(table), float_dtype, arch, meta)
+    try:
+        choice = allocate(table, cfg.target_bytes - fixed)
+    except BudgetError as e:
+        smallest = int(str(e)) + fixed
+        raise BudgetError(
+            f"target_bytes={cfg.target_bytes} cannot be met: the smallest reachable packed size is {smallest} bytes "
+            f"(every layer at its smallest setting; {fixed} bytes are BatchNorm, biases, unquantized layers and header)"
+        ) from None
+    overrides, exclude, rows = {}, list(cfg.exclude), []
+    for name, r in choice.items():
+        if r["spec"] is None:
+            exclude.append(name)
+        else:
+            overrides[name] = r["spec"]
+        rows.append({"layer": name, "block_size": r["spec"].block_size if r["spec"] else None,
+                     "k": r["spec"].k if r["spec"] else None, "bytes": r["bytes"], "kl_alone": r["damage"]})
+    planned = fixed + sum(r["bytes"] for r in choice.values())
+    log.info("budget: %d bytes planned for a budget of %d (%d fixed)", planned, cfg.target_bytes, fixed)
+    new = cfg.model_copy(update={"target_bytes": None, "overrides": overrides, "exclude": exclude})
+    return new, rows
+
+
+def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", arch: dict | None = None,
+                    meta: dict | None = None) -> None:
+    """Fail fast (no data, no training) when no allocation can meet ``cfg.target_bytes``."""
+    if cfg.target_bytes is None:
+        return
+    layers = [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
+              and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    least = 0
+    for _, m in layers:
+        options = [layer_bytes(m.weight.numel(), None)]
+        for block in block_candidates(m):
+            n = m.weight.numel() // block
+            options += [layer_bytes(m.weight.numel(), BlockSpec(block_size=block, k=min(k, n))) for k in cfg.budget_k]
+        least += min(options)
+    smallest = least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
+    if smallest > cfg.target_bytes:
+        raise BudgetError(
+            f"target_bytes={cfg.target_bytes} cannot be met: the smallest reachable packed size is {smallest} bytes "
+            f"(every layer at its smallest setting)"
+        )
