@@ -6,11 +6,16 @@ The library is plain PyTorch: every method is a function you can call from a not
     student, stats = compress(model, PQConfig(), calibration=images, train_batches=batches)
     size = pack_model(student, "model.mpk", arch_spec("fmnist_cnn"))
     model, meta = load_packed("model.mpk")
+
+    # iterative magnitude pruning with LR rewinding, to 90 % sparsity
+    pruned, cycles = compress(model, PruneConfig(target_sparsity=0.9, epochs=3, lr=0.05, weight_decay=5e-4),
+                              train_batches=batches)
 """
 
 from .methods import compress
 from .methods.pq import PQConfig
+from .methods.prune import PrunePQConfig, PruneConfig
 from .pack import arch_spec, load_packed, pack_model, read_packed
 
-__all__ = ["PQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
+__all__ = ["PQConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
 __version__ = "0.1.0"

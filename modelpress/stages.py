@@ -24,11 +24,18 @@ from .atomic import atomic_write
 from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
-from .methods.pq.layer import PQLayer
 from .methods.pq.budget import check_reachable
+from .methods.pq.layer import PQLayer
 from .methods.pq.quantize import plan as pq_plan
 from .methods.prune import (
-    keep_masks, masks_of, next_sparsity, prunable, prune_cycle, quantize_survivors, schedule, tune_codebooks,
+    keep_masks,
+    masks_of,
+    next_sparsity,
+    prunable,
+    prune_cycle,
+    quantize_survivors,
+    schedule,
+    tune_codebooks,
 )
 from .methods.prune.imp import check_budget, require_schedule
 from .models import build_model, parameter_bytes
@@ -36,7 +43,14 @@ from .pack import arch_spec, load_packed, pack_model, read_packed
 from .pack.format import build_from_packed, packed_nbytes
 from .progress import log
 from .recipe import Recipe
-from .train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
+from .train import (
+    distill,
+    evaluate,
+    loader,
+    recalibrate_batchnorm,
+    resolve_device,
+    train_classifier,
+)
 
 
 class StageError(RuntimeError):

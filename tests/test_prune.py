@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 
 from modelpress.methods import compress
-from modelpress.models import build_model
 from modelpress.methods.prune import (
-    PrunePQConfig,
     PruneConfig,
+    PrunePQConfig,
     keep_masks,
     masks_of,
     prunable,
@@ -25,6 +24,7 @@ from modelpress.methods.prune import (
     sparsity,
 )
 from modelpress.methods.prune.imp import check_budget, next_sparsity
+from modelpress.models import build_model
 from modelpress.pack import load_packed, pack_model, read_packed
 from modelpress.pack.format import decode_positions, encode_positions, packed_nbytes
 from modelpress.train import cosine_lr, evaluate, loader, lr_multiplier

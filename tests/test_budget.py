@@ -1,0 +1,72 @@
+"""A byte budget for PQ: per-layer settings chosen from measured damage; the packed file's real
+size respects it; an unreachable budget fails before any work, naming the smallest size."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from conftest import run_cli, tiny_recipe
+
+from modelpress import stages
+from modelpress.methods.pq.budget import BudgetError, allocate
+from modelpress.pack import read_packed
+
+
+def _table():
+    # layer -> options (bytes, damage); damage falls with bytes, at different rates per layer.
+    raw = {
+        "a": [(100, 0.0), (40, 0.05), (20, 0.3), (10, 1.0)],
+        "b": [(400, 0.0), (120, 0.02), (60, 0.04), (30, 0.5)],
+        "c": [(50, 0.0), (25, 0.2), (12, 0.25)],
+    }
+    return {n: [{"spec": i, "bytes": b, "damage": d} for i, (b, d) in enumerate(rows)] for n, rows in raw.items()}
+
+
+@pytest.mark.parametrize("budget", [52, 80, 120, 160, 250, 550])
+def test_allocation_fits_and_is_optimal_on_a_small_table(budget):
+    table = _table()
+    choice = allocate(table, budget)
+    assert sum(r["bytes"] for r in choice.values()) <= budget
+    best = min(
+        (sum(r["damage"] for r in combo), combo)
+        for combo in itertools.product(*table.values()) if sum(r["bytes"] for r in combo) <= budget
+    )[0]
+    assert sum(r["damage"] for r in choice.values()) == pytest.approx(best)
+
+
+def test_allocation_below_the_smallest_size():
+    with pytest.raises(BudgetError):
+        allocate(_table(), 51)
+
+
+def test_packed_file_respects_the_budget(workdir):
+    budget = 60_000
+    recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
+    stages.preflight(recipe)
+    stages.compress_stage(recipe)
+    stages.finetune_stage(recipe)
+    path = stages.pack_stage(recipe)
+    size = os.path.getsize(path)
+    assert 0.9 * budget < size <= budget  # fits, and uses the budget
+    plan = stages.read_json(workdir / "compress" / "allocation.json")["layers"]
+    entries = {r["tensor"].removesuffix(".weight"): r for r in read_packed(path).summary()}
+    for row in plan:  # the file holds what the plan chose
+        e = entries[row["layer"]]
+        if row["k"] is None:
+            assert e["encoding"] == "dense"
+        else:
+            assert (e["encoding"], e["block"], e["k"]) == ("pq", row["block_size"], row["k"])
+    assert len({(r["block_size"], r["k"]) for r in plan}) > 1  # layers got different settings
+    result = stages.evaluate_file(path, recipe)
+    teacher = stages.read_json(workdir / "teacher" / "teacher.json")["top1"]
+    assert result["top1"] > teacher - 15  # briefly trained teacher, tiny fine-tuning
+
+
+def test_unreachable_budget_fails_before_any_work(tmp_path):
+    proc = run_cli("run", "-S", f"run.workdir={tmp_path / 'w'}", "-S", "method.target_bytes=20000")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "target_bytes=20000 cannot be met: the smallest reachable packed size is" in last
+    assert not (tmp_path / "w").exists()
