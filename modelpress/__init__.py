@@ -14,7 +14,7 @@ The library is plain PyTorch: every method is a function you can call from a not
 
 from .methods import compress
 from .methods.pq import PQConfig
-from .methods.prune import PrunePQConfig, PruneConfig
+from .methods.prune import PruneConfig, PrunePQConfig
 from .pack import arch_spec, load_packed, pack_model, read_packed
 
 __all__ = ["PQConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]

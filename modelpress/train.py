@@ -26,6 +26,13 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> D
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle)
 
 
+def reseed(batches: DataLoader, seed: int) -> None:
+    """Restart a shuffling loader's order from ``seed`` (the same batches on every re-run)."""
+    gen = getattr(batches, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed)
+
+
 def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
     """LR multiplier: linear warm-up, then cosine decay to 0 over ``total`` steps."""
     if step < warmup:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from pydantic import Discriminator, Tag
 
 from .pq import PQConfig, quantize_pq
-from .prune import PrunePQConfig, PruneConfig, prune_imp, prune_pq
+from .prune import PruneConfig, PrunePQConfig, prune_imp, prune_pq
 
 _HANDLERS: dict[type, Callable] = {PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq}
 

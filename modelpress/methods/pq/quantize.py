@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ...progress import Progress, log
-from ...train import distill
+from ...train import distill, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
@@ -119,12 +119,6 @@ def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cf
     return PQLayer(layer, codebook, codes, spec.block_size), stats
 
 
-def _reseed(batches: DataLoader, seed: int) -> None:
-    gen = getattr(batches, "generator", None)
-    if gen is not None:
-        gen.manual_seed(seed)
-
-
 def quantize_pq(
     student: nn.Module,
     cfg: PQConfig,
@@ -163,7 +157,7 @@ def quantize_pq(
         stats["output_rel_error"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
         set_module(student, name, pq)
         if cfg.layer_finetune_epochs > 0 and train_batches is not None:
-            _reseed(train_batches, cfg.seed + index)  # same batches whether or not the loop was resumed
+            reseed(train_batches, cfg.seed + index)  # same batches whether or not the loop was resumed
             distill(student, teacher, train_batches, [pq.codebook], cfg.layer_finetune_epochs, cfg.layer_finetune_lr,
                     temperature=cfg.temperature, stage=f"tune {name}", train_mode=False)
             stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ...progress import log
-from ...train import distill_loss, fit
+from ...train import distill_loss, fit, reseed
 from .config import PruneConfig
 from .magnitude import keep_masks, prunable, prune_to, schedule, sparsity
 
@@ -32,12 +32,6 @@ def default_size(model: nn.Module) -> int:
     from ...pack.format import packed_nbytes
 
     return packed_nbytes(model)
-
-
-def _reseed(batches: DataLoader, seed: int) -> None:
-    gen = getattr(batches, "generator", None)
-    if gen is not None:
-        gen.manual_seed(seed)
 
 
 def _size_at(model: nn.Module, target: float, cfg: PruneConfig, size_fn: SizeFn) -> int:
@@ -107,7 +101,7 @@ def prune_cycle(
         raise ValueError("prune: retrain='weight_rewind' needs the weights from the original training (rewind_state)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed + index)
-    _reseed(train_batches, cfg.seed + index)
+    reseed(train_batches, cfg.seed + index)
     masks = prune_to(model, target, cfg.exclude)  # chosen on the trained weights' magnitudes
     if rewind_state is not None and cfg.retrain == "weight_rewind":
         model.load_state_dict(rewind_state)

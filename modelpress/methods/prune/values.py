@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ...progress import log
-from ...train import distill
+from ...train import distill, reseed
 from ...walk import set_module
 from ..pq.kmeans import gram_kmeans
 from ..pq.layer import PQLayer
@@ -52,9 +52,7 @@ def tune_codebooks(
     """Distil every codebook (and nothing else) from the teacher."""
     if epochs <= 0:
         return
-    gen = getattr(batches, "generator", None)
-    if gen is not None:
-        gen.manual_seed(seed)
+    reseed(batches, seed)
     torch.manual_seed(seed)
     codebooks = [m.codebook for m in model.modules() if isinstance(m, PQLayer)]
     distill(model, teacher, batches, codebooks, epochs, lr, stage="tune codebooks", device=device)
