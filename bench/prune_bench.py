@@ -100,7 +100,7 @@ def main() -> None:
             method = {"name": "prune", "target_sparsity": t, "milestones": [m for m in targets if m < t], "retrain": mode,
                       "rewind_fraction": args.rewind_fraction, "finetune_lr": args.finetune_lr}
             s = run_row(recipe_for(work, method, 0))
-            rows.append({"method": f"prune ({mode})", "sparsity": t, **s})
+            rows.append({**s, "method": f"prune ({mode})", "sparsity": t})
             print(json.dumps(rows[-1]), flush=True)
     work = workdir_for("lr_rewind")
     for t in args.pq_targets:
@@ -111,12 +111,12 @@ def main() -> None:
                       "quantize": {"block_size": 1, "k": k}}
             # The same final distillation as plain PQ gets (params.yaml's finetune: 1 epoch).
             s = run_row(recipe_for(work, method, default_finetune))
-            rows.append({"method": f"prune_pq (lr_rewind, {k} values)", "sparsity": t, **s})
+            rows.append({**s, "method": f"prune_pq (lr_rewind, {k} values)", "sparsity": t})
             print(json.dumps(rows[-1]), flush=True)
     for block in args.pq_blocks:
         method = {**base_pq(), "linear": {"block_size": block, "k": 256}}
         s = run_row(recipe_for(workdir_for(f"pq-linear{block}"), method, default_finetune))
-        rows.append({"method": f"pq (linear block {block})", "sparsity": s.get("sparsity", 0.0), **s})
+        rows.append({**s, "method": f"pq (linear block {block})", "sparsity": 0.0})
         print(json.dumps(rows[-1]), flush=True)
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
