@@ -24,7 +24,7 @@ from .atomic import atomic_write
 from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
-from .methods.pq.budget import check_reachable
+from .methods.pq.budget import check_reachable, plan_budget
 from .methods.pq.layer import PQLayer
 from .methods.pq.quantize import plan as pq_plan
 from .methods.prune import (
@@ -367,8 +367,6 @@ def _final_meta(recipe: Recipe) -> dict:
 def _budget_plan(recipe: Recipe, teacher_model: torch.nn.Module, calib: torch.Tensor, key: str):
     """Per-layer settings chosen for method.target_bytes, computed once and kept beside the
     checkpoint (a resumed run uses the same plan)."""
-    from .methods.pq.budget import plan_budget
-
     path = paths(recipe)["allocation"]
     saved = read_json(path)
     if saved and saved.get("key") == key:
