@@ -59,7 +59,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
     return {T + k: str(v) for k, v in tags.items()}
 
 
-def _log_cycles(recipe: Recipe, summary: dict) -> None:
+def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
     """Pruning runs: each cycle's sparsity, top-1 and packed bytes as metric steps, and the
     accuracy-vs-sparsity plot as an artifact."""
     import tempfile
@@ -105,7 +105,7 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
             mlflow.set_tags(tags)
             mlflow.log_dict({"layers": layers}, "layers.json")
-            _log_cycles(recipe, summary)
+            _log_cycle_metrics(recipe, summary)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
                 input_example=np.zeros([2, *input_shape], dtype=np.float32),
