@@ -15,7 +15,6 @@ centroids (or fp16) so the packed file fits ``target_bytes`` with the least dama
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,9 @@ import torch.nn.functional as F
 from ...progress import Progress, log
 from ...walk import matches, named_layers, set_module
 from .config import BlockSpec, PQConfig
+from .kmeans import gram_kmeans
 from .layer import PQLayer, to_subvectors
+from .quantize import input_gram, pq_bytes
 
 HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
 
@@ -47,11 +48,13 @@ def block_candidates(layer: nn.Module) -> list[int]:
 
 def layer_bytes(numel: int, spec: BlockSpec | None, float_bytes: int = 2, codebook_bytes: int = 2) -> int:
     """Bytes of one layer's weight in the packed file (None = dense)."""
-    if spec is None:
-        return numel * float_bytes
-    n = numel // spec.block_size
-    k = min(spec.k, n)
-    return k * spec.block_size * codebook_bytes + math.ceil(n * max(1, math.ceil(math.log2(k))) / 8)
+    return numel * float_bytes if spec is None else pq_bytes(numel, spec, codebook_bytes)
+
+
+def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
+    """The layers a budget allocates: every Conv2d/Linear not excluded and not grouped."""
+    return [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
+            and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
 
 
 def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
@@ -61,15 +64,12 @@ def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def measure(model: nn.Module, cfg: PQConfig, images: torch.Tensor) -> dict[str, list[dict]]:
     """Every candidate's bytes and damage, per layer (in forward order)."""
-    from .kmeans import gram_kmeans
-    from .quantize import input_gram
 
     model = copy.deepcopy(model).eval()
     device = next(model.parameters()).device
     images = images.to(device)
     ref = model(images)
-    layers = [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
-              and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    layers = _candidate_layers(model, cfg)
     table: dict[str, list[dict]] = {}
     total = sum(len(block_candidates(m)) * len(cfg.budget_k) for _, m in layers)
     prog = Progress("budget: candidates", total, unit="candidate")
@@ -177,8 +177,7 @@ def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", a
     """Fail fast (no data, no training) when no allocation can meet ``cfg.target_bytes``."""
     if cfg.target_bytes is None:
         return
-    layers = [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
-              and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    layers = _candidate_layers(model, cfg)
     least = 0
     for _, m in layers:
         options = [layer_bytes(m.weight.numel(), None)]
