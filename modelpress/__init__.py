@@ -13,9 +13,11 @@ The library is plain PyTorch: every method is a function you can call from a not
 """
 
 from .methods import compress
+from .methods.kmeans import KMeansConfig
 from .methods.pq import PQConfig
 from .methods.prune import PruneConfig, PrunePQConfig
+from .methods.uniform import UniformConfig
 from .pack import arch_spec, load_packed, pack_model, read_packed
 
-__all__ = ["PQConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
+__all__ = ["KMeansConfig", "PQConfig", "UniformConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .data.datasets import DATASET_INFO
-from .methods import MethodConfig
+from .methods import METHOD_NAMES, MethodConfig
 from .methods.pq.config import PQConfig
 from .methods.prune.config import PruneConfig
 
@@ -119,7 +119,7 @@ class Recipe(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
-    method: MethodConfig = Field(PQConfig(), description="Compression method: pq, prune or prune_pq (by 'name').")
+    method: MethodConfig = Field(PQConfig(), description="Compression method by 'name': pq, prune, prune_pq; baselines kmeans, uniform.")
     finetune: FinetuneConfig = FinetuneConfig()
     pack: PackConfig = PackConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -158,7 +158,7 @@ class Recipe(_Section):
         except ValidationError as e:
             err = e.errors()[0]
             loc = list(err["loc"])
-            if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in ("pq", "prune", "prune_pq"):
+            if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHOD_NAMES:
                 del loc[1]  # pydantic names the union member; the user's path has no such level
             where = ".".join(str(x) for x in loc) or "(top level)"
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""

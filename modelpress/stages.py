@@ -38,6 +38,7 @@ from .methods.prune import (
     tune_codebooks,
 )
 from .methods.prune.imp import check_budget, require_schedule
+from .methods.uniform import UniformLayer
 from .models import build_model, parameter_bytes
 from .pack import arch_spec, load_packed, pack_model, read_packed
 from .pack.format import build_from_packed, packed_nbytes
@@ -136,9 +137,13 @@ def preflight(recipe: Recipe) -> None:
     block sizes, prunable layers, byte budgets), so a bad setting fails in seconds, before a
     teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
-    if recipe.method.name == "pq":
-        pq_plan(model, recipe.method)
-        check_reachable(model, recipe.method, recipe.pack.float_dtype, _arch(recipe), {"input": _input_meta(recipe)})
+    if recipe.method.name in ("pq", "kmeans"):
+        cfg = _pq_config(recipe)
+        pq_plan(model, cfg)
+        check_reachable(model, cfg, recipe.pack.float_dtype, _arch(recipe), {"input": _input_meta(recipe)})
+        return
+    if recipe.method.name == "uniform":
+        compress(model, recipe.method)  # checks the exclude patterns; instant on an untrained model
         return
     cfg = recipe.prune_settings()
     require_schedule(cfg)
@@ -312,13 +317,19 @@ def compress_key(recipe: Recipe) -> str:
 def compress_stage(recipe: Recipe) -> Path:
     """Compress the teacher with the recipe's method (PQ layer by layer, or pruning cycles
     with optional quantization of the survivors). Checkpointed as it goes; a retry continues."""
-    if recipe.method.name == "pq":
+    if recipe.method.name in ("pq", "kmeans", "uniform"):
         return _compress_pq(recipe)
     return _compress_pruned(recipe)
 
 
+def _pq_config(recipe: Recipe):
+    """The layer-wise method's settings; scalar k-means weight sharing is PQ with block 1."""
+    return recipe.method.as_pq() if recipe.method.name == "kmeans" else recipe.method
+
+
 def _compress_pq(recipe: Recipe) -> Path:
-    """Layer-by-layer compression, checkpointed after every layer (a retry continues)."""
+    """Layer-by-layer compression, checkpointed after every layer (a retry continues).
+    Uniform quantization (no data, no per-layer loop) goes the same way in one step."""
     p, key = paths(recipe), compress_key(recipe)
     layers = read_json(p["layers"])
     if layers and layers.get("key") == key and p["compressed"].is_file():
@@ -335,18 +346,19 @@ def _compress_pq(recipe: Recipe) -> Path:
         log.info("compress: resuming after %d finished layers (%s)", len(stats), ", ".join(s["layer"] for s in stats))
     else:
         student = copy.deepcopy(teacher_model)
-    cfg = recipe.method
-    calib = calibration_images(train, cfg.calibration_images, cfg.seed)
+    cfg = _pq_config(recipe)
+    calib = calibration_images(train, getattr(cfg, "calibration_images", 16), getattr(cfg, "seed", recipe.run.seed))
     meta = {"key": key, "input": _input_meta(recipe)}
-    if cfg.target_bytes is not None:
+    if getattr(cfg, "target_bytes", None) is not None:
         cfg = _budget_plan(recipe, teacher_model, calib, key)
 
     def checkpoint(name: str, model: torch.nn.Module, layer_stats: dict) -> None:
         stats.append(layer_stats)
         pack_model(model, p["checkpoint"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
 
-    compress(student, cfg, calibration=calib, train_batches=loader(train, recipe.finetune.batch_size, True, cfg.seed),
-             teacher=teacher_model, on_layer=checkpoint)
+    _, all_stats = compress(student, cfg, calibration=calib, teacher=teacher_model, on_layer=checkpoint,
+                            train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)))
+    stats = stats or all_stats  # methods without per-layer callbacks report at the end
     pack_model(student, p["compressed"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
     write_json(p["layers"], {"key": key, "layers": stats})
     p["checkpoint"].unlink(missing_ok=True)
@@ -526,6 +538,7 @@ def finetune_stage(recipe: Recipe) -> Path:
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         params = [m.codebook for m in student.modules() if isinstance(m, PQLayer)]
+        params += [q for m in student.modules() if isinstance(m, UniformLayer) for q in (m.scale, m.offset)]
         masks = {}
         if recipe.method.name == "prune":  # sparse dense weights: tuned with their masks held
             masks = masks_of(student, recipe.method.exclude)
@@ -553,8 +566,8 @@ def _round_codebooks(model: torch.nn.Module, dtype: str) -> None:
     if dtype == "f16":
         with torch.no_grad():
             for m in model.modules():
-                if isinstance(m, PQLayer):
-                    m.codebook.copy_(m.codebook.half().float())
+                for t in [m.codebook] if isinstance(m, PQLayer) else [m.scale, m.offset] if isinstance(m, UniformLayer) else []:
+                    t.copy_(t.half().float())
 
 
 def pack_stage(recipe: Recipe) -> Path:

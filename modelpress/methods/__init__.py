@@ -17,11 +17,17 @@ from typing import Annotated, Callable, Union
 import torch.nn as nn
 from pydantic import Discriminator, Tag
 
+from .kmeans import KMeansConfig, quantize_kmeans
 from .pq import PQConfig, quantize_pq
 from .prune import PruneConfig, PrunePQConfig, prune_imp, prune_pq
+from .uniform import UniformConfig, quantize_uniform
 
-_HANDLERS: dict[type, Callable] = {PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq}
-
+_HANDLERS: dict[type, Callable] = {
+    PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq,
+    # baselines, packed and measured the same way
+    KMeansConfig: quantize_kmeans, UniformConfig: quantize_uniform,
+}
+METHOD_NAMES = ("pq", "prune", "prune_pq", "kmeans", "uniform")
 
 
 def _method_name(value) -> str:
@@ -30,7 +36,8 @@ def _method_name(value) -> str:
 
 
 MethodConfig = Annotated[
-    Union[Annotated[PQConfig, Tag("pq")], Annotated[PruneConfig, Tag("prune")], Annotated[PrunePQConfig, Tag("prune_pq")]],
+    Union[Annotated[PQConfig, Tag("pq")], Annotated[PruneConfig, Tag("prune")], Annotated[PrunePQConfig, Tag("prune_pq")],
+          Annotated[KMeansConfig, Tag("kmeans")], Annotated[UniformConfig, Tag("uniform")]],
     Discriminator(_method_name),
 ]
 

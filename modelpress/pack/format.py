@@ -22,6 +22,9 @@ payload. Encodings:
   non-zero" and E means "skip E zeros" (long gaps). Values are ``values`` = ``f16``/``f32``
   raw, or ``pq``: a codebook (``k`` x ``d``, ``cb``) and ``bits``-bit codes over the values
   cut into sub-vectors of ``d`` (the last one zero-padded).
+- ``affine``: per-output-channel uniform quantization: ``scale`` then ``offset`` (one value
+  per output channel each, dtype ``cb``) then ``bits``-bit codes, one per weight; the weight
+  is ``offset[c] + code * scale[c]``.
 
 The size we report for a model is ``os.path.getsize`` of this file, nothing else.
 """
@@ -111,6 +114,28 @@ def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     if codes.numel() and int(codes.max()) >= k:
         raise PackedFormatError("corrupted codes: index beyond codebook")
     return codebook, codes
+
+
+def encode_affine(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, bits: int, shape: tuple,
+                  dtype: str) -> tuple[dict, bytes]:
+    head = b"".join(t.detach().cpu().float().numpy().astype(_DTYPES[dtype]).tobytes() for t in (scale, offset))
+    data = head + pack_bits(codes.detach().cpu().reshape(-1).numpy(), bits)
+    return {"shape": list(shape), "bits": bits, "cb": dtype, "n": len(data)}, data
+
+
+def decode_affine(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale (out,), offset (out,), codes (out, rest) int64)."""
+    out, numel = p["shape"][0], int(np.prod(p["shape"]))
+    head = out * np.dtype(_DTYPES[p["cb"]]).itemsize
+    _expect_bytes(buf, 2 * head + -(-numel * p["bits"] // 8))
+    scale, offset = (torch.from_numpy(np.frombuffer(buf[i * head:(i + 1) * head], _DTYPES[p["cb"]]).astype(np.float32).copy())
+                     for i in (0, 1))
+    codes = torch.from_numpy(unpack_bits(buf[2 * head:], p["bits"], numel)).reshape(out, -1)
+    return scale, offset, codes
+
+
+def affine_weight(p: dict, scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return (offset[:, None] + codes * scale[:, None]).reshape(p["shape"])
 
 
 # ---- sparse weights: positions + values ----------------------------------------------------
@@ -229,6 +254,9 @@ class Packed:
                 codebook, codes = decode_pq(p, buf)
                 weight = codebook[codes]
                 row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])
+            elif enc == "affine":
+                weight = affine_weight(p, *decode_affine(p, buf))
+                row.update(bits=p["bits"], scales=p["cb"])
             elif enc == "sparse":
                 weight, pq = decode_sparse(p, buf)
                 if pq is not None:
@@ -292,7 +320,7 @@ def read_packed(path: str | Path) -> Packed:
         raise PackedFormatError(f"{path}: checksum mismatch: the file is corrupted or was modified")
     packed, offset = Packed(header["arch"], header["meta"], size=len(raw)), 0
     for name, enc, p in header["tensors"]:
-        if enc not in ("dense", "pq", "sparse"):
+        if enc not in ("dense", "pq", "sparse", "affine"):
             raise PackedFormatError(f"{path}: unknown encoding {enc!r} for {name}")
         packed.entries.append((name, enc, p, payload[offset:offset + p["n"]]))
         offset += p["n"]
@@ -305,11 +333,19 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
     """Encode a (partly) compressed model's state: PQ layers as codes + codebook, the rest
     dense in ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored."""
     from ..methods.pq.layer import PQLayer
+    from ..methods.uniform import UniformLayer
 
     pq_layers = {n: m for n, m in model.named_modules() if isinstance(m, PQLayer)}
+    affine = {n: m for n, m in model.named_modules() if isinstance(m, UniformLayer)}
     entries = []
     for key, t in model.state_dict().items():
         mod, _, attr = key.rpartition(".")
+        if mod in affine and attr in ("scale", "offset", "codes"):
+            if attr == "scale":
+                m = affine[mod]
+                entries.append((f"{mod}.weight", "affine", *encode_affine(m.scale, m.offset, m.codes, m.bits, m.weight_shape,
+                                                                         codebook_dtype)))
+            continue
         if mod in pq_layers:
             if attr == "codebook":
                 m = pq_layers[mod]
@@ -357,6 +393,7 @@ def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
     """Rebuild the nn.Module. ``materialize=True`` decodes PQ weights into ordinary dense
     layers (fastest inference); ``False`` keeps PQLayers with trainable codebooks."""
     from ..methods.pq.layer import PQLayer
+    from ..methods.uniform import UniformLayer
     from ..models import UnknownModelError, build_model
     from ..walk import set_module
 
@@ -368,6 +405,17 @@ def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
     for name, enc, p, buf in packed.entries:
         if enc == "dense":
             state[name] = decode_dense(p, buf)
+            continue
+        if enc == "affine":
+            scale, offset, codes = decode_affine(p, buf)
+            if codes.numel() and int(codes.max()) >= 2 ** p["bits"]:
+                raise PackedFormatError("corrupted codes: beyond the number of levels")
+            if materialize:
+                state[name] = affine_weight(p, scale, offset, codes)
+            else:
+                mod = name.rpartition(".")[0]
+                set_module(model, mod, UniformLayer(model.get_submodule(mod), p["bits"], codes, scale, offset))
+                state.update({f"{mod}.scale": scale, f"{mod}.offset": offset, f"{mod}.codes": codes})
             continue
         mask = None
         if enc == "sparse":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class BlockSpec(BaseModel):
@@ -34,12 +34,20 @@ class PQConfig(BaseModel):
     activation_weighted: bool = Field(True, description="Minimise ||X(W - W_hat)||^2 on in-domain inputs instead of ||W - W_hat||^2.")
     calibration_images: int = Field(1024, ge=16, description="In-domain images whose activations define each layer's objective.")
     kmeans_iters: int = Field(30, ge=1, le=1000)
-    kmeans_init: Literal["kmeans++", "random"] = "kmeans++"
+    kmeans_init: Literal["kmeans++", "random", "linear"] = Field(
+        "kmeans++", description="Initial centroids; 'linear' (evenly spaced values) needs block size 1.")
     repair_empty: bool = Field(True, description="Split the largest cluster into empty ones.")
     layer_finetune_epochs: float = Field(0.1, ge=0, description="Distillation epochs (fractions allowed) tuning each new codebook; 0 disables.")
     layer_finetune_lr: float = Field(1e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _linear_init_scalar(self) -> "PQConfig":
+        specs = [self.conv, self.pointwise, self.linear, *self.overrides.values()]
+        if self.kmeans_init == "linear" and (self.target_bytes or any(s.block_size != 1 for s in specs)):
+            raise ValueError("kmeans_init 'linear' needs block_size 1 for every layer (and no target_bytes)")
+        return self
 
     def key_params(self) -> str:
         if self.target_bytes:

@@ -92,6 +92,10 @@ def gram_kmeans(
         c = _kmeans_pp(w, k, g, gen)
     elif init == "random":
         c = w[torch.randperm(n, generator=gen)[:k]].clone()
+    elif init == "linear":  # Deep Compression's choice for scalar weight sharing
+        if d != 1:
+            raise ValueError("linear k-means initialisation needs sub-vectors of length 1")
+        c = torch.linspace(float(w.min()), float(w.max()), k, dtype=w.dtype).unsqueeze(1)
     else:
         raise ValueError(f"unknown k-means init {init!r}")
     repaired = 0
