@@ -2,6 +2,7 @@
 
     modelpress run [--params params.yaml] [-S section.key=value ...]   the whole pipeline (Prefect flow)
     modelpress stage NAME [--params ...]                                one step (what dvc.yaml calls)
+    modelpress sweep SWEEP.yaml [--params ...] [-S ...]                 many points, the accuracy-vs-bytes front
     modelpress evaluate FILE [--params ...]                             top-1 of a packed file
     modelpress inspect FILE                                             what a packed file holds
     modelpress models list | show NAME[@ALIAS]                          the MLflow registry's models
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate")
+STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate", "point")
 
 
 def _recipe(args):
@@ -95,11 +96,45 @@ def cmd_stage(args) -> int:
         print(stages.finetune_stage(recipe))
     elif args.name == "pack":
         print(stages.pack_stage(recipe))
+    elif args.name == "point":  # compress..evaluate of one sweep point (what a sweep's worker process runs)
+        from .sweep import run_point
+
+        rec = run_point(recipe)
+        print(json.dumps(rec) if args.json else _table(_summary_rows(rec["summary"])))
     elif args.name == "evaluate":
         p = stages.paths(recipe)
         summary = stages.summarize(recipe, stages.evaluate_file(p["packed"], recipe))
         print(json.dumps(summary) if args.json else _table(_summary_rows(summary)))
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import SweepConfig
+
+    sweep = SweepConfig.from_yaml(args.sweep, _recipe(args))
+    if args.concurrency:
+        sweep = sweep.model_copy(update={"concurrency": args.concurrency})
+    from .stages import preflight
+
+    for name, recipe in sweep.expand():  # every point's settings, before any work
+        try:
+            preflight(recipe)
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MODELPRESS_DVC", "off")
+    from flows.sweep import sweep_flow
+
+    record = sweep_flow(sweep)
+    from .report import markdown_table
+    from .sweep import COLUMNS
+
+    print("\n" + markdown_table(record["points"], COLUMNS))
+    print(f"\nwall {record['wall_s']:.0f} s for {record['sum_point_s']:.0f} s of point time "
+          f"({record['reused']} points finished before); failed: {', '.join(record['failed']) or 'none'}")
+    print(f"results: {sweep.root()}/ (front.md, front.csv, front.png, sweep.json)")
+    return 1 if record["failed"] else 0
 
 
 def cmd_evaluate(args) -> int:
@@ -161,6 +196,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("name", choices=STAGES)
     st.add_argument("--json", action="store_true", help="print the result as JSON")
     st.set_defaults(fn=cmd_stage)
+    sw = with_params(sub.add_parser("sweep", help="compress at many points; the accuracy-vs-bytes front"))
+    sw.add_argument("sweep", help="sweep file (YAML): name, points, budgets, concurrency, runner")
+    sw.add_argument("--concurrency", type=int, default=None, help="points computed at once (overrides the file)")
+    sw.set_defaults(fn=cmd_sweep)
     ev = with_params(sub.add_parser("evaluate", help="top-1 of a packed file on the test set"))
     ev.add_argument("file")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
@@ -179,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command != "run":
+    if args.command not in ("run", "sweep"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return args.fn(args)

@@ -26,6 +26,23 @@ class RecipeError(ValueError):
     """params.yaml (or a parameter override) is invalid; the message names the field."""
 
 
+def apply_overrides(raw: dict, items: list[tuple[str, Any]]) -> dict:
+    """Set ``section.key`` paths in a raw recipe mapping. Switching method
+    (``method.name=prune``) starts that section afresh, since the other settings belong to the
+    other method; method switches apply before other overrides."""
+    for key, value in sorted(items, key=lambda kv: kv[0] != "method.name"):
+        if key == "method.name" and (raw.get("method") or {}).get("name", "pq") != value:
+            raw["method"] = {}
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key!r}: {p!r} is not a section")
+        node[leaf] = value
+    return raw
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -136,20 +153,17 @@ class Recipe(_Section):
             raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        # Switching method (-S method.name=prune) starts that section afresh: the file's
-        # settings belong to the other method. Method switches apply before other overrides.
-        for item in sorted(overrides or [], key=lambda o: not o.startswith("method.name=")):
+        items = []
+        for item in overrides or []:
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"override {item!r} must look like section.key=value")
-            if key == "method.name" and (raw.get("method") or {}).get("name", "pq") != yaml.safe_load(value):
-                raw["method"] = {}
-            node = raw
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(value)
-        return cls.parse(raw, source=str(path))
+            items.append((key, yaml.safe_load(value)))
+        return cls.parse(apply_overrides(raw, items), source=str(path))
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Recipe:
+        """A copy with ``section.key: value`` overrides applied (validated like params.yaml)."""
+        return self.parse(apply_overrides(self.model_dump(mode="json"), list(overrides.items())), source)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], source: str = "parameters") -> "Recipe":

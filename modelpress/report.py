@@ -39,3 +39,56 @@ def plot_cycles(cycles: list[dict], path: str | Path, teacher_top1: float | None
     ax.legend(loc="lower left")
     ax.set_title(title or "iterative magnitude pruning")
     return _save(fig, path)
+
+
+def pareto_front(rows: list[dict], x: str = "packed_bytes", y: str = "top1") -> list[dict]:
+    """Mark each row ``on_front``: no other row is at most as large and at least as accurate
+    (and better in one of the two). Returns the rows sorted by size."""
+    rows = sorted(rows, key=lambda r: (r[x], -r[y]))
+    best = float("-inf")
+    for r in rows:
+        r["on_front"] = r[y] > best
+        best = max(best, r[y])
+    return rows
+
+
+def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = None, title: str = "") -> Path:
+    """Accuracy vs packed bytes (log scale), one marker per method, the Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>pP*X"
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = [r for r in rows if r["method"] == method]
+        ax.scatter([r["packed_bytes"] for r in pts], [r["top1"] for r in pts], marker=markers[i % len(markers)],
+                   label=method, zorder=3)
+    front = sorted((r for r in rows if r.get("on_front")), key=lambda r: r["packed_bytes"])
+    if front:
+        ax.step([r["packed_bytes"] for r in front], [r["top1"] for r in front], where="post", color="black", lw=1,
+                alpha=0.6, label="Pareto front")
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="grey", ls="--", label=f"teacher {teacher_top1:.2f}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("packed file (bytes, log scale)")
+    ax.set_ylabel("top-1 from the packed file (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "accuracy vs size")
+    return _save(fig, path)
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else ""
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows])

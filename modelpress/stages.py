@@ -538,7 +538,6 @@ def finetune_stage(recipe: Recipe) -> Path:
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         params = [m.codebook for m in student.modules() if isinstance(m, PQLayer)]
-        params += [q for m in student.modules() if isinstance(m, UniformLayer) for q in (m.scale, m.offset)]
         masks = {}
         if recipe.method.name == "prune":  # sparse dense weights: tuned with their masks held
             masks = masks_of(student, recipe.method.exclude)

@@ -81,10 +81,11 @@ def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
+def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_id: str | None = None) -> dict:
     """Log the run and register a model version. The version is created last, so a failure
     leaves no registered version (the run is then marked FAILED). A packed file already
-    registered under this name is not registered again."""
+    registered under this name is not registered again. ``parent_run_id`` nests the run
+    (a sweep's points under the sweep's run)."""
     import mlflow
     import numpy as np
 
@@ -99,7 +100,8 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict) -> dict:
     tags = version_tags(recipe, summary)
     input_shape = read_packed(packed_path).meta["input"]["shape"]
     layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
-    with mlflow.start_run(run_name=recipe.run.name) as run:
+    parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(run_name=recipe.run.name, tags=parent) as run:
         try:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(recipe.model_dump(mode="json")).items()})
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})

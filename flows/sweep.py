@@ -1,0 +1,52 @@
+"""check -> fetch -> teacher -> every point at once (bounded by ``concurrency``) ->
+register each -> Pareto front.
+
+One compression run per point, fanned out through Prefect: locally each point is a worker
+process; with ``runner: deployment`` each is a run of the compression deployment on the work
+pool, so the sweep scales across worker machines. A failed point is retried, then reported,
+and does not sink the others; finished points are not recomputed when the sweep is rerun.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from modelpress import stages
+from modelpress.sweep import SweepConfig
+from tasks.register import register_model
+from tasks.steps import fetch_dataset, prepare_teacher
+from tasks.sweep import check_sweep, publish_front, rows_of, run_point, start_parent_run
+
+
+@flow(name="modelpress-sweep", log_prints=True)
+def sweep_flow(sweep: SweepConfig) -> dict:
+    """Compress one teacher at every point of the sweep; returns the sweep record."""
+    check_sweep(sweep)
+    points = sweep.expand()
+    if sweep.runner == "local":  # deployment points fetch and load the teacher on their workers
+        shared = sweep.shared_recipe()
+        prepare_teacher(shared, fetch_dataset(shared))
+    t0 = time.perf_counter()
+    futures = {name: run_point.submit(sweep, name, recipe) for name, recipe in points}
+    results, failed = {}, {}
+    for name, future in futures.items():
+        try:
+            results[name] = future.result()
+        except Exception as e:  # noqa: BLE001 - one failed point does not sink the sweep
+            failed[name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    wall_s = time.perf_counter() - t0
+    if not results:
+        raise RuntimeError(f"every point of sweep {sweep.name} failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    rows = rows_of(results)
+    parent = None
+    if sweep.base.registry.enabled:
+        parent = start_parent_run(sweep)
+        recipes = dict(points)
+        for row in rows:
+            rec = results[row["point"]]
+            reg = rec.get("registered") or register_model(
+                recipes[row["point"]], str(stages.paths(recipes[row["point"]])["packed"]), rec["summary"], parent)
+            row["version"] = reg["version"] if reg else None
+    return publish_front(sweep, rows, failed, wall_s, parent)

@@ -1,0 +1,238 @@
+"""Size sweeps: one teacher, many compression points, and the accuracy-vs-bytes front.
+
+A sweep is a base recipe plus named points, each a set of ``section.key: value`` overrides
+(any method and its knobs, or just a byte budget). Every point is an ordinary compression run
+in its own folder; they share the sweep's dataset and teacher. Plain library code: the
+Prefect flow (flows/sweep.py) fans the points out, this module defines them, runs one, and
+writes the results.
+
+Folder of a sweep (``workdir``, default ``<run.workdir>/sweeps/<name>``)::
+
+    datasets/  teacher/           shared by every point
+    points/<point>/               one compression run (compress/, finetune/, model.mpk, metrics.json)
+    points/<point>/point.json     the point's result; present = finished (a rerun skips it)
+    sweep.json                    every point's row, the teacher, wall and point times
+    front.md, front.csv           the table, Pareto-front points marked
+    front.png                     top-1 vs packed bytes (log scale)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .recipe import Recipe, RecipeError
+
+POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What a point may not change: the sweep compares points on one teacher, one dataset.
+SHARED = ("data.", "teacher.", "run.workdir", "run.seed", "registry.")
+
+
+class SweepPoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Point name: its folder, run name and row label.")
+    set: dict[str, Any] = Field({}, description="Overrides of the base recipe, e.g. {method.name: kmeans, method.bits: 4}.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not POINT_NAME.match(v):
+            raise ValueError(f"point name {v!r}: use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("set")
+    @classmethod
+    def _not_shared(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key.startswith(SHARED) or key in ("data", "teacher", "registry"):
+                raise ValueError(f"override {key!r}: the teacher, data, seed, folder and registry are the sweep's, "
+                                 "set them in the base recipe")
+        return v
+
+
+class SweepConfig(BaseModel):
+    """A sweep: the base recipe, its points, and how to run them."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("sweep", description="Sweep name (folder, MLflow parent run, registered model).")
+    base: Recipe = Field(Recipe(), description="The recipe every point starts from (teacher, data, fine-tuning...).")
+    points: list[SweepPoint] = Field([], description="Named points, each a set of overrides of the base recipe.")
+    budgets: list[int] = Field([], description="Shorthand: one PQ point per byte budget (method.target_bytes).")
+    concurrency: int = Field(2, ge=1, le=256, description="Points computed at the same time.")
+    workdir: str | None = Field(None, description="The sweep's folder; default <base run.workdir>/sweeps/<name>.")
+    runner: Literal["local", "deployment"] = Field(
+        "local", description="local: each point in a worker process here; deployment: each point is a run of "
+                             "the compression deployment (run_deployment), i.e. on the work pool's machines.")
+    deployment: str = Field("modelpress-compress/on-demand", description="Deployment the points run on (runner=deployment).")
+    model_name: str | None = Field(None, description="Registered model of every point; default <teacher arch>-<name>.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not POINT_NAME.match(v):
+            raise ValueError(f"sweep name {v!r}: use letters, digits, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _points(self) -> SweepConfig:
+        names = [p.name for p in self.all_points()]
+        if not names:
+            raise ValueError("a sweep needs at least one point (points or budgets)")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"point names must be unique: {', '.join(dup)}")
+        return self
+
+    def all_points(self) -> list[SweepPoint]:
+        extra = [SweepPoint(name=f"pq-{b}B", set={"method.name": "pq", "method.target_bytes": b}) for b in self.budgets]
+        return list(self.points) + extra
+
+    def root(self) -> Path:
+        return Path(self.workdir) if self.workdir else Path(self.base.run.workdir) / "sweeps" / self.name
+
+    def registered_name(self) -> str:
+        return self.model_name or f"{self.base.teacher.arch.replace('torchvision:', 'tv-').replace('_', '-')}-{self.name}"
+
+    def shared_recipe(self) -> Recipe:
+        """The recipe of the shared steps (dataset, teacher), rooted at the sweep's folder."""
+        return self.base.model_copy(update={"run": self.base.run.model_copy(update={"workdir": str(self.root())})})
+
+    def expand(self) -> list[tuple[str, Recipe]]:
+        """(point name, its full recipe) for every point. Raises RecipeError naming the point."""
+        out = []
+        for p in self.all_points():
+            r = self.base.with_overrides(p.set, source=f"sweep {self.name}, point {p.name}")
+            r = r.with_overrides({"run.name": f"{self.name}-{p.name}", "run.workdir": str(self.root() / "points" / p.name),
+                                  "registry.model_name": self.registered_name()})
+            out.append((p.name, r))
+        return out
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, base: Recipe) -> SweepConfig:
+        """Read a sweep file (name, points, budgets, concurrency, ...; the base recipe comes
+        from params.yaml). Raises RecipeError naming the problem."""
+        import yaml
+        from pydantic import ValidationError
+
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such sweep file") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {type(raw).__name__}")
+        if "base" in raw:
+            raise RecipeError(f"{path}: 'base' comes from the parameter file (--params), not the sweep file")
+        try:
+            return cls.model_validate({**raw, "base": base})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            raise RecipeError(f"{path}: {where}: {err['msg']}") from None
+
+
+# ---- one point ----------------------------------------------------------------------------
+
+def link_shared(recipe: Recipe, root: Path) -> None:
+    """Give a point's folder the sweep's dataset and teacher (relative symlinks)."""
+    for sub in ("datasets", "teacher"):
+        target, link = root / sub, Path(recipe.run.workdir) / sub
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def point_key(recipe: Recipe) -> str:
+    from .stages import finetune_key
+
+    return recipe.section_hash("pack", "data", extra=finetune_key(recipe))
+
+
+def point_path(recipe: Recipe) -> Path:
+    return Path(recipe.run.workdir) / "point.json"
+
+
+def finished_point(recipe: Recipe) -> dict | None:
+    """The point's result if it finished with these exact settings and its file is intact."""
+    from .data import sha256_file
+    from .stages import paths, read_json
+
+    rec = read_json(point_path(recipe))
+    packed = paths(recipe)["packed"]
+    if not rec or rec.get("key") != point_key(recipe) or not packed.is_file():
+        return None
+    return rec if sha256_file(packed) == rec["summary"]["packed_sha256"] else None
+
+
+def run_point(recipe: Recipe) -> dict:
+    """Compress, fine-tune, pack and evaluate one point (the teacher must be there). The
+    result is written to point.json last, so a killed point leaves no result and is redone,
+    continuing from its own checkpoints."""
+    from . import stages
+
+    done = finished_point(recipe)
+    if done is not None:
+        return done
+    stages.preflight(recipe)
+    seconds, t_all = {}, time.perf_counter()
+    for name, fn in (("compress", stages.compress_stage), ("finetune", stages.finetune_stage), ("pack", stages.pack_stage)):
+        t0 = time.perf_counter()
+        fn(recipe)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    summary = stages.summarize(recipe, stages.evaluate_file(stages.paths(recipe)["packed"], recipe))
+    seconds["evaluate"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - t_all, 1)
+    rec = {"key": point_key(recipe), "summary": summary, "seconds": seconds,
+           "key_params": recipe.method.key_params(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    stages.write_json(point_path(recipe), rec)
+    return rec
+
+
+# ---- results ------------------------------------------------------------------------------
+
+COLUMNS = ["point", "method", "key_params", "packed_bytes", "ratio", "top1", "drop", "on_front", "seconds", "version"]
+
+
+def result_row(name: str, rec: dict) -> dict:
+    s = rec["summary"]
+    return {"point": name, "method": s["method"], "key_params": rec.get("key_params", ""), "packed_bytes": s["packed_bytes"],
+            "ratio": s["compression_ratio"], "top1": s["compressed_top1"], "drop": s["top1_drop"],
+            "seconds": rec.get("wall_s", rec["seconds"]["total"]), "packed_sha256": s["packed_sha256"]}
+
+
+def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: dict[str, str], wall_s: float) -> dict:
+    """sweep.json, front.md, front.csv, front.png in the sweep's folder; returns the record."""
+    from .atomic import atomic_write
+    from .report import markdown_table, pareto_front, plot_front
+    from .stages import write_json
+
+    root = sweep.root()
+    rows = pareto_front(rows)
+    point_s = sum(r["seconds"] for r in rows if not r.get("reused"))  # computed in this run
+    reused = sum(1 for r in rows if r.get("reused"))
+    record = {"name": sweep.name, "teacher": teacher, "points": rows, "failed": failed, "wall_s": round(wall_s, 1),
+              "sum_point_s": round(point_s, 1), "reused": reused, "concurrency": sweep.concurrency, "runner": sweep.runner}
+    write_json(root / "sweep.json", record)
+    head = (f"# Sweep {sweep.name}\n\nTeacher {teacher.get('arch')}: top-1 {teacher.get('top1', float('nan')):.2f} %, "
+            f"{teacher.get('fp32_bytes', 0):,} fp32 bytes. Top-1 on the full test set from each packed file; "
+            f"bytes = the file on disk.\n\n")
+    foot = (f"\n\n{len(rows)} points ({reused} finished before, not recomputed), concurrency {sweep.concurrency}: "
+            f"wall {wall_s:.0f} s for {point_s:.0f} s of point time." + (f" Failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}." if failed else ""))
+    atomic_write(root / "front.md", [(head + markdown_table(rows, COLUMNS) + foot + "\n").encode()])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(root / "front.csv", [buf.getvalue().encode()])
+    plot_front(rows, root / "front.png", teacher.get("top1"), f"{sweep.name}: top-1 vs packed bytes")
+    return record

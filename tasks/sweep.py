@@ -1,0 +1,174 @@
+"""The sweep's tasks: check every point, run one point, register and publish the front.
+
+A point runs in its own worker process here (``modelpress stage point``: true parallelism,
+and a crash or an out-of-memory kill takes down one point, not the sweep), with the CPU
+threads shared out between the concurrent points; with ``runner: deployment`` it is a run of
+the compression deployment instead, which the work pool's workers pick up on their machines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from modelpress import stages
+from modelpress.recipe import Recipe
+from modelpress.report import markdown_table
+from modelpress.sweep import COLUMNS, SweepConfig, finished_point, link_shared, point_path, result_row, write_results
+
+from . import registry
+
+_gates: dict[tuple[str, int], threading.Semaphore] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(sweep: SweepConfig) -> threading.Semaphore:
+    """At most ``concurrency`` points of this sweep compute at once, whatever the task runner."""
+    with _gates_lock:
+        return _gates.setdefault((str(sweep.root()), sweep.concurrency), threading.Semaphore(sweep.concurrency))
+
+
+@task(name="check-sweep", timeout_seconds=600)
+def check_sweep(sweep: SweepConfig) -> list[str]:
+    """Every point's recipe is valid and fits the architecture, before any work."""
+    names = []
+    for name, recipe in sweep.expand():
+        try:
+            stages.preflight(recipe)
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+        names.append(name)
+    return names
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned points
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_process(name: str, recipe: Recipe, threads: int) -> dict:
+    """``modelpress stage point`` in a child process; its log lines go to this run's log."""
+    logger = get_run_logger()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(recipe.model_dump_json())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--json"]
+    last = ""
+    try:
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            for line in proc.stderr:
+                line = line.rstrip()
+                if line:
+                    last = line
+                    logger.info("[%s] %s", name, line)
+            proc.wait()
+            out.seek(0)
+            stdout = out.read()
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
+    """Run the point as a flow run of the compression deployment (the GPU work pool). The
+    point's summary comes back as the flow run's result (result persistence must be on)."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
+                         flow_run_name=recipe.run.name, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"point {name}: flow run {run.id} ended {run.state.name if run.state else 'without a state'}")
+    summary = run.state.result()
+    return {"summary": summary, "seconds": {"total": sum(summary.get("seconds", {}).values())},
+            "key_params": recipe.method.key_params(), "registered": summary.get("registered"), "flow_run_id": str(run.id)}
+
+
+@task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, timeout_seconds=48 * 3600)
+def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
+    """One point of the sweep. A point that already finished with these settings is not
+    recomputed; a failed one is retried once (it resumes from its own checkpoints)."""
+    logger = get_run_logger()
+    if sweep.runner == "deployment":
+        return _on_deployment(sweep, name, recipe)
+    done = finished_point(recipe)
+    if done is not None:
+        logger.info("point %s: finished before (%d bytes, top-1 %.2f%%), not recomputed", name,
+                    done["summary"]["packed_bytes"], done["summary"]["compressed_top1"])
+        return {**done, "reused": True}
+    link_shared(recipe, sweep.root())
+    threads = max(1, (os.cpu_count() or 1) // sweep.concurrency)
+    with _gate(sweep):
+        logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), threads)
+        t0 = time.perf_counter()
+        rec = _worker_process(name, recipe, threads)
+        rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    stages.write_json(point_path(recipe), rec)  # with the wall time the sweep saw
+    return {**rec, "reused": False}
+
+
+@task(name="sweep-parent-run", retries=2, retry_delay_seconds=[5, 30])
+def start_parent_run(sweep: SweepConfig) -> str:
+    """The MLflow run the sweep's point runs nest under."""
+    import mlflow
+
+    registry.use_experiment(sweep.base.registry.experiment)
+    with mlflow.start_run(run_name=f"sweep-{sweep.name}", tags={registry.TAG + "sweep": sweep.name}) as run:
+        mlflow.log_dict(sweep.model_dump(mode="json", exclude={"base"}), "sweep.json")
+        mlflow.log_dict(sweep.base.model_dump(mode="json"), "base_recipe.json")
+    return run.info.run_id
+
+
+@task(name="publish-front", retries=2, retry_delay_seconds=[5, 30])
+def publish_front(sweep: SweepConfig, rows: list[dict], failed: dict[str, str], wall_s: float,
+                  parent_run_id: str | None) -> dict:
+    """The front as files in the sweep's folder, a Prefect table artifact, the parent MLflow
+    run's artifacts and metrics, and a ``modelpress.pareto_front`` tag on every version."""
+    teacher = stages.read_json(stages.paths(sweep.shared_recipe())["teacher_info"]) or {}
+    record = write_results(sweep, rows, {k: teacher.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256")}, failed,
+                           wall_s)
+    rows = record["points"]
+    create_table_artifact([{c: r.get(c) for c in COLUMNS} for r in rows], key=f"sweep-{sweep.name}".lower().replace("_", "-"),
+                          description=f"Sweep {sweep.name}: top-1 vs packed bytes (on_front = Pareto front)")
+    create_markdown_artifact((sweep.root() / "front.md").read_text(), key=f"sweep-{sweep.name}-front".lower().replace("_", "-"),
+                             description=f"Sweep {sweep.name}: folder {sweep.root()}")
+    if parent_run_id:
+        import mlflow
+
+        registry.configure_mlflow()
+        with mlflow.start_run(run_id=parent_run_id):
+            for i, r in enumerate(rows):
+                mlflow.log_metrics({"front_packed_bytes": r["packed_bytes"], "front_top1": r["top1"]}, step=i)
+            mlflow.log_metrics({"points": len(rows), "points_failed": len(failed), "wall_s": record["wall_s"],
+                                "sum_point_s": record["sum_point_s"]})
+            for f in ("front.png", "front.md", "front.csv", "sweep.json"):
+                mlflow.log_artifact(str(sweep.root() / f))
+    client = registry.client() if any(r.get("version") for r in rows) else None
+    for r in rows:
+        if r.get("version"):
+            client.set_model_version_tag(sweep.registered_name(), r["version"], registry.TAG + "pareto_front",
+                                         str(r["on_front"]).lower())
+            client.set_model_version_tag(sweep.registered_name(), r["version"], registry.TAG + "sweep", sweep.name)
+    get_run_logger().info("sweep %s:\n%s", sweep.name, markdown_table(rows, COLUMNS))
+    return record
+
+
+def rows_of(results: dict[str, dict]) -> list[dict]:
+    return [{**result_row(name, rec), "reused": rec.get("reused", False)} for name, rec in results.items()]
