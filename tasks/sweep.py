@@ -26,7 +26,15 @@ from prefect.logging import get_run_logger
 from modelpress import stages
 from modelpress.recipe import Recipe
 from modelpress.report import markdown_table
-from modelpress.sweep import COLUMNS, SweepConfig, finished_point, link_shared, point_path, result_row, write_results
+from modelpress.sweep import (
+    COLUMNS,
+    SweepConfig,
+    finished_point,
+    link_shared,
+    point_path,
+    result_row,
+    write_results,
+)
 
 from . import registry
 

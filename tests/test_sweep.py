@@ -1,0 +1,146 @@
+"""Sweeps: points fan out concurrently, a killed sweep reruns only its missing points, the
+Pareto front is computed right and lands in the folder, Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO, TINY, run_cli
+
+from modelpress.recipe import Recipe, RecipeError
+from modelpress.report import pareto_front
+from modelpress.sweep import SweepConfig
+
+POINTS = [
+    {"name": "uniform4", "set": {"method.name": "uniform", "method.bits": 4}},
+    {"name": "kmeans3", "set": {"method.name": "kmeans", "method.bits": 3, "method.kmeans_iters": 5}},
+    {"name": "pq", "set": {"method.linear": {"block_size": 8, "k": 32}}},
+]
+
+
+def test_pareto_front():
+    rows = [{"packed_bytes": b, "top1": a, "name": n} for n, b, a in
+            [("a", 100, 80.0), ("b", 200, 79.0), ("c", 300, 85.0), ("d", 300, 84.0), ("e", 50, 70.0), ("f", 400, 85.0)]]
+    front = {r["name"] for r in pareto_front(rows) if r["on_front"]}
+    assert front == {"e", "a", "c"}  # b is beaten by the smaller a, d and f by c
+
+
+def test_sweep_file_errors(tmp_path):
+    base = Recipe()
+    def load(raw):
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump(raw))
+        return SweepConfig.from_yaml(f, base)
+    with pytest.raises(RecipeError, match="unique: a"):
+        load({"points": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(RecipeError, match="teacher.epochs.*base recipe"):
+        load({"points": [{"name": "a", "set": {"teacher.epochs": 1}}]})
+    with pytest.raises(RecipeError, match="at least one point"):
+        load({"name": "x"})
+    with pytest.raises(RecipeError, match="concurrency"):
+        load({"budgets": [50000], "concurrency": 0})
+    sweep = load({"name": "s", "budgets": [50000], "points": [{"name": "u", "set": {"method.name": "uniform"}}]})
+    points = dict(sweep.expand())
+    assert points["pq-50000B"].method.target_bytes == 50000 and points["u"].method.name == "uniform"
+    assert points["u"].run.workdir == str(sweep.root() / "points" / "u")
+    with pytest.raises(RecipeError, match="point bad: method.bits"):
+        SweepConfig(name="s", points=[{"name": "bad", "set": {"method.name": "uniform", "method.bits": 9}}]).expand()
+
+
+def test_bad_point_fails_before_any_work(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "bad", "workdir": str(tmp_path / "out"), "points": [
+        {"name": "ok", "set": {"method.name": "uniform"}},
+        {"name": "typo", "set": {"method.name": "kmeans", "method.exclude": ["no_such_layer"]}}]}))
+    proc = run_cli("sweep", str(sweep), "--params", str(_params(tmp_path, tmp_path / "work")))
+    assert proc.returncode == 1
+    assert "sweep point typo: exclude: 'no_such_layer' matches no Conv2d/Linear layer" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _params(tmp_path, workdir):
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["run"]["workdir"] = str(workdir)
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_workdir, tmp_path):
+    root = tmp_path / "sweep"
+    shutil.copytree(trained_workdir, root)  # the sweep's shared dataset and (current) teacher
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "kill", "workdir": str(root), "concurrency": 1, "points": POINTS}))
+    params = _params(tmp_path, tmp_path / "unused")
+    cmd = [sys.executable, "-m", "modelpress", "sweep", str(sweep), "--params", str(params)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (done := list(root.glob("points/*/point.json"))) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: CLI, Prefect server, point worker
+    proc.wait()
+    done_before = {p.parent.name for p in root.glob("points/*/point.json")}
+    assert done_before and done_before != {p["name"] for p in POINTS}
+    assert not (root / "sweep.json").exists()
+    first = done[0]
+    stamp = first.stat().st_mtime_ns
+
+    rerun = run_cli("sweep", str(sweep), "--params", str(params))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert first.stat().st_mtime_ns == stamp  # not recomputed
+    record = json.loads((root / "sweep.json").read_text())
+    rows = {r["point"]: r for r in record["points"]}
+    assert set(rows) == {p["name"] for p in POINTS} and not record["failed"]
+    assert {n for n, r in rows.items() if r["reused"]} == done_before
+    for name, r in rows.items():  # every number comes from the point's own packed file
+        metrics = json.loads((root / "points" / name / "metrics.json").read_text())
+        assert r["packed_bytes"] == (root / "points" / name / "model.mpk").stat().st_size == metrics["packed_bytes"]
+        assert r["top1"] == metrics["compressed_top1"] and metrics["test_images"] == 10000
+    assert {r["method"] for r in rows.values()} == {"uniform", "kmeans", "pq"}
+    assert any(r["on_front"] for r in rows.values())
+    for f in ("front.md", "front.csv", "front.png"):
+        assert (root / f).stat().st_size > 0
+    assert (root / "front.png").read_bytes()[:4] == b"\x89PNG"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = {str(v.version): v for v in client.search_model_versions("name='fmnist-cnn-kill'")}
+    assert {str(r["version"]) for r in rows.values()} <= set(versions)
+    for r in rows.values():
+        tags = versions[str(r["version"])].tags
+        assert tags["modelpress.pareto_front"] == str(r["on_front"]).lower() and tags["modelpress.sweep"] == "kill"
+    parent = client.search_runs([client.get_experiment_by_name("modelpress").experiment_id],
+                                "tags.`modelpress.sweep` = 'kill'")[0]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"front.png", "front.csv", "sweep.json"} <= arts
+    children = {client.get_run(versions[str(r["version"])].run_id).data.tags.get("mlflow.parentRunId") for r in rows.values()
+                if not r["reused"]}
+    assert children == {parent.info.run_id}
+
+
+def test_a_failing_point_is_retried_and_does_not_sink_the_sweep(trained_workdir, tmp_path):
+    root = tmp_path / "sweep"
+    shutil.copytree(trained_workdir, root)
+    (root / "points" / "broken").mkdir(parents=True)
+    (root / "points" / "broken" / "compress").write_text("a file where the point's folder must go")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "fail", "workdir": str(root), "points": [
+        {"name": "good", "set": {"method.name": "uniform", "method.bits": 8}},
+        {"name": "broken", "set": {"method.name": "uniform", "method.bits": 4}}]}))
+    proc = run_cli("sweep", str(sweep), "--params", str(_params(tmp_path, tmp_path / "unused")))
+    assert proc.returncode == 1  # a nightly job must notice
+    out = proc.stdout + proc.stderr
+    assert "Retry 1/1" in out and "failed: broken" in out
+    record = json.loads((root / "sweep.json").read_text())
+    assert [r["point"] for r in record["points"]] == ["good"] and "broken" in record["failed"]
+    assert "broken" in (root / "front.md").read_text()
