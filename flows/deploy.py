@@ -5,7 +5,10 @@
           modelpress-compress/nightly    cron schedule (MODELPRESS_NIGHTLY_CRON, default 02:00 UTC)
           modelpress-compress/on-demand  no schedule: run it from the UI, the API or
                                          `prefect deployment run modelpress-compress/on-demand`
-        Both take the one parameter ``recipe`` (modelpress.recipe.Recipe), so the UI shows a typed
+          modelpress-sweep/on-demand     a sweep (flows/sweep.py) whose points run as flow runs of
+                                         modelpress-compress/on-demand on the same pool (runner:
+                                         deployment): the points spread over the pool's workers
+        The compression deployments take the one parameter ``recipe`` (modelpress.recipe.Recipe), so the UI shows a typed
         form with the schema's defaults and descriptions; ``--params`` (default: params.yaml of the
         source) sets the form's defaults. The worker runs the flow from ``--source``: a directory
         it can read (the repository checkout; default: this one) or a git URL it clones.
@@ -35,6 +38,7 @@ import yaml
 
 FLOW_NAME = "modelpress-compress"
 ENTRYPOINT = "flows/compress.py:compress_flow"
+SWEEP_FLOW, SWEEP_ENTRYPOINT = "modelpress-sweep", "flows/sweep.py:sweep_flow"
 NIGHTLY, ON_DEMAND = "nightly", "on-demand"
 DEFAULT_CRON = "0 2 * * *"
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +75,17 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
         name=NIGHTLY, schedules=[Cron(cron, timezone=timezone, slug="nightly")],
         description=f"{description} Scheduled: cron '{cron}' ({timezone}).", **common)
     on_demand = flow.to_deployment(name=ON_DEMAND, description=f"{description} Triggered from the UI or the API.", **common)
-    ids = prefect_deploy(nightly, on_demand, work_pool_name=pool, build=False, push=False,
+    sweep_params = {}
+    if parameters:  # the form's default: a budget sweep of the default recipe, points on the pool
+        sweep_params = {"sweep": {"name": "front", "base": parameters["recipe"], "budgets": [120000, 80000, 50000],
+                                  "runner": "deployment", "deployment": f"{FLOW_NAME}/{ON_DEMAND}", "concurrency": 4}}
+    sweep = prefect_flow.from_source(source=source, entrypoint=SWEEP_ENTRYPOINT).to_deployment(
+        name=ON_DEMAND, description="Compress one teacher at many points (methods x knobs or byte budgets); "
+                                    "Pareto front of accuracy vs packed bytes.",
+        **{**common, "parameters": sweep_params, "tags": ["modelpress"]})
+    ids = prefect_deploy(nightly, on_demand, sweep, work_pool_name=pool, build=False, push=False,
                          print_next_steps_message=False, ignore_warnings=True)
-    return {NIGHTLY: ids[0], ON_DEMAND: ids[1]}
+    return {NIGHTLY: ids[0], ON_DEMAND: ids[1], f"sweep-{ON_DEMAND}": ids[2]}
 
 
 def _process_alive(pid: str | None) -> bool:
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     params = a.params or (Path(a.source) / "params.yaml" if "://" not in a.source else None)
     ids = deploy(a.pool, a.cron, a.timezone, a.source, params)
-    print(yaml.safe_dump({f"{FLOW_NAME}/{k}": str(v) for k, v in ids.items()}, sort_keys=False).strip())
+    names = {k: f"{SWEEP_FLOW}/{k.removeprefix('sweep-')}" if k.startswith("sweep-") else f"{FLOW_NAME}/{k}" for k in ids}
+    print(yaml.safe_dump({names[k]: str(v) for k, v in ids.items()}, sort_keys=False).strip())
     return 0
 
 

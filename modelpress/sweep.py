@@ -88,6 +88,9 @@ class SweepConfig(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"point names must be unique: {', '.join(dup)}")
+        if self.runner == "deployment" and not self.base.registry.enabled:
+            raise ValueError("runner 'deployment' reads each point's result from the model registry: "
+                             "registry.enabled must be true")
         return self
 
     def all_points(self) -> list[SweepPoint]:

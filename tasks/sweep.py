@@ -96,17 +96,28 @@ def _worker_process(name: str, recipe: Recipe, threads: int) -> dict:
 
 
 def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
-    """Run the point as a flow run of the compression deployment (the GPU work pool). The
-    point's summary comes back as the flow run's result (result persistence must be on)."""
+    """Run the point as a flow run of the compression deployment (the work pool's machines).
+    The run registers its model itself; the point's figures are read back from that model
+    version (tagged with the flow run's id), so no shared result storage is needed."""
     from prefect.deployments import run_deployment
 
+    t0 = time.perf_counter()
     run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
                          flow_run_name=recipe.run.name, timeout=None)
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"point {name}: flow run {run.id} ended {run.state.name if run.state else 'without a state'}")
-    summary = run.state.result()
-    return {"summary": summary, "seconds": {"total": sum(summary.get("seconds", {}).values())},
-            "key_params": recipe.method.key_params(), "registered": summary.get("registered"), "flow_run_id": str(run.id)}
+    found = [v for v in registry.versions(recipe.registered_name())
+             if v.tags.get(registry.TAG + "prefect_flow_run_id") == str(run.id)]
+    if not found:
+        raise RuntimeError(f"point {name}: flow run {run.id} registered no version of {recipe.registered_name()}")
+    v, t = found[0], found[0].tags
+    num = lambda k: float(t[registry.TAG + k])  # noqa: E731
+    summary = {"method": t[registry.TAG + "method"], "packed_bytes": int(num("packed_bytes")),
+               "compression_ratio": num("compression_ratio"), "compressed_top1": num("compressed_top1"),
+               "top1_drop": num("top1_drop"), "teacher_top1": num("teacher_top1"),
+               "packed_sha256": t[registry.TAG + "packed_sha256"]}
+    return {"summary": summary, "seconds": {"total": round(time.perf_counter() - t0, 1)}, "key_params": recipe.method.key_params(),
+            "registered": {"version": v.version, "model_name": v.name}, "flow_run_id": str(run.id)}
 
 
 @task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, timeout_seconds=48 * 3600)

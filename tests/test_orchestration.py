@@ -153,6 +153,18 @@ def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_api):
         assert Recipe.model_validate(dep.parameters["recipe"]) == Recipe.from_yaml(REPO / "params.yaml")
         assert dep.enforce_parameter_schema
 
+    # The sweep deployment: its form is the sweep schema, pre-filled with a budget sweep of
+    # params.yaml whose points run as runs of the on-demand deployment on the same pool.
+    from modelpress.sweep import SweepConfig
+
+    with _client(api) as client:
+        sweep = client.read_deployment_by_name("modelpress-sweep/on-demand")
+    assert sweep.work_pool_name == POOL and list(sweep.parameter_openapi_schema["properties"]) == ["sweep"]
+    assert "runner" in sweep.parameter_openapi_schema["definitions"]["SweepConfig"]["properties"]
+    default = SweepConfig.model_validate(sweep.parameters["sweep"])
+    assert default.runner == "deployment" and default.deployment == f"{FLOW}/on-demand"
+    assert default.base == Recipe.from_yaml(REPO / "params.yaml") and default.budgets
+
     # The documented docker and kubernetes pools (GPU requests) are accepted by the server.
     from prefect.client.schemas.actions import WorkPoolCreate
 
