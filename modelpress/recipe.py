@@ -52,6 +52,8 @@ class RunConfig(_Section):
     seed: int = Field(0, description="Seed of every random choice (shuffles, k-means, calibration images).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else the CPU.")
     workdir: str = Field("data", description="Where every stage writes its outputs (tracked by DVC).")
+    version_outputs: bool = Field(True, description="Record the outputs in dvc.lock and push them to the DVC remote "
+                                                    "(off for a sweep's points: experiments, not the pipeline's state).")
 
 
 class DataConfig(_Section):

@@ -113,7 +113,7 @@ class SweepConfig(BaseModel):
         for p in self.all_points():
             r = self.base.with_overrides(p.set, source=f"sweep {self.name}, point {p.name}")
             r = r.with_overrides({"run.name": f"{self.name}-{p.name}", "run.workdir": str(self.root() / "points" / p.name),
-                                  "registry.model_name": self.registered_name()})
+                                  "run.version_outputs": False, "registry.model_name": self.registered_name()})
             out.append((p.name, r))
         return out
 

@@ -57,6 +57,8 @@ def skip_reason(recipe: Recipe, repo: Path) -> str | None:
     """Why this run's outputs cannot be versioned here (None: they can)."""
     if os.environ.get("MODELPRESS_DVC", "on").lower() in ("0", "off", "false", "no"):
         return "MODELPRESS_DVC is off"
+    if not recipe.run.version_outputs:
+        return "run.version_outputs is off (a sweep point)"
     if not (repo / "dvc.yaml").is_file() or not (repo / ".dvc").is_dir():
         return f"{repo.resolve()} is not a DVC repository with dvc.yaml"
     workdir = Path(recipe.run.workdir)

@@ -310,6 +310,31 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         assert {"summary", "layers"} <= {a.key for a in arts}
         assert any(a.type == "table" and a.key == "layers" and json.loads(a.data) for a in arts)
+
+        # A sweep from the UI whose points run as runs of the compression deployment on the
+        # pool (runner: deployment); the front comes back from what the points registered.
+        from prefect.deployments import run_deployment
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        sweep = {"name": "e2e", "base": _tiny_params(), "runner": "deployment", "concurrency": 2,
+                 "points": [{"name": "u8", "set": {"method.name": "uniform", "method.bits": 8}},
+                            {"name": "u4", "set": {"method.name": "uniform", "method.bits": 4}}]}
+        with temporary_settings({PREFECT_API_URL: api}):
+            srun = run_deployment("modelpress-sweep/on-demand", parameters={"sweep": sweep}, timeout=0, as_subflow=False)
+        final = _wait_final(api, srun.id, 400, [worker])
+        assert final.state_name == "Completed", worker.tail()
+        with _client(api) as client:
+            names = {r.name: r for r in client.read_flow_runs() if r.name in ("e2e-u8", "e2e-u4")}
+        assert set(names) == {"e2e-u8", "e2e-u4"} and all(r.state_name == "Completed" for r in names.values())
+        record = json.loads((repo / "data" / "sweeps" / "e2e" / "sweep.json").read_text())
+        assert {r["point"] for r in record["points"]} == {"u8", "u4"} and not record["failed"]
+        versions = {v.version: v for v in ml.search_model_versions("name='fmnist-cnn-e2e'")}
+        for r in record["points"]:
+            v = versions[str(r["version"])]
+            assert v.tags["modelpress.prefect_flow_run_id"] == str(names[f"e2e-{r['point']}"].id)
+            assert v.tags["modelpress.pareto_front"] == str(r["on_front"]).lower()
+            assert int(v.tags["modelpress.packed_bytes"]) == r["packed_bytes"]
+        assert "sweep-e2e" in [r.info.run_name for r in ml.search_runs([ml.get_experiment_by_name("modelpress").experiment_id])]
     finally:
         left = stack.close()
     assert left == [], f"processes left after stopping the services: {left}"
