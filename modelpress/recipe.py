@@ -113,6 +113,7 @@ class FinetuneConfig(_Section):
     epochs: float = Field(1.0, ge=0, le=1000, description="Distillation epochs over all codebooks together (0 skips).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW, cosine schedule).")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
+    augment: bool = Field(False, description="Distil on randomly flipped and shifted images (CIFAR-style augmentation).")
     batch_size: int = Field(128, ge=1, le=65536)
     train_other: bool = Field(True, description="Also tune biases and BatchNorm scales, not only codebooks.")
     bn_batches: int = Field(100, ge=0, description="Batches used to re-estimate BatchNorm statistics (0 skips).")

@@ -546,7 +546,8 @@ def finetune_stage(recipe: Recipe) -> Path:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and _is_small(n, student)]
         with keep_masks(student, masks):
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
-                    cfg.lr, temperature=cfg.temperature, stage="finetune", device=device)
+                    cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
+                    seed=recipe.run.seed)
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
     _round_codebooks(student, recipe.pack.codebook_dtype)

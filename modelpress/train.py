@@ -117,6 +117,21 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     ) * (t * t)
 
 
+def flip_and_crop(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR augmentation on a whole batch: each image flipped left-right with
+    probability 1/2, then cropped back to its size at a random offset after zero padding by
+    ``pad`` pixels (zero = the data set's mean, inputs being normalised)."""
+    n, c, h, w = x.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device) for _ in range(2))
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                  rows, cols]
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -127,12 +142,19 @@ def distill(
     temperature: float = 1.0,
     stage: str = "distill",
     train_mode: bool = True,
+    augment: bool = False,
+    seed: int = 0,
     **kw,
 ) -> list[float]:
-    """Fit ``params`` of the student to the teacher's outputs. Labels are never used."""
+    """Fit ``params`` of the student to the teacher's outputs. Labels are never used.
+    ``augment``: both see the same flipped and shifted images (:func:`flip_and_crop`), so the
+    student matches the teacher on more of its input space than the training set itself."""
     teacher.eval()
+    gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(x, _y):
+        if augment:
+            x = flip_and_crop(x, generator=gen)
         with torch.no_grad():
             t_logits = teacher(x)
         return distill_loss(student(x), t_logits, temperature)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,9 +165,10 @@ def publish_front(sweep: SweepConfig, rows: list[dict], failed: dict[str, str], 
     record = write_results(sweep, rows, {k: teacher.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256")}, failed,
                            wall_s)
     rows = record["points"]
-    create_table_artifact([{c: r.get(c) for c in COLUMNS} for r in rows], key=f"sweep-{sweep.name}".lower().replace("_", "-"),
+    key = "sweep-" + re.sub(r"[^a-z0-9-]", "-", sweep.name.lower())  # Prefect artifact keys: a-z, 0-9, '-'
+    create_table_artifact([{c: r.get(c) for c in COLUMNS} for r in rows], key=key,
                           description=f"Sweep {sweep.name}: top-1 vs packed bytes (on_front = Pareto front)")
-    create_markdown_artifact((sweep.root() / "front.md").read_text(), key=f"sweep-{sweep.name}-front".lower().replace("_", "-"),
+    create_markdown_artifact((sweep.root() / "front.md").read_text(), key=f"{key}-front",
                              description=f"Sweep {sweep.name}: folder {sweep.root()}")
     if parent_run_id:
         import mlflow

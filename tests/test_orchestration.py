@@ -328,7 +328,7 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
         assert set(names) == {"e2e-u8", "e2e-u4"} and all(r.state_name == "Completed" for r in names.values())
         record = json.loads((repo / "data" / "sweeps" / "e2e" / "sweep.json").read_text())
         assert {r["point"] for r in record["points"]} == {"u8", "u4"} and not record["failed"]
-        versions = {v.version: v for v in ml.search_model_versions("name='fmnist-cnn-e2e'")}
+        versions = {str(v.version): v for v in ml.search_model_versions("name='fmnist-cnn-e2e'")}
         for r in record["points"]:
             v = versions[str(r["version"])]
             assert v.tags["modelpress.prefect_flow_run_id"] == str(names[f"e2e-{r['point']}"].id)
