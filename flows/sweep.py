@@ -39,7 +39,7 @@ def sweep_flow(sweep: SweepConfig) -> dict:
     wall_s = time.perf_counter() - t0
     if not results:
         raise RuntimeError(f"every point of sweep {sweep.name} failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    rows = rows_of(results)
+    rows = rows_of(sweep, results)
     parent = None
     if sweep.base.registry.enabled:
         parent = start_parent_run(sweep)

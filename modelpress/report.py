@@ -53,7 +53,8 @@ def pareto_front(rows: list[dict], x: str = "packed_bytes", y: str = "top1") -> 
 
 
 def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = None, title: str = "") -> Path:
-    """Accuracy vs packed bytes (log scale), one marker per method, the Pareto front as a line."""
+    """Accuracy vs packed bytes (log scale), one marker per series (default: method), the
+    Pareto front as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +62,9 @@ def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = "osD^v<>pP*X"
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = [r for r in rows if r["method"] == method]
+    group = lambda r: r.get("series") or r["method"]  # noqa: E731
+    for i, method in enumerate(dict.fromkeys(group(r) for r in rows)):
+        pts = [r for r in rows if group(r) == method]
         ax.scatter([r["packed_bytes"] for r in pts], [r["top1"] for r in pts], marker=markers[i % len(markers)],
                    label=method, zorder=3)
     front = sorted((r for r in rows if r.get("on_front")), key=lambda r: r["packed_bytes"])

@@ -39,6 +39,7 @@ class SweepPoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Point name: its folder, run name and row label.")
     set: dict[str, Any] = Field({}, description="Overrides of the base recipe, e.g. {method.name: kmeans, method.bits: 4}.")
+    series: str | None = Field(None, description="Legend group in the table and plot; default: the method's name.")
 
     @field_validator("name")
     @classmethod
@@ -96,6 +97,9 @@ class SweepConfig(BaseModel):
     def all_points(self) -> list[SweepPoint]:
         extra = [SweepPoint(name=f"pq-{b}B", set={"method.name": "pq", "method.target_bytes": b}) for b in self.budgets]
         return list(self.points) + extra
+
+    def series_of(self, name: str) -> str | None:
+        return next((p.series for p in self.all_points() if p.name == name), None)
 
     def root(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(self.base.run.workdir) / "sweeps" / self.name
@@ -203,12 +207,12 @@ def run_point(recipe: Recipe) -> dict:
 
 # ---- results ------------------------------------------------------------------------------
 
-COLUMNS = ["point", "method", "key_params", "packed_bytes", "ratio", "top1", "drop", "on_front", "seconds", "version"]
+COLUMNS = ["point", "series", "key_params", "packed_bytes", "ratio", "top1", "drop", "on_front", "seconds", "version"]
 
 
-def result_row(name: str, rec: dict) -> dict:
+def result_row(name: str, rec: dict, series: str | None = None) -> dict:
     s = rec["summary"]
-    return {"point": name, "method": s["method"], "key_params": rec.get("key_params", ""), "packed_bytes": s["packed_bytes"],
+    return {"point": name, "series": series or s["method"], "method": s["method"], "key_params": rec.get("key_params", ""), "packed_bytes": s["packed_bytes"],
             "ratio": s["compression_ratio"], "top1": s["compressed_top1"], "drop": s["top1_drop"],
             "seconds": rec.get("wall_s", rec["seconds"]["total"]), "packed_sha256": s["packed_sha256"]}
 

@@ -191,5 +191,5 @@ def publish_front(sweep: SweepConfig, rows: list[dict], failed: dict[str, str], 
     return record
 
 
-def rows_of(results: dict[str, dict]) -> list[dict]:
-    return [{**result_row(name, rec), "reused": rec.get("reused", False)} for name, rec in results.items()]
+def rows_of(sweep: SweepConfig, results: dict[str, dict]) -> list[dict]:
+    return [{**result_row(name, rec, sweep.series_of(name)), "reused": rec.get("reused", False)} for name, rec in results.items()]

@@ -20,7 +20,7 @@ from modelpress.report import pareto_front
 from modelpress.sweep import SweepConfig
 
 POINTS = [
-    {"name": "uniform4", "set": {"method.name": "uniform", "method.bits": 4}},
+    {"name": "uniform4", "series": "uniform (baseline)", "set": {"method.name": "uniform", "method.bits": 4}},
     {"name": "kmeans3", "set": {"method.name": "kmeans", "method.bits": 3, "method.kmeans_iters": 5}},
     {"name": "pq", "set": {"method.linear": {"block_size": 8, "k": 32}}},
 ]
@@ -106,6 +106,7 @@ def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_wor
         assert r["packed_bytes"] == (root / "points" / name / "model.mpk").stat().st_size == metrics["packed_bytes"]
         assert r["top1"] == metrics["compressed_top1"] and metrics["test_images"] == 10000
     assert {r["method"] for r in rows.values()} == {"uniform", "kmeans", "pq"}
+    assert rows["uniform4"]["series"] == "uniform (baseline)" and rows["pq"]["series"] == "pq"
     assert any(r["on_front"] for r in rows.values())
     for f in ("front.md", "front.csv", "front.png"):
         assert (root / f).stat().st_size > 0
