@@ -95,7 +95,8 @@ class SweepConfig(BaseModel):
         return self
 
     def all_points(self) -> list[SweepPoint]:
-        extra = [SweepPoint(name=f"pq-{b}B", set={"method.name": "pq", "method.target_bytes": b}) for b in self.budgets]
+        extra = [SweepPoint(name=f"pq-{b}B", series="pq (byte budget)", set={"method.name": "pq", "method.target_bytes": b})
+                 for b in self.budgets]
         return list(self.points) + extra
 
     def series_of(self, name: str) -> str | None:

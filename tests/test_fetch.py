@@ -17,14 +17,7 @@ from fixtures_servers import (  # noqa: F401  (pytest fixtures)
     truncating_http_root,
 )
 
-from modelpress.data import (
-    DATASET_INFO,
-    ChecksumMismatch,
-    FetchError,
-    SourceUnavailable,
-    fetch_files,
-    sha256_file,
-)
+from modelpress.data import DATASET_INFO, ChecksumMismatch, FetchError, SourceUnavailable, fetch_files, sha256_file
 from modelpress.data import fetch as fetch_module
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

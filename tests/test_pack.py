@@ -16,21 +16,8 @@ import torch.nn as nn
 
 from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
-from modelpress.pack import (
-    PackedFormatError,
-    arch_spec,
-    load_packed,
-    pack_model,
-    read_packed,
-)
-from modelpress.pack.format import (
-    MAGIC,
-    encode_pq,
-    model_entries,
-    pack_bits,
-    unpack_bits,
-    write_packed,
-)
+from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
+from modelpress.pack.format import MAGIC, encode_pq, model_entries, pack_bits, unpack_bits, write_packed
 from modelpress.stages import calibration_images
 
 FMNIST = "/usr/share/datasets/fashion-mnist"

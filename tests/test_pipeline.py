@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_recipe
 
 
+
 def _registry():
     from mlflow import MlflowClient
 
@@ -60,6 +61,7 @@ def test_rerun_skips_finished_stages(prefect_server, workdir):
 
 def test_bad_checksum_fails_flow_and_registers_nothing(prefect_server, workdir):
     from flows.compress import compress_flow
+
     from modelpress.data import ChecksumMismatch
 
     shutil_target = workdir / "datasets" / "fashion-mnist"
