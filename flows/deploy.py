@@ -6,14 +6,18 @@
           modelpress-compress/on-demand  no schedule: run it from the UI, the API or
                                          `prefect deployment run modelpress-compress/on-demand`
           modelpress-sweep/on-demand     a sweep (flows/sweep.py) whose points run as flow runs of
-                                         modelpress-compress/on-demand on the same pool (runner:
-                                         deployment): the points spread over the pool's workers
+                                         modelpress-compress/on-demand on the pool (runner:
+                                         deployment): the points spread over the pool's workers.
+                                         The sweep itself runs on its own pool (--sweep-pool,
+                                         default <pool>-sweeps; infra/prefect-worker.sh with
+                                         MODELPRESS_WORKER_KIND=control): it only waits, and must
+                                         not hold a GPU worker's one slot its points need
         The compression deployments take the one parameter ``recipe`` (modelpress.recipe.Recipe), so the UI shows a typed
         form with the schema's defaults and descriptions; ``--params`` (default: params.yaml of the
         source) sets the form's defaults. The worker runs the flow from ``--source``: a directory
         it can read (the repository checkout; default: this one) or a git URL it clones.
 
-    python -m flows.deploy worker-setup POOL WORKER_NAME
+    python -m flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
         what infra/prefect-worker.sh runs before starting a worker: creates the process work pool
         if missing, (re)creates this machine's GPU concurrency limit (limit 1, fresh: a starting
         worker means nothing on this machine holds the GPU), and reschedules the runs this worker
@@ -59,13 +63,16 @@ def default_parameters(params_file: Path | None) -> dict:
     return {"recipe": Recipe.from_yaml(params_file).model_dump(mode="json")}
 
 
-def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path | None) -> dict[str, UUID]:
+def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path | None,
+           sweep_pool: str | None = None) -> dict[str, UUID]:
     """Create or update the nightly and on-demand deployments; returns their ids."""
     from prefect import deploy as prefect_deploy
     from prefect import flow as prefect_flow
     from prefect.schedules import Cron
 
+    sweep_pool = sweep_pool or f"{pool}-sweeps"
     asyncio.run(_ensure_pool(pool))
+    asyncio.run(_ensure_pool(sweep_pool))
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
     parameters = default_parameters(params_file)
     description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
@@ -83,8 +90,10 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
         name=ON_DEMAND, description="Compress one teacher at many points (methods x knobs or byte budgets); "
                                     "Pareto front of accuracy vs packed bytes.",
         **{**common, "parameters": sweep_params, "tags": ["modelpress"]})
-    ids = prefect_deploy(nightly, on_demand, sweep, work_pool_name=pool, build=False, push=False,
+    ids = prefect_deploy(nightly, on_demand, work_pool_name=pool, build=False, push=False,
                          print_next_steps_message=False, ignore_warnings=True)
+    ids += prefect_deploy(sweep, work_pool_name=sweep_pool, build=False, push=False,
+                          print_next_steps_message=False, ignore_warnings=True)
     return {NIGHTLY: ids[0], ON_DEMAND: ids[1], f"sweep-{ON_DEMAND}": ids[2]}
 
 
@@ -127,7 +136,7 @@ async def _ensure_pool(pool: str) -> None:
         await ensure_pool(client, pool)
 
 
-async def _worker_setup(pool: str, worker_name: str) -> str:
+async def _worker_setup(pool: str, worker_name: str, gpu: bool = True) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.client.schemas.filters import (
@@ -144,13 +153,16 @@ async def _worker_setup(pool: str, worker_name: str) -> str:
     limit = gpu_limit_name()
     async with get_client() as client:
         await ensure_pool(client, pool)
-        # A fresh limit: slots leased by a killed process on this machine must not block it
-        # until their lease expires.
-        try:
-            await client.delete_global_concurrency_limit_by_name(limit)
-        except ObjectNotFound:
-            pass
-        await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        if gpu:
+            # A fresh limit: slots leased by a killed process on this machine must not block it
+            # until their lease expires.
+            try:
+                await client.delete_global_concurrency_limit_by_name(limit)
+            except ObjectNotFound:
+                pass
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        else:
+            limit = ""
 
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
@@ -180,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker-setup"]:
         p = argparse.ArgumentParser(prog="python -m flows.deploy worker-setup")
+        p.add_argument("--no-gpu", action="store_true", help="a control worker: no GPU concurrency limit")
         p.add_argument("pool")
         p.add_argument("worker_name")
         a = p.parse_args(argv[1:])
-        print(asyncio.run(_worker_setup(a.pool, a.worker_name)))
+        print(asyncio.run(_worker_setup(a.pool, a.worker_name, gpu=not a.no_gpu)))
         return 0
     if argv[:1] == ["reschedule"]:
         asyncio.run(_reschedule(argv[1:]))
@@ -195,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=os.environ.get("MODELPRESS_SOURCE", str(REPO)),
                    help="repository checkout the worker reads (a directory) or a git URL it clones")
     p.add_argument("--params", type=Path, default=None, help="defaults of the UI form (default: params.yaml of the source)")
+    p.add_argument("--sweep-pool", default=os.environ.get("MODELPRESS_SWEEP_POOL"),
+                   help="work pool of the sweep deployment (default <pool>-sweeps)")
     a = p.parse_args(argv)
     params = a.params or (Path(a.source) / "params.yaml" if "://" not in a.source else None)
-    ids = deploy(a.pool, a.cron, a.timezone, a.source, params)
+    ids = deploy(a.pool, a.cron, a.timezone, a.source, params, a.sweep_pool)
     names = {k: f"{SWEEP_FLOW}/{k.removeprefix('sweep-')}" if k.startswith("sweep-") else f"{FLOW_NAME}/{k}" for k in ids}
     print(yaml.safe_dump({names[k]: str(v) for k, v in ids.items()}, sort_keys=False).strip())
     return 0

@@ -159,7 +159,7 @@ def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_api):
 
     with _client(api) as client:
         sweep = client.read_deployment_by_name("modelpress-sweep/on-demand")
-    assert sweep.work_pool_name == POOL and list(sweep.parameter_openapi_schema["properties"]) == ["sweep"]
+    assert sweep.work_pool_name == f"{POOL}-sweeps" and list(sweep.parameter_openapi_schema["properties"]) == ["sweep"]
     assert "runner" in sweep.parameter_openapi_schema["definitions"]["SweepConfig"]["properties"]
     default = SweepConfig.model_validate(sweep.parameters["sweep"])
     assert default.runner == "deployment" and default.deployment == f"{FLOW}/on-demand"
@@ -312,7 +312,10 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
         assert any(a.type == "table" and a.key == "layers" and json.loads(a.data) for a in arts)
 
         # A sweep from the UI whose points run as runs of the compression deployment on the
-        # pool (runner: deployment); the front comes back from what the points registered.
+        # pool (runner: deployment); the front comes back from what the points registered. The
+        # sweep itself runs on a control worker of the sweep pool, never in the GPU worker's slot.
+        control = stack.worker(api, f"{POOL}-sweeps", {"MLFLOW_TRACKING_URI": mlflow_url, "MODELPRESS_WORKER_KIND": "control"},
+                               name="control-worker")
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -321,8 +324,8 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
                             {"name": "u4", "set": {"method.name": "uniform", "method.bits": 4}}]}
         with temporary_settings({PREFECT_API_URL: api}):
             srun = run_deployment("modelpress-sweep/on-demand", parameters={"sweep": sweep}, timeout=0, as_subflow=False)
-        final = _wait_final(api, srun.id, 400, [worker])
-        assert final.state_name == "Completed", worker.tail()
+        final = _wait_final(api, srun.id, 400, [worker, control])
+        assert final.state_name == "Completed", control.tail()
         with _client(api) as client:
             names = {r.name: r for r in client.read_flow_runs() if r.name in ("e2e-u8", "e2e-u4")}
         assert set(names) == {"e2e-u8", "e2e-u4"} and all(r.state_name == "Completed" for r in names.values())
