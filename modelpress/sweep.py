@@ -231,9 +231,10 @@ def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: d
     record = {"name": sweep.name, "teacher": teacher, "points": rows, "failed": failed, "wall_s": round(wall_s, 1),
               "sum_point_s": round(point_s, 1), "reused": reused, "concurrency": sweep.concurrency, "runner": sweep.runner}
     write_json(root / "sweep.json", record)
-    head = (f"# Sweep {sweep.name}\n\nTeacher {teacher.get('arch')}: top-1 {teacher.get('top1', float('nan')):.2f} %, "
-            f"{teacher.get('fp32_bytes', 0):,} fp32 bytes. Top-1 on the full test set from each packed file; "
-            f"bytes = the file on disk.\n\n")
+    top1, fp32 = teacher.get("top1"), teacher.get("fp32_bytes")
+    head = (f"# Sweep {sweep.name}\n\nTeacher {teacher.get('arch')}: top-1 "
+            f"{'?' if top1 is None else f'{top1:.2f}'} %, {'?' if fp32 is None else f'{fp32:,}'} fp32 bytes. "
+            f"Top-1 on the full test set from each packed file; bytes = the file on disk.\n\n")
     foot = (f"\n\n{len(rows)} points ({reused} finished before, not recomputed), concurrency {sweep.concurrency}: "
             f"wall {wall_s:.0f} s for {point_s:.0f} s of point time." + (f" Failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}." if failed else ""))
     atomic_write(root / "front.md", [(head + markdown_table(rows, COLUMNS) + foot + "\n").encode()])

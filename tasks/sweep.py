@@ -162,6 +162,9 @@ def publish_front(sweep: SweepConfig, rows: list[dict], failed: dict[str, str], 
     """The front as files in the sweep's folder, a Prefect table artifact, the parent MLflow
     run's artifacts and metrics, and a ``modelpress.pareto_front`` tag on every version."""
     teacher = stages.read_json(stages.paths(sweep.shared_recipe())["teacher_info"]) or {}
+    if not teacher and rows:  # runner=deployment: the teacher lives on the workers; its figures come with the points
+        r = rows[0]
+        teacher = {"arch": sweep.base.teacher.arch, "top1": r["top1"] + r["drop"], "fp32_bytes": round(r["packed_bytes"] * r["ratio"])}
     record = write_results(sweep, rows, {k: teacher.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256")}, failed,
                            wall_s)
     rows = record["points"]
