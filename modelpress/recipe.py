@@ -26,6 +26,19 @@ class RecipeError(ValueError):
     """params.yaml (or a parameter override) is invalid; the message names the field."""
 
 
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML (or JSON) file holding a mapping; RecipeError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such {what}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def apply_overrides(raw: dict, items: list[tuple[str, Any]]) -> dict:
     """Set ``section.key`` paths in a raw recipe mapping. Switching method
     (``method.name=prune``) starts that section afresh, since the other settings belong to the
@@ -148,14 +161,7 @@ class Recipe(_Section):
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
         """Read params.yaml; ``overrides`` are ``section.key=value`` strings (YAML values)."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: no such parameter file") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raw = read_mapping(path, "parameter file")
         items = []
         for item in overrides or []:
             key, sep, value = item.partition("=")

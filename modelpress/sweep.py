@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, read_mapping
 
 POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What a point may not change: the sweep compares points on one teacher, one dataset.
@@ -126,18 +126,10 @@ class SweepConfig(BaseModel):
     def from_yaml(cls, path: str | Path, base: Recipe) -> SweepConfig:
         """Read a sweep file (name, points, budgets, concurrency, ...; the base recipe comes
         from params.yaml). Raises RecipeError naming the problem."""
-        import yaml
         from pydantic import ValidationError
 
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: no such sweep file") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {type(raw).__name__}")
+        raw = read_mapping(path, "sweep file")
         if "base" in raw:
             raise RecipeError(f"{path}: 'base' comes from the parameter file (--params), not the sweep file")
         try:
