@@ -24,9 +24,9 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .recipe import Recipe, RecipeError, read_mapping
 
@@ -35,18 +35,21 @@ POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHARED = ("data.", "teacher.", "run.workdir", "run.seed", "registry.")
 
 
+def _safe_name(v: str) -> str:
+    """Sweep and point names become folder, run and model names."""
+    if not POINT_NAME.match(v):
+        raise ValueError(f"name {v!r}: use letters, digits, '_', '.', '-'")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_safe_name)]
+
+
 class SweepPoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="Point name: its folder, run name and row label.")
+    name: Name = Field(description="Point name: its folder, run name and row label.")
     set: dict[str, Any] = Field({}, description="Overrides of the base recipe, e.g. {method.name: kmeans, method.bits: 4}.")
     series: str | None = Field(None, description="Legend group in the table and plot; default: the method's name.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not POINT_NAME.match(v):
-            raise ValueError(f"point name {v!r}: use letters, digits, '_', '.', '-'")
-        return v
 
     @field_validator("set")
     @classmethod
@@ -62,7 +65,7 @@ class SweepConfig(BaseModel):
     """A sweep: the base recipe, its points, and how to run them."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("sweep", description="Sweep name (folder, MLflow parent run, registered model).")
+    name: Name = Field("sweep", description="Sweep name (folder, MLflow parent run, registered model).")
     base: Recipe = Field(Recipe(), description="The recipe every point starts from (teacher, data, fine-tuning...).")
     points: list[SweepPoint] = Field([], description="Named points, each a set of overrides of the base recipe.")
     budgets: list[int] = Field([], description="Shorthand: one PQ point per byte budget (method.target_bytes).")
@@ -73,13 +76,6 @@ class SweepConfig(BaseModel):
                              "the compression deployment (run_deployment), i.e. on the work pool's machines.")
     deployment: str = Field("modelpress-compress/on-demand", description="Deployment the points run on (runner=deployment).")
     model_name: str | None = Field(None, description="Registered model of every point; default <teacher arch>-<name>.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not POINT_NAME.match(v):
-            raise ValueError(f"sweep name {v!r}: use letters, digits, '_', '.', '-'")
-        return v
 
     @model_validator(mode="after")
     def _points(self) -> SweepConfig:
