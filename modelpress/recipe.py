@@ -128,7 +128,7 @@ class FinetuneConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     augment: bool = Field(False, description="Distil on randomly flipped and shifted images (CIFAR-style augmentation).")
     batch_size: int = Field(128, ge=1, le=65536)
-    train_other: bool = Field(True, description="Also tune biases and BatchNorm scales, not only codebooks.")
+    train_other: bool = Field(True, description="Also tune biases, BatchNorm scales and the weights of layers left dense (e.g. a first conv kept fp16), not only codebooks.")
     bn_batches: int = Field(100, ge=0, description="Batches used to re-estimate BatchNorm statistics (0 skips).")
 
 

@@ -544,6 +544,7 @@ def finetune_stage(recipe: Recipe) -> Path:
             params += [student.get_submodule(n).weight for n in masks]
         if cfg.train_other:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and _is_small(n, student)]
+            params += [w for w in _dense_weights(student) if all(w is not q for q in params)]
         with keep_masks(student, masks):
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
                     cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
@@ -559,6 +560,13 @@ def _is_small(name: str, model: torch.nn.Module) -> bool:
     """Biases and BatchNorm parameters (not dense weights of layers left unquantized)."""
     mod = model.get_submodule(name.rpartition(".")[0])
     return name.endswith(".bias") or isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _dense_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Weights of the Conv2d/Linear layers the method left dense (stored as floats, e.g. a first
+    conv or a classifier kept fp16): tuning them costs no bytes."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and isinstance(m.weight, torch.nn.Parameter)]
 
 
 def _round_codebooks(model: torch.nn.Module, dtype: str) -> None:

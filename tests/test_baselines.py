@@ -41,7 +41,9 @@ def test_uniform_round_trip_and_size(trained, data, tmp_path, bits):
         if isinstance(m, UniformLayer):
             enc, p = entries[f"{name}.weight"]
             out = m.weight_shape[0]
-            assert enc == "affine" and p["n"] == 2 * 4 * out + math.ceil(m.codes.numel() * bits / 8)
+            plain = 2 * 4 * out + math.ceil(m.codes.numel() * bits / 8)
+            # bit-packed, or range coded where that is smaller (the codes of a real layer are skewed)
+            assert enc == "affine" and (p["n"] == plain if "coder" not in p else p["n"] < plain)
     assert size == path.stat().st_size
     x = torch.stack([data[1][i][0] for i in range(64)])
     with torch.no_grad():

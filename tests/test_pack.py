@@ -17,7 +17,9 @@ import torch.nn as nn
 from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
 from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
-from modelpress.pack.format import MAGIC, encode_pq, model_entries, pack_bits, unpack_bits, write_packed
+from modelpress.pack.format import (
+    MAGIC, decode_codes, encode_codes, encode_pq, model_entries, pack_bits, unpack_bits, write_packed,
+)
 from modelpress.stages import calibration_images
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -83,7 +85,8 @@ def test_reported_size_is_the_file_size(quantized, packed_path):
         row = rows[f"{name}.weight"]
         n = quantized.get_submodule(name).codes.numel()
         assert row["encoding"] == "pq" and row["bits"] == bits
-        assert row["bytes"] == row["k"] * row["block"] * 2 + math.ceil(n * bits / 8)
+        plain = row["k"] * row["block"] * 2 + math.ceil(n * bits / 8)
+        assert row["bytes"] == plain if "coder" not in row else row["bytes"] < plain
     assert rows["features.0.0.weight"]["encoding"] == "dense"
     assert not any("num_batches_tracked" in t or t.endswith(".codes") for t in rows)
     # Much smaller than the same model stored densely in fp16.
@@ -321,3 +324,62 @@ def test_entry_shorter_than_its_shape_is_rejected(quantized, tmp_path):
             write_packed(tmp_path / "cut.mpk", ARCH, {}, cut)
             with pytest.raises(PackedFormatError, match="corrupted entry"):
                 load_packed(tmp_path / "cut.mpk")
+
+
+# ---- 6. entropy coding of the codes ----------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,skew", [(16, 5000, 2.0), (256, 20000, 1.0), (512, 3000, 1.5), (4, 1, 1.0)])
+def test_entropy_coded_codes_decode_exactly(k, n, skew):
+    """Skewed codes (Zipf-like, as a real layer's) are range coded with their histogram and
+    come back identical; uniform ones stay bit-packed, which is then smaller."""
+    rng = np.random.default_rng(k + n)
+    prob = 1.0 / np.arange(1, k + 1) ** skew
+    codes = rng.choice(k, size=n, p=prob / prob.sum())
+    bits = max(1, (k - 1).bit_length())
+    p, data = encode_codes(codes, k, bits)
+    assert len(data) <= math.ceil(n * bits / 8)
+    if n > 1000:
+        assert p == {"coder": "range", "hist_n": p["hist_n"]} and len(data) < math.ceil(n * bits / 8)
+    out = decode_codes({"bits": bits, **p}, data, k, n)
+    assert out.dtype == np.int64 and np.array_equal(out, codes)
+    flat = rng.integers(0, k, 4096)
+    p, data = encode_codes(flat, k, bits)
+    assert p == {} and data == pack_bits(flat, bits)
+
+
+def test_entropy_coded_file_holds_the_same_codes_and_is_smaller(trained, data, tmp_path):
+    """A real layer's scalar k-means codes (4 bits) are far from uniform: the packed file range
+    codes them, is smaller than bit-packing, and loads back the very same codes and weights."""
+    from modelpress import KMeansConfig, compress
+
+    model, _ = compress(copy.deepcopy(trained), KMeansConfig(bits=4, kmeans_iters=10),
+                        calibration=calibration_images(data[0], 64, 0))
+    plain, coded = tmp_path / "plain.mpk", tmp_path / "coded.mpk"
+    plain_size = pack_model(model, plain, ARCH, entropy=False)
+    coded_size = pack_model(model, coded, ARCH)
+    rows = read_packed(coded).summary()
+    assert any(r.get("coder") == "range" for r in rows)
+    assert not any("coder" in r for r in read_packed(plain).summary())
+    assert coded_size < plain_size * 0.95
+    a, _ = load_packed(plain, materialize=False)
+    b, _ = load_packed(coded, materialize=False)
+    for (name, m), (_, m2) in zip(pq_layers(a).items(), pq_layers(b).items()):
+        assert torch.equal(m.codes, m2.codes) and torch.equal(m.codebook, m2.codebook), name
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_packed(plain)[0](x), load_packed(coded)[0](x))
+
+
+def test_corrupted_entropy_coded_codes_are_rejected():
+    rng = np.random.default_rng(0)
+    codes = rng.choice(8, size=3000, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01])
+    p, data = encode_codes(codes, 8, 3)
+    p = {"bits": 3, **p}
+    with pytest.raises(PackedFormatError, match="corrupted entry"):
+        decode_codes(p, data[:-4], 8, len(codes))  # a word short
+    with pytest.raises(PackedFormatError, match="corrupted entry"):
+        decode_codes(p, data, 8, len(codes) + 1)  # histogram and count disagree
+    bad = bytearray(data)
+    bad[p["hist_n"] + 5] ^= 0xFF  # a flipped bit inside the coded stream
+    with pytest.raises(PackedFormatError, match="corrupted entry"):
+        decode_codes(p, bytes(bad), 8, len(codes))

@@ -26,6 +26,12 @@ payload. Encodings:
   per output channel each, dtype ``cb``) then ``bits``-bit codes, one per weight; the weight
   is ``offset[c] + code * scale[c]``.
 
+Codes (of ``pq``, ``sparse`` with PQ values and ``affine``) are bit-packed, or, where that is
+smaller for the entry, entropy coded (``coder: "range"``): the code histogram (``k`` counts as
+LEB128 varints, ``hist_n`` bytes) then the output of ``constriction``'s range coder (0.5, a
+sequence of little-endian 32-bit words) with the categorical model of those counts
+(``perfect=False``), so the loader rebuilds the same model and decodes the same codes.
+
 The size we report for a model is ``os.path.getsize`` of this file, nothing else.
 """
 
@@ -77,6 +83,88 @@ def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
     return (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(1)
 
 
+# ---- entropy coding of integer codes -------------------------------------------------------
+
+def _varints(values: np.ndarray) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, high bit set on every byte but a number's last."""
+    out = bytearray()
+    for v in np.asarray(values, np.int64).tolist():
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def _read_varints(buf: bytes, count: int) -> np.ndarray:
+    values, v, shift = [], 0, 0
+    for byte in buf:
+        v |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            values.append(v)
+            v, shift = 0, 0
+    if len(values) != count or shift:
+        raise PackedFormatError("corrupted entry: bad code histogram")
+    return np.array(values, np.int64)
+
+
+def _categorical(counts: np.ndarray):
+    import constriction  # a compiled module: its parts are attributes, not importable submodules
+
+    return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+
+
+def encode_codes(codes: np.ndarray, k: int, bits: int, entropy: bool = True) -> tuple[dict, bytes]:
+    """Codes in [0, k): bit-packed with ``bits`` bits each, or range coded with their own
+    histogram when that (histogram included) takes fewer bytes. Returns (params, data); the
+    params are empty for bit-packing."""
+    codes = np.asarray(codes, np.int64).reshape(-1)
+    plain = pack_bits(codes, bits)
+    if not entropy or codes.size == 0 or k < 2:
+        return {}, plain
+    import constriction
+
+    counts = np.bincount(codes, minlength=k)
+    hist = _varints(counts)
+    if len(hist) >= len(plain):
+        return {}, plain
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(codes.astype(np.int32), _categorical(counts))
+    coded = hist + encoder.get_compressed().astype("<u4").tobytes()
+    if len(coded) >= len(plain):
+        return {}, plain
+    return {"coder": "range", "hist_n": len(hist)}, coded
+
+
+def decode_codes(p: dict, buf: bytes, k: int, count: int) -> np.ndarray:
+    """Inverse of :func:`encode_codes` (``p`` holds ``bits`` and, if range coded, ``coder``
+    and ``hist_n``)."""
+    coder = p.get("coder")
+    if coder is None:
+        _expect_bytes(buf, -(-count * p["bits"] // 8))
+        codes = unpack_bits(buf, p["bits"], count)
+    elif coder == "range":
+        import constriction
+
+        counts = _read_varints(buf[:p["hist_n"]], k)
+        words = buf[p["hist_n"]:]
+        if int(counts.sum()) != count or len(words) % 4:
+            raise PackedFormatError("corrupted entry: entropy-coded codes do not match their count")
+        try:
+            decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, "<u4").astype(np.uint32))
+            codes = np.asarray(decoder.decode(_categorical(counts), count), np.int64)
+        except (ValueError, RuntimeError) as e:
+            raise PackedFormatError(f"corrupted entry: entropy-coded codes do not decode ({e})") from None
+        if not np.array_equal(np.bincount(codes, minlength=k)[:k], counts):
+            raise PackedFormatError("corrupted entry: entropy-coded codes do not match their histogram")
+    else:
+        raise PackedFormatError(f"unknown code coder {coder!r}")
+    if codes.size and int(codes.max()) >= k:
+        raise PackedFormatError("corrupted codes: index beyond codebook")
+    return codes
+
+
 # ---- tensor encodings ---------------------------------------------------------------------
 
 def encode_dense(t: torch.Tensor, dtype: str) -> tuple[dict, bytes]:
@@ -95,12 +183,14 @@ def decode_dense(p: dict, buf: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(p["shape"]).copy())
 
 
-def encode_pq(codebook: torch.Tensor, codes: torch.Tensor, shape: tuple, cb_dtype: str) -> tuple[dict, bytes]:
+def encode_pq(codebook: torch.Tensor, codes: torch.Tensor, shape: tuple, cb_dtype: str,
+              entropy: bool = True) -> tuple[dict, bytes]:
     k, d = codebook.shape
     bits = max(1, int(k - 1).bit_length())
     cb = codebook.detach().cpu().float().numpy().astype(_DTYPES[cb_dtype]).tobytes()
-    data = cb + pack_bits(codes.detach().cpu().numpy(), bits)
-    return {"shape": list(shape), "d": d, "k": k, "bits": bits, "cb": cb_dtype, "n": len(data)}, data
+    cp, coded = encode_codes(codes.detach().cpu().numpy(), k, bits, entropy)
+    data = cb + coded
+    return {"shape": list(shape), "d": d, "k": k, "bits": bits, "cb": cb_dtype, **cp, "n": len(data)}, data
 
 
 def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,29 +198,29 @@ def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     k, d = p["k"], p["d"]
     cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
     count = int(np.prod(p["shape"])) // d
-    _expect_bytes(buf, cb_len + -(-count * p["bits"] // 8))
+    if len(buf) < cb_len:
+        raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its codebook")
     codebook = torch.from_numpy(np.frombuffer(buf[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
-    codes = torch.from_numpy(unpack_bits(buf[cb_len:], p["bits"], count))
-    if codes.numel() and int(codes.max()) >= k:
-        raise PackedFormatError("corrupted codes: index beyond codebook")
-    return codebook, codes
+    return codebook, torch.from_numpy(decode_codes(p, buf[cb_len:], k, count))
 
 
 def encode_affine(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, bits: int, shape: tuple,
-                  dtype: str) -> tuple[dict, bytes]:
+                  dtype: str, entropy: bool = True) -> tuple[dict, bytes]:
     head = b"".join(t.detach().cpu().float().numpy().astype(_DTYPES[dtype]).tobytes() for t in (scale, offset))
-    data = head + pack_bits(codes.detach().cpu().reshape(-1).numpy(), bits)
-    return {"shape": list(shape), "bits": bits, "cb": dtype, "n": len(data)}, data
+    cp, coded = encode_codes(codes.detach().cpu().reshape(-1).numpy(), 2 ** bits, bits, entropy)
+    data = head + coded
+    return {"shape": list(shape), "bits": bits, "cb": dtype, **cp, "n": len(data)}, data
 
 
 def decode_affine(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale (out,), offset (out,), codes (out, rest) int64)."""
     out, numel = p["shape"][0], int(np.prod(p["shape"]))
     head = out * np.dtype(_DTYPES[p["cb"]]).itemsize
-    _expect_bytes(buf, 2 * head + -(-numel * p["bits"] // 8))
+    if len(buf) < 2 * head:
+        raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its scales")
     scale, offset = (torch.from_numpy(np.frombuffer(buf[i * head:(i + 1) * head], _DTYPES[p["cb"]]).astype(np.float32).copy())
                      for i in (0, 1))
-    codes = torch.from_numpy(unpack_bits(buf[2 * head:], p["bits"], numel)).reshape(out, -1)
+    codes = torch.from_numpy(decode_codes(p, buf[2 * head:], 2 ** p["bits"], numel)).reshape(out, -1)
     return scale, offset, codes
 
 
@@ -189,14 +279,16 @@ def encode_sparse(t: torch.Tensor, dtype: str) -> tuple[dict, bytes]:
     return {**p, "values": dtype, "n": len(pos) + len(values)}, pos + values
 
 
-def encode_sparse_pq(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, cb_dtype: str) -> tuple[dict, bytes]:
+def encode_sparse_pq(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, cb_dtype: str,
+                     entropy: bool = True) -> tuple[dict, bytes]:
     """A sparse PQ layer: positions, then the codebook and codes of its kept values."""
     p, pos = _sparse_header(tuple(mask.shape), mask.detach().cpu().numpy().reshape(-1))
     k, d = codebook.shape
     bits = max(1, int(k - 1).bit_length())
     cb = codebook.detach().cpu().float().numpy().astype(_DTYPES[cb_dtype]).tobytes()
-    data = pos + cb + pack_bits(codes.detach().cpu().numpy(), bits)
-    return {**p, "values": "pq", "d": d, "k": k, "bits": bits, "cb": cb_dtype, "n": len(data)}, data
+    cp, coded = encode_codes(codes.detach().cpu().numpy(), k, bits, entropy)
+    data = pos + cb + coded
+    return {**p, "values": "pq", "d": d, "k": k, "bits": bits, "cb": cb_dtype, **cp, "n": len(data)}, data
 
 
 def decode_sparse(p: dict, buf: bytes) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -214,12 +306,10 @@ def decode_sparse(p: dict, buf: bytes) -> tuple[torch.Tensor, tuple[torch.Tensor
         k, d = p["k"], p["d"]
         n_codes = -(-count // d)
         cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
-        _expect_bytes(rest, cb_len + -(-n_codes * p["bits"] // 8))
+        if len(rest) < cb_len:
+            raise PackedFormatError("corrupted entry: shorter than its codebook")
         codebook = torch.from_numpy(np.frombuffer(rest[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
-        codes = torch.from_numpy(unpack_bits(rest[cb_len:], p["bits"], n_codes))
-        if codes.numel() and int(codes.max()) >= k:
-            raise PackedFormatError("corrupted codes: index beyond codebook")
-        return mask_t, (codebook, codes)
+        return mask_t, (codebook, torch.from_numpy(decode_codes(p, rest[cb_len:], k, n_codes)))
     if p["values"] not in _DTYPES:
         raise PackedFormatError(f"unknown value storage {p['values']!r}")
     _expect_bytes(rest, count * np.dtype(_DTYPES[p["values"]]).itemsize)
@@ -268,6 +358,8 @@ class Packed:
             else:
                 weight = decode_dense(p, buf)
                 row.update(dtype=p["dtype"])
+            if p.get("coder"):
+                row["coder"] = p["coder"]
             if name.endswith(".weight") and len(p["shape"]) > 1:
                 row["sparsity"] = round(float((weight == 0).float().mean()), 4)
             rows.append(row)
@@ -329,9 +421,11 @@ def read_packed(path: str | Path) -> Packed:
 
 # ---- models <-> entries -------------------------------------------------------------------
 
-def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16") -> list[tuple[str, str, dict, bytes]]:
+def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16",
+                  entropy: bool = True) -> list[tuple[str, str, dict, bytes]]:
     """Encode a (partly) compressed model's state: PQ layers as codes + codebook, the rest
-    dense in ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored."""
+    dense in ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored.
+    ``entropy``: range-code each layer's codes where that makes it smaller (lossless)."""
     from ..methods.pq.layer import PQLayer
     from ..methods.uniform import UniformLayer
 
@@ -344,16 +438,16 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
             if attr == "scale":
                 m = affine[mod]
                 entries.append((f"{mod}.weight", "affine", *encode_affine(m.scale, m.offset, m.codes, m.bits, m.weight_shape,
-                                                                         codebook_dtype)))
+                                                                         codebook_dtype, entropy)))
             continue
         if mod in pq_layers:
             if attr == "codebook":
                 m = pq_layers[mod]
                 if m.mask is not None:
-                    p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, codebook_dtype)
+                    p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, codebook_dtype, entropy)
                     entries.append((f"{mod}.weight", "sparse", p, data))
                 else:
-                    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, codebook_dtype)
+                    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, codebook_dtype, entropy)
                     entries.append((f"{mod}.weight", "pq", p, data))
                 continue
             if attr in ("codes", "mask"):
@@ -375,18 +469,20 @@ def _dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
 
 
 def packed_nbytes(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16", arch: dict | None = None,
-                  meta: dict | None = None) -> int:
+                  meta: dict | None = None, entropy: bool = True) -> int:
     """The size in bytes of the file ``pack_model`` would write, without writing it."""
-    chunks = _file_chunks(arch or {"name": type(model).__name__}, meta or {}, model_entries(model, float_dtype, codebook_dtype))
+    chunks = _file_chunks(arch or {"name": type(model).__name__}, meta or {},
+                          model_entries(model, float_dtype, codebook_dtype, entropy))
     return sum(len(c) for c in chunks)
 
 
 def pack_model(
     model: nn.Module, path: str | Path, arch: dict, meta: dict | None = None,
-    float_dtype: str = "f16", codebook_dtype: str = "f16",
+    float_dtype: str = "f16", codebook_dtype: str = "f16", entropy: bool = True,
 ) -> int:
-    """Write ``model`` to ``path``; returns the file's size in bytes."""
-    return write_packed(path, arch, meta or {}, model_entries(model, float_dtype, codebook_dtype))
+    """Write ``model`` to ``path``; returns the file's size in bytes. ``entropy=False`` keeps
+    every code array bit-packed (by default each is range coded where that is smaller)."""
+    return write_packed(path, arch, meta or {}, model_entries(model, float_dtype, codebook_dtype, entropy))
 
 
 def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
