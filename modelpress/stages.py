@@ -10,6 +10,8 @@ skipped and the PQ layer loop continues from its per-layer checkpoint.
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -24,7 +26,7 @@ from .atomic import atomic_write
 from .data import fetch_files, load_dataset, sha256_file
 from .data.datasets import DATASET_INFO
 from .methods import compress
-from .methods.pq.budget import check_reachable, plan_budget
+from .methods.pq.budget import check_reachable, measure, measure_key, plan_budget, table_from_json, table_to_json
 from .methods.pq.layer import PQLayer
 from .methods.pq.quantize import plan as pq_plan
 from .methods.prune import (
@@ -78,6 +80,7 @@ def paths(recipe: Recipe) -> dict[str, Path]:
         "compressed": w / "compress" / "compressed.mpk",
         "layers": w / "compress" / "layers.json",
         "allocation": w / "compress" / "allocation.json",
+        "cache": w / "cache",  # results reusable across runs of one workdir (not a DVC output)
         "finetuned": w / "finetune" / "finetuned.mpk",
         "packed": w / "model.mpk",
         "metrics": w / "metrics.json",
@@ -383,7 +386,23 @@ def _budget_plan(recipe: Recipe, teacher_model: torch.nn.Module, calib: torch.Te
     saved = read_json(path)
     if saved and saved.get("key") == key:
         return recipe.method.model_validate(saved["config"])
-    cfg, rows = plan_budget(teacher_model, recipe.method, calib, recipe.pack.float_dtype, _arch(recipe), _final_meta(recipe))
+    cfg = recipe.method
+    # The damage of every candidate does not depend on the budget: kept in the run's cache
+    # folder (shared by the points of a sweep), so a sweep over budgets measures it once.
+    dkey = hashlib.sha256(json.dumps([teacher_key(recipe), recipe.section_hash("data"), recipe.run.seed,
+                                      measure_key(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+    dpath = paths(recipe)["cache"] / f"budget-damage-{dkey}.json"
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    with open(dpath.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # points started together: one measures, the others wait and read
+        cached = read_json(dpath)
+        if cached is None:
+            table = measure(teacher_model, cfg, calib[: cfg.budget_images])
+            write_json(dpath, table_to_json(table))
+        else:
+            log.info("budget: damage of every candidate measured before (%s)", dpath)
+            table = table_from_json(cached)
+    cfg, rows = plan_budget(teacher_model, cfg, calib, recipe.pack.float_dtype, _arch(recipe), _final_meta(recipe), table)
     write_json(path, {"key": key, "config": cfg.model_dump(mode="json"), "layers": rows})
     return cfg
 

@@ -70,6 +70,7 @@ class SweepConfig(BaseModel):
     points: list[SweepPoint] = Field([], description="Named points, each a set of overrides of the base recipe.")
     budgets: list[int] = Field([], description="Shorthand: one PQ point per byte budget (method.target_bytes).")
     concurrency: int = Field(2, ge=1, le=256, description="Points computed at the same time.")
+    point_timeout_h: float = Field(48, gt=0, description="A point still computing after this many hours is killed (and retried once).")
     workdir: str | None = Field(None, description="The sweep's folder; default <base run.workdir>/sweeps/<name>.")
     runner: Literal["local", "deployment"] = Field(
         "local", description="local: each point in a worker process here; deployment: each point is a run of "
@@ -139,9 +140,10 @@ class SweepConfig(BaseModel):
 # ---- one point ----------------------------------------------------------------------------
 
 def link_shared(recipe: Recipe, root: Path) -> None:
-    """Give a point's folder the sweep's dataset and teacher (relative symlinks)."""
-    for sub in ("datasets", "teacher"):
+    """Give a point's folder the sweep's dataset, teacher and cache (relative symlinks)."""
+    for sub in ("datasets", "teacher", "cache"):
         target, link = root / sub, Path(recipe.run.workdir) / sub
+        target.mkdir(parents=True, exist_ok=True)
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink() and not link.exists():
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)

@@ -69,8 +69,9 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
         pass
 
 
-def _worker_process(name: str, recipe: Recipe, threads: int) -> dict:
-    """``modelpress stage point`` in a child process; its log lines go to this run's log."""
+def _worker_process(name: str, recipe: Recipe, threads: int, timeout_s: float | None = None) -> dict:
+    """``modelpress stage point`` in a child process; its log lines go to this run's log. Killed
+    after ``timeout_s`` (a Prefect task timeout cannot interrupt a task in a worker thread)."""
     logger = get_run_logger()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(recipe.model_dump_json())
@@ -81,17 +82,26 @@ def _worker_process(name: str, recipe: Recipe, threads: int) -> dict:
         with tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-            for line in proc.stderr:
-                line = line.rstrip()
-                if line:
-                    last = line
-                    logger.info("[%s] %s", name, line)
-            proc.wait()
+            watchdog = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+            if watchdog:
+                watchdog.start()
+            try:
+                for line in proc.stderr:
+                    line = line.rstrip()
+                    if line:
+                        last = line
+                        logger.info("[%s] %s", name, line)
+                proc.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
             out.seek(0)
             stdout = out.read()
     finally:
         Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
+        if watchdog and watchdog.finished.is_set() and proc.returncode == -signal.SIGKILL:
+            raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s (sweep point_timeout_h)")
         raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -121,7 +131,7 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
             "registered": {"version": v.version, "model_name": v.name}, "flow_run_id": str(run.id)}
 
 
-@task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, timeout_seconds=48 * 3600)
+@task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10)
 def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     """One point of the sweep. A point that already finished with these settings is not
     recomputed; a failed one is retried once (it resumes from its own checkpoints)."""
@@ -138,7 +148,7 @@ def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     with _gate(sweep):
         logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), threads)
         t0 = time.perf_counter()
-        rec = _worker_process(name, recipe, threads)
+        rec = _worker_process(name, recipe, threads, sweep.point_timeout_h * 3600)
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
     stages.write_json(point_path(recipe), rec)  # with the wall time the sweep saw
     return {**rec, "reused": False}

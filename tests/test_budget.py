@@ -42,6 +42,10 @@ def test_allocation_below_the_smallest_size():
 
 
 def test_packed_file_respects_the_budget(workdir):
+    _budget_run(workdir)
+
+
+def _budget_run(workdir):
     budget = 60_000
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
     stages.preflight(recipe)
@@ -62,6 +66,27 @@ def test_packed_file_respects_the_budget(workdir):
     result = stages.evaluate_file(path, recipe)
     teacher = stages.read_json(workdir / "teacher" / "teacher.json")["top1"]
     assert result["top1"] > teacher - 15  # briefly trained teacher, tiny fine-tuning
+    return recipe, plan
+
+
+def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
+    """The damage of every candidate does not depend on the budget: a second budget in the same
+    workdir (as the points of a sweep share one) plans from the saved table, measuring nothing."""
+    _, plan = _budget_run(workdir)
+    assert len(list((workdir / "cache").glob("budget-damage-*.json"))) == 1
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(stages, "measure", no_measuring)
+    budget = 45_000
+    recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
+    stages.compress_stage(recipe)
+    stages.finetune_stage(recipe)
+    size = os.path.getsize(stages.pack_stage(recipe))
+    assert 0.85 * budget < size <= budget
+    smaller = stages.read_json(workdir / "compress" / "allocation.json")["layers"]
+    assert sum(r["bytes"] for r in smaller) < sum(r["bytes"] for r in plan)
 
 
 def test_unreachable_budget_fails_before_any_work(tmp_path):

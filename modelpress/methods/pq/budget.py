@@ -143,12 +143,29 @@ def allocate(table: dict[str, list[dict]], budget: int) -> dict[str, dict]:
         choice[best[1]] = best[2]
 
 
+def table_to_json(table: dict[str, list[dict]]) -> dict:
+    return {n: [{**r, "spec": r["spec"].model_dump() if r["spec"] else None} for r in rows] for n, rows in table.items()}
+
+
+def table_from_json(obj: dict) -> dict[str, list[dict]]:
+    return {n: [{**r, "spec": BlockSpec(**r["spec"]) if r["spec"] else None} for r in rows] for n, rows in obj.items()}
+
+
+def measure_key(cfg: PQConfig) -> dict:
+    """The settings a damage table depends on (not the budget): points of a sweep over budgets
+    share one table."""
+    return cfg.model_dump(mode="json", include={"budget_k", "budget_images", "calibration_images", "kmeans_iters", "kmeans_init",
+                                                 "repair_empty", "exclude", "seed"})
+
+
 def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dtype: str = "f16",
-                arch: dict | None = None, meta: dict | None = None) -> tuple[PQConfig, list[dict]]:
+                arch: dict | None = None, meta: dict | None = None,
+                table: dict[str, list[dict]] | None = None) -> tuple[PQConfig, list[dict]]:
     """Turn ``cfg.target_bytes`` into explicit per-layer settings: returns the PQConfig to run
-    (overrides + exclusions, no budget) and the allocation table."""
-    images = images[: cfg.budget_images]
-    table = measure(model, cfg, images)
+    (overrides + exclusions, no budget) and the allocation table. ``table``: the damages
+    :func:`measure` found before with the same :func:`measure_key` (measured here if None)."""
+    if table is None:
+        table = measure(model, cfg, images[: cfg.budget_images])
     fixed = fixed_bytes(model, list(table), float_dtype, arch, meta)
     try:
         choice = allocate(table, cfg.target_bytes - fixed)
