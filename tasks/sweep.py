@@ -82,7 +82,8 @@ def _worker_process(name: str, recipe: Recipe, threads: int, timeout_s: float | 
         with tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-            watchdog = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+            timed_out = threading.Event()
+            watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill())) if timeout_s else None
             if watchdog:
                 watchdog.start()
             try:
@@ -100,7 +101,7 @@ def _worker_process(name: str, recipe: Recipe, threads: int, timeout_s: float | 
     finally:
         Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
-        if watchdog and watchdog.finished.is_set() and proc.returncode == -signal.SIGKILL:
+        if timed_out.is_set():  # (Timer.finished is also set by cancel(): not a timeout sign)
             raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s (sweep point_timeout_h)")
         raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
     return json.loads(stdout.strip().splitlines()[-1])
