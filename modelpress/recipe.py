@@ -122,6 +122,12 @@ class TeacherConfig(_Section):
         return v
 
 
+class DistillFrom(_Section):
+    arch: str = Field(..., description="Architecture of the model to distil from (as teacher.arch).")
+    weights: str = Field(..., description="Its weights: a local checkpoint (loaded with weights_only=True) or packed file.")
+    weights_sha256: str | None = Field(None, description="Expected sha256 of the weights file, checked before loading.")
+
+
 class FinetuneConfig(_Section):
     epochs: float = Field(1.0, ge=0, le=1000, description="Distillation epochs over all codebooks together (0 skips).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW, cosine schedule).")
@@ -130,6 +136,9 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     train_other: bool = Field(True, description="Also tune biases, BatchNorm scales and the weights of layers left dense (e.g. a first conv kept fp16), not only codebooks.")
     bn_batches: int = Field(100, ge=0, description="Batches used to re-estimate BatchNorm statistics (0 skips).")
+    distill_from: DistillFrom | None = Field(
+        None, description="Distil from another, e.g. larger, model trained on the same data (same classes and input) "
+                          "instead of the teacher being compressed. Only this final fine-tuning uses it.")
 
 
 class PackConfig(_Section):

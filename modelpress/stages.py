@@ -140,6 +140,11 @@ def preflight(recipe: Recipe) -> None:
     block sizes, prunable layers, byte budgets), so a bad setting fails in seconds, before a
     teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    src = recipe.finetune.distill_from
+    if src is not None:
+        build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture
+        if not Path(src.weights).is_file():
+            raise ValueError(f"finetune.distill_from.weights {src.weights}: no such file")
     if recipe.method.name in ("pq", "kmeans"):
         cfg = _pq_config(recipe)
         pq_plan(model, cfg)
@@ -179,11 +184,11 @@ def teacher_key(recipe: Recipe) -> str:
     return recipe.section_hash("teacher", extra=[_data_key(recipe), recipe.run.seed, content])
 
 
-def _load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None) -> None:
+def _load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None, what: str = "teacher") -> None:
     if not path.is_file():
-        raise StageError(f"teacher weights {path}: no such file")
+        raise StageError(f"{what} weights {path}: no such file")
     if expected_sha and sha256_file(path) != expected_sha.lower():
-        raise StageError(f"teacher weights {path}: sha256 does not match teacher.weights_sha256")
+        raise StageError(f"{what} weights {path}: sha256 does not match {what}.weights_sha256")
     if path.suffix == ".mpk":
         src = build_from_packed(read_packed(path))
         state = src.state_dict()
@@ -191,16 +196,16 @@ def _load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None) 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            raise StageError(f"teacher weights {path}: cannot be loaded safely (weights_only=True): {str(e).splitlines()[0]}") from None
+            raise StageError(f"{what} weights {path}: cannot be loaded safely (weights_only=True): {str(e).splitlines()[0]}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise StageError(f"teacher weights {path}: expected a state dict, got {type(state).__name__}")
+            raise StageError(f"{what} weights {path}: expected a state dict, got {type(state).__name__}")
         state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise StageError(f"teacher weights {path} do not fit {type(model).__name__}: {str(e).splitlines()[1].strip()}") from None
+        raise StageError(f"{what} weights {path} do not fit {type(model).__name__}: {str(e).splitlines()[1].strip()}") from None
 
 
 def teacher(recipe: Recipe, weights_path: str | None = None) -> Path:
@@ -266,10 +271,10 @@ def _snapshot_keeper(recipe: Recipe, model: torch.nn.Module):
     return on_step
 
 
-def _arch_kwargs(recipe: Recipe) -> dict:
+def _arch_kwargs(recipe: Recipe, arch: str | None = None) -> dict:
     info = DATASET_INFO[recipe.data.name]
     kwargs = {"num_classes": info["num_classes"]}
-    if not recipe.teacher.arch.startswith("torchvision:"):
+    if not (arch or recipe.teacher.arch).startswith("torchvision:"):
         kwargs["in_channels"] = info["input_shape"][0]
     return kwargs
 
@@ -280,6 +285,17 @@ def _arch(recipe: Recipe) -> dict:
 
 def _load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     model, _ = load_packed(paths(recipe)["teacher"])
+    return model.to(device).eval()
+
+
+def _distill_source(recipe: Recipe, device: torch.device) -> torch.nn.Module:
+    """What the final fine-tuning distils from: finetune.distill_from, else the teacher."""
+    src = recipe.finetune.distill_from
+    if src is None:
+        return _load_teacher(recipe, device)
+    model = build_model(src.arch, **_arch_kwargs(recipe, src.arch))
+    _load_weights(model, Path(src.weights), src.weights_sha256, what="finetune.distill_from")
+    log.info("finetune: distilling from %s (%s)", src.arch, src.weights)
     return model.to(device).eval()
 
 
@@ -541,7 +557,9 @@ def _weight_rows(path: Path, stats: list[dict]) -> list[dict]:
 
 
 def finetune_key(recipe: Recipe) -> str:
-    return recipe.section_hash("finetune", extra=compress_key(recipe))
+    src = recipe.finetune.distill_from  # its file's content, as for the teacher's
+    extra = [compress_key(recipe), sha256_file(src.weights) if Path(src.weights).is_file() else None] if src else compress_key(recipe)
+    return recipe.section_hash("finetune", extra=extra)
 
 
 def finetune_stage(recipe: Recipe) -> Path:
@@ -551,7 +569,7 @@ def finetune_stage(recipe: Recipe) -> Path:
         log.info("finetune: up to date")
         return p["finetuned"]
     device, cfg = _device(recipe), recipe.finetune
-    teacher_model = _load_teacher(recipe, device)
+    teacher_model = _distill_source(recipe, device)
     student = build_from_packed(read_packed(p["compressed"]), materialize=False).to(device)
     train, _ = _datasets(recipe)
     torch.manual_seed(recipe.run.seed)

@@ -19,14 +19,28 @@ Folder of a sweep (``workdir``, default ``<run.workdir>/sweeps/<name>``)::
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .recipe import Recipe, RecipeError, read_mapping
 
@@ -194,6 +208,53 @@ def run_point(recipe: Recipe) -> dict:
            "key_params": recipe.method.key_params(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     stages.write_json(point_path(recipe), rec)
     return rec
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned points
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = None, name: str = "point",
+                      log: Callable[[str], None] | None = None, timeout_why: str = "sweep point_timeout_h") -> dict:
+    """:func:`run_point` in a child process (``modelpress stage point``) with ``threads`` CPU
+    threads: true parallelism, and a crash or an out-of-memory kill takes down one point only.
+    Each line it logs goes to ``log``; it is killed after ``timeout_s`` (TimeoutError)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(recipe.model_dump_json())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--json"]
+    last = ""
+    try:
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            timed_out = threading.Event()
+            watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill())) if timeout_s else None
+            if watchdog:
+                watchdog.start()
+            try:
+                for line in proc.stderr:
+                    line = line.rstrip()
+                    if line:
+                        last = line
+                        if log:
+                            log(line)
+                proc.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+            out.seek(0)
+            stdout = out.read()
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        if timed_out.is_set():  # (Timer.finished is also set by cancel(): not a timeout sign)
+            raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s ({timeout_why})")
+        raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 # ---- results ------------------------------------------------------------------------------

@@ -8,17 +8,10 @@ the compression deployment instead, which the work pool's workers pick up on the
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,6 +27,7 @@ from modelpress.sweep import (
     link_shared,
     point_path,
     result_row,
+    run_point_process,
     write_results,
 )
 
@@ -60,51 +54,6 @@ def check_sweep(sweep: SweepConfig) -> list[str]:
             raise ValueError(f"sweep point {name}: {e}") from None
         names.append(name)
     return names
-
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned points
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _worker_process(name: str, recipe: Recipe, threads: int, timeout_s: float | None = None) -> dict:
-    """``modelpress stage point`` in a child process; its log lines go to this run's log. Killed
-    after ``timeout_s`` (a Prefect task timeout cannot interrupt a task in a worker thread)."""
-    logger = get_run_logger()
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(recipe.model_dump_json())
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--json"]
-    last = ""
-    try:
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-            timed_out = threading.Event()
-            watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill())) if timeout_s else None
-            if watchdog:
-                watchdog.start()
-            try:
-                for line in proc.stderr:
-                    line = line.rstrip()
-                    if line:
-                        last = line
-                        logger.info("[%s] %s", name, line)
-                proc.wait()
-            finally:
-                if watchdog:
-                    watchdog.cancel()
-            out.seek(0)
-            stdout = out.read()
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        if timed_out.is_set():  # (Timer.finished is also set by cancel(): not a timeout sign)
-            raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s (sweep point_timeout_h)")
-        raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
@@ -149,7 +98,8 @@ def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     with _gate(sweep):
         logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), threads)
         t0 = time.perf_counter()
-        rec = _worker_process(name, recipe, threads, sweep.point_timeout_h * 3600)
+        rec = run_point_process(recipe, threads, sweep.point_timeout_h * 3600, name=name,
+                                log=lambda line: logger.info("[%s] %s", name, line))
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
     stages.write_json(point_path(recipe), rec)  # with the wall time the sweep saw
     return {**rec, "reused": False}
