@@ -11,6 +11,7 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from modelpress import stages
+from modelpress.data import sha256_file
 from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
 
@@ -56,6 +57,10 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "git_commit": _git("rev-parse", "HEAD"), "dvc_revision": dvc_lock_revision(Path(".")),
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
     }
+    src = recipe.finetune.distill_from  # the model the final fine-tuning imitated, when not the teacher
+    if src is not None:
+        tags["distilled_from"] = f"{src.arch}:{src.weights}"
+        tags["distilled_from_sha256"] = sha256_file(src.weights) if Path(src.weights).is_file() else ""
     return {T + k: str(v) for k, v in tags.items()}
 
 

@@ -58,3 +58,17 @@ def test_missing_distill_file_fails_in_preflight(tmp_path):
     recipe = tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "no_such_arch", "weights": str(tmp_path)}})
     with pytest.raises(ValueError, match="no_such_arch"):
         stages.preflight(recipe)
+
+
+def test_registry_lineage_names_the_model_distilled_from(tmp_path):
+    from tasks.register import version_tags
+
+    weights = tmp_path / "bigger.pt"
+    torch.save(build_model("fmnist_cnn", num_classes=10, in_channels=1).state_dict(), weights)
+    summary = {"packed_bytes": 1, "compression_ratio": 2.0, "teacher_top1": 90.0, "compressed_top1": 89.0,
+               "top1_drop": 1.0, "packed_sha256": "0" * 64}
+    plain = version_tags(tiny_recipe(tmp_path / "w"), summary)
+    assert not any("distilled_from" in k for k in plain)
+    tags = version_tags(tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "fmnist_cnn", "weights": str(weights)}}), summary)
+    assert tags["modelpress.distilled_from"] == f"fmnist_cnn:{weights}"
+    assert tags["modelpress.distilled_from_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
