@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modelpress import stages  # noqa: E402
 from modelpress.recipe import Recipe  # noqa: E402
 from modelpress.report import markdown_table  # noqa: E402
-from modelpress.sweep import SweepConfig, finished_point, link_shared, point_path, result_row, run_point_process  # noqa: E402
+from modelpress.sweep import SweepConfig, compute_point, finished_point, result_row  # noqa: E402
 
 
 def main() -> int:
@@ -60,7 +59,6 @@ def main() -> int:
     teacher = stages.read_json(stages.paths(shared)["teacher_info"]) or {}
     print(f"teacher ready in {time.perf_counter() - t0:.0f} s: {teacher.get('top1')} %", flush=True)
 
-    threads = args.threads or max(1, (os.cpu_count() or 1) // sweep.concurrency)
     end = t0 + args.deadline_s if args.deadline_s else None
     lock, results, failed = threading.Lock(), {}, {}
 
@@ -70,9 +68,7 @@ def main() -> int:
         if done is not None:
             results[name] = done
             return
-        link_shared(recipe, sweep.root())
-        start = time.perf_counter()
-        left = None if end is None else end - start
+        left = None if end is None else end - time.perf_counter()
         if left is not None and left <= 0:
             failed[name] = "not started (deadline)"
             return
@@ -87,14 +83,12 @@ def main() -> int:
                     print(f"[{name}] {line}", flush=True)
 
         try:
-            rec = run_point_process(recipe, threads, left, name=name, log=log, timeout_why="--deadline-s")
+            rec = compute_point(sweep, name, recipe, left, log=log, threads=args.threads, timeout_why="--deadline-s")
         except Exception as e:  # noqa: BLE001 - one failed point does not sink the others
             failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
             with lock:
                 print(f"{name}: FAILED {failed[name]}\n  " + "\n  ".join(tail), flush=True)
             return
-        rec["wall_s"] = round(time.perf_counter() - start, 1)
-        stages.write_json(point_path(recipe), rec)
         results[name] = rec
         s = rec["summary"]
         with lock:

@@ -176,11 +176,16 @@ def fetch(recipe: Recipe) -> Path:
     return out
 
 
+def weights_content(weights: str | None) -> str | None:
+    """sha256 of a weights file when it is a local file (None for a URI or no file): keys
+    include it, so replacing the file at the same path invalidates what was made from it."""
+    return sha256_file(weights) if weights and Path(weights).is_file() else None
+
+
 def teacher_key(recipe: Recipe) -> str:
     """Teacher settings, data, seed, and the weights file's content when it is a local file
     (replacing the file at the same path invalidates everything downstream)."""
-    weights = recipe.teacher.weights
-    content = sha256_file(weights) if weights and Path(weights).is_file() else None
+    content = weights_content(recipe.teacher.weights)
     return recipe.section_hash("teacher", extra=[_data_key(recipe), recipe.run.seed, content])
 
 
@@ -558,7 +563,7 @@ def _weight_rows(path: Path, stats: list[dict]) -> list[dict]:
 
 def finetune_key(recipe: Recipe) -> str:
     src = recipe.finetune.distill_from  # its file's content, as for the teacher's
-    extra = [compress_key(recipe), sha256_file(src.weights) if Path(src.weights).is_file() else None] if src else compress_key(recipe)
+    extra = compress_key(recipe) if src is None else [compress_key(recipe), weights_content(src.weights)]
     return recipe.section_hash("finetune", extra=extra)
 
 

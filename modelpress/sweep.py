@@ -116,6 +116,10 @@ class SweepConfig(BaseModel):
     def root(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(self.base.run.workdir) / "sweeps" / self.name
 
+    def point_threads(self) -> int:
+        """CPU threads of each local point: the cores shared out between concurrent points."""
+        return max(1, (os.cpu_count() or 1) // self.concurrency)
+
     def registered_name(self) -> str:
         return self.model_name or f"{self.base.teacher.arch.replace('torchvision:', 'tv-').replace('_', '-')}-{self.name}"
 
@@ -255,6 +259,21 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
             raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s ({timeout_why})")
         raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def compute_point(sweep: SweepConfig, name: str, recipe: Recipe, timeout_s: float | None = None,
+                  log: Callable[[str], None] | None = None, threads: int | None = None,
+                  timeout_why: str = "sweep point_timeout_h") -> dict:
+    """One local point of ``sweep`` in its own process (:func:`run_point_process`), with the
+    sweep's shared dataset, teacher and cache; its point.json gets the wall time seen here."""
+    link_shared(recipe, sweep.root())
+    t0 = time.perf_counter()
+    rec = run_point_process(recipe, threads or sweep.point_threads(), timeout_s, name=name, log=log, timeout_why=timeout_why)
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    from .stages import write_json
+
+    write_json(point_path(recipe), rec)
+    return rec
 
 
 # ---- results ------------------------------------------------------------------------------

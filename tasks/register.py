@@ -11,7 +11,6 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from modelpress import stages
-from modelpress.data import sha256_file
 from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
 
@@ -60,7 +59,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
     src = recipe.finetune.distill_from  # the model the final fine-tuning imitated, when not the teacher
     if src is not None:
         tags["distilled_from"] = f"{src.arch}:{src.weights}"
-        tags["distilled_from_sha256"] = sha256_file(src.weights) if Path(src.weights).is_file() else ""
+        tags["distilled_from_sha256"] = stages.weights_content(src.weights) or ""
     return {T + k: str(v) for k, v in tags.items()}
 
 

@@ -8,7 +8,6 @@ the compression deployment instead, which the work pool's workers pick up on the
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -24,10 +23,8 @@ from modelpress.sweep import (
     COLUMNS,
     SweepConfig,
     finished_point,
-    link_shared,
-    point_path,
     result_row,
-    run_point_process,
+    compute_point,
     write_results,
 )
 
@@ -93,15 +90,10 @@ def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
         logger.info("point %s: finished before (%d bytes, top-1 %.2f%%), not recomputed", name,
                     done["summary"]["packed_bytes"], done["summary"]["compressed_top1"])
         return {**done, "reused": True}
-    link_shared(recipe, sweep.root())
-    threads = max(1, (os.cpu_count() or 1) // sweep.concurrency)
     with _gate(sweep):
-        logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), threads)
-        t0 = time.perf_counter()
-        rec = run_point_process(recipe, threads, sweep.point_timeout_h * 3600, name=name,
-                                log=lambda line: logger.info("[%s] %s", name, line))
-        rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    stages.write_json(point_path(recipe), rec)  # with the wall time the sweep saw
+        logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), sweep.point_threads())
+        rec = compute_point(sweep, name, recipe, sweep.point_timeout_h * 3600,
+                            log=lambda line: logger.info("[%s] %s", name, line))
     return {**rec, "reused": False}
 
 
