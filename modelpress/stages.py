@@ -43,7 +43,7 @@ from .methods.prune.imp import check_budget, require_schedule
 from .methods.uniform import UniformLayer
 from .models import build_model, parameter_bytes
 from .pack import arch_spec, load_packed, pack_model, read_packed
-from .pack.format import build_from_packed, packed_nbytes
+from .pack.format import build_from_packed, packed_nbytes, round_codebook
 from .progress import log
 from .recipe import Recipe
 from .train import (
@@ -147,8 +147,9 @@ def preflight(recipe: Recipe) -> None:
             raise ValueError(f"finetune.distill_from.weights {src.weights}: no such file")
     if recipe.method.name in ("pq", "kmeans"):
         cfg = _pq_config(recipe)
-        pq_plan(model, cfg)
-        check_reachable(model, cfg, recipe.pack.float_dtype, _arch(recipe), {"input": _input_meta(recipe)})
+        pq_plan(model, cfg, recipe.pack.codebook_dtype)
+        check_reachable(model, cfg, recipe.pack.float_dtype, _arch(recipe), {"input": _input_meta(recipe)},
+                        recipe.pack.codebook_dtype)
         return
     if recipe.method.name == "uniform":
         compress(model, recipe.method)  # checks the exclude patterns; instant on an untrained model
@@ -335,7 +336,10 @@ def cycle_key(recipe: Recipe, index: int) -> str | None:
 
 def compress_key(recipe: Recipe) -> str:
     prune = prune_key(recipe) if recipe.prune_settings() else None
-    return recipe.section_hash("method", extra=[teacher_key(recipe), prune])
+    # The codebook storage sets what a byte budget buys (and what the final rounding does);
+    # the default, f16, adds nothing, so runs made before i8 existed keep their keys.
+    storage = [] if recipe.pack.codebook_dtype == "f16" else [recipe.pack.codebook_dtype]
+    return recipe.section_hash("method", extra=[teacher_key(recipe), prune, *storage])
 
 
 def compress_stage(recipe: Recipe) -> Path:
@@ -381,6 +385,7 @@ def _compress_pq(recipe: Recipe) -> Path:
         pack_model(model, p["checkpoint"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
 
     _, all_stats = compress(student, cfg, calibration=calib, teacher=teacher_model, on_layer=checkpoint,
+                            codebook_dtype=recipe.pack.codebook_dtype,
                             train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)))
     stats = stats or all_stats  # methods without per-layer callbacks report at the end
     pack_model(student, p["compressed"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
@@ -423,7 +428,8 @@ def _budget_plan(recipe: Recipe, teacher_model: torch.nn.Module, calib: torch.Te
         else:
             log.info("budget: damage of every candidate measured before (%s)", dpath)
             table = table_from_json(cached)
-    cfg, rows = plan_budget(teacher_model, cfg, calib, recipe.pack.float_dtype, _arch(recipe), _final_meta(recipe), table)
+    cfg, rows = plan_budget(teacher_model, cfg, calib, recipe.pack.float_dtype, _arch(recipe), _final_meta(recipe), table,
+                            recipe.pack.codebook_dtype)
     write_json(path, {"key": key, "config": cfg.model_dump(mode="json"), "layers": rows})
     return cfg
 
@@ -580,6 +586,10 @@ def finetune_stage(recipe: Recipe) -> Path:
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         params = [m.codebook for m in student.modules() if isinstance(m, PQLayer)]
+        if recipe.pack.codebook_dtype == "i8":  # train against the int8 codebooks the file will hold
+            for m in student.modules():
+                if isinstance(m, PQLayer):
+                    m.storage = "i8"
         masks = {}
         if recipe.method.name == "prune":  # sparse dense weights: tuned with their masks held
             masks = masks_of(student, recipe.method.exclude)
@@ -591,9 +601,9 @@ def finetune_stage(recipe: Recipe) -> Path:
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
                     cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
                     seed=recipe.run.seed)
+    _round_codebooks(student, recipe.pack.codebook_dtype)  # before BatchNorm sees the weights it will run with
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
-    _round_codebooks(student, recipe.pack.codebook_dtype)
     pack_model(student, p["finetuned"], _arch(recipe), {"key": key, "input": _input_meta(recipe)}, "f32", "f32")
     return p["finetuned"]
 
@@ -612,11 +622,14 @@ def _dense_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _round_codebooks(model: torch.nn.Module, dtype: str) -> None:
-    """Round codebooks to their storage precision so memory and file hold the same weights."""
-    if dtype == "f16":
-        with torch.no_grad():
-            for m in model.modules():
-                for t in [m.codebook] if isinstance(m, PQLayer) else [m.scale, m.offset] if isinstance(m, UniformLayer) else []:
+    """Round codebooks to their storage precision so memory and file hold the same weights
+    (uniform layers' scales and offsets: f16 unless f32)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PQLayer):
+                m.codebook.copy_(round_codebook(m.codebook, dtype))
+            elif isinstance(m, UniformLayer) and dtype != "f32":
+                for t in (m.scale, m.offset):
                     t.copy_(t.half().float())
 
 

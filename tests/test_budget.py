@@ -7,6 +7,7 @@ import itertools
 import os
 
 import pytest
+import torch
 from conftest import run_cli, tiny_recipe
 
 from modelpress import stages
@@ -87,6 +88,32 @@ def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
     assert 0.85 * budget < size <= budget
     smaller = stages.read_json(workdir / "compress" / "allocation.json")["layers"]
     assert sum(r["bytes"] for r in smaller) < sum(r["bytes"] for r in plan)
+
+
+def test_int8_codebooks_buy_more_centroids_within_the_same_budget(workdir, monkeypatch):
+    """pack.codebook_dtype=i8: the same measured damages, costed at half the codebook bytes, buy
+    more centroids; the file still fits, holds int8 codebooks, and loads as the tuned model."""
+    _, f16_plan = _budget_run(workdir)
+    monkeypatch.setattr(stages, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    budget = 60_000
+    recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]}, pack={"codebook_dtype": "i8"})
+    stages.preflight(recipe)
+    stages.compress_stage(recipe)
+    finetuned = stages.finetune_stage(recipe)
+    path = stages.pack_stage(recipe)
+    assert 0.9 * budget < os.path.getsize(path) <= budget
+    plan = stages.read_json(workdir / "compress" / "allocation.json")["layers"]
+    centroids = lambda rows: sum(r["k"] or 0 for r in rows)  # noqa: E731
+    assert centroids(plan) > centroids(f16_plan), (plan, f16_plan)
+    entries = [r for r in read_packed(path).summary() if r["encoding"] == "pq"]
+    assert entries and all(r["codebook"] == "i8" for r in entries)
+    from modelpress.pack import load_packed
+
+    tuned, _ = load_packed(finetuned, materialize=True)  # f32 file of the rounded model
+    packed, _ = load_packed(path, materialize=True)
+    for name, m in packed.named_modules():
+        if name in {r["tensor"].removesuffix(".weight") for r in entries}:
+            assert torch.equal(m.weight, tuned.get_submodule(name).weight), name
 
 
 def test_unreachable_budget_fails_before_any_work(tmp_path):

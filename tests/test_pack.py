@@ -18,7 +18,7 @@ from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
 from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
 from modelpress.pack.format import (
-    MAGIC, decode_codes, encode_codes, encode_pq, model_entries, pack_bits, unpack_bits, write_packed,
+    MAGIC, decode_codes, encode_codes, encode_pq, model_entries, pack_bits, round_codebook, unpack_bits, write_packed,
 )
 from modelpress.stages import calibration_images
 
@@ -125,6 +125,49 @@ def test_f32_round_trip_is_bit_exact(quantized, tmp_path):
     with torch.no_grad():
         x = torch.randn(8, 1, 28, 28)
         assert torch.equal(loaded(x), quantized(x))
+
+
+def test_int8_codebooks_halve_the_codebook_bytes_and_load_as_rounded(quantized, packed_path, data, tmp_path):
+    """codebook_dtype i8: the file stores each codebook as int8 with one f16 scale per column;
+    what loads is exactly round_codebook's values, and the model predicts like the f16 file."""
+    path = tmp_path / "i8.mpk"
+    size = pack_model(quantized, path, ARCH, {"recipe": "test", "top1": 12.5}, codebook_dtype="i8")
+    assert size == os.path.getsize(path)
+    # Smaller by exactly what the codebooks save (k*d*2 -> k*d + 2*d bytes each), up to the header.
+    saved = sum(m.k * m.block_size - 2 * m.block_size for m in pq_layers(quantized).values())
+    assert abs((packed_path[1] - size) - saved) < 64, (packed_path[1], size, saved)
+    kept, _ = load_packed(path, materialize=False)
+    for name, m in pq_layers(quantized).items():
+        want = round_codebook(m.codebook, "i8")
+        got = kept.get_submodule(name).codebook.detach()
+        assert torch.equal(got, want), name
+        assert torch.equal(round_codebook(want, "i8"), want), name  # rounding is idempotent: re-packing changes nothing
+        col_max = m.codebook.detach().abs().amax(0)
+        assert float(((got - m.codebook.detach()).abs() - col_max / 254).max()) < 1e-3 * float(col_max.max())
+        assert len(torch.unique(got)) > 16  # real values, not a degenerate scale
+    x = data[1].tensors[0][:1000]
+    with torch.no_grad():
+        f16 = load_packed(packed_path[0])[0](x).argmax(1)
+        i8 = load_packed(path)[0](x).argmax(1)
+    assert float((f16 == i8).float().mean()) > 0.97
+
+
+def test_storage_aware_training_sees_the_int8_weights_and_passes_gradients_through(quantized):
+    layer = copy.deepcopy(pq_layers(quantized)["features.4.0"])
+    layer.storage = "i8"
+    x = torch.randn(4, 64, 14, 14)
+    stored = round_codebook(layer.codebook, "i8")[layer.codes].reshape(layer.weight_shape)
+    assert torch.equal(layer.weight, stored)
+    layer(x).square().sum().backward()
+    straight = copy.deepcopy(layer)
+    straight.storage = None
+    straight.codebook.grad = None
+    with torch.no_grad():
+        straight.codebook.copy_(round_codebook(layer.codebook, "i8"))
+    straight(x).square().sum().backward()
+    # the gradient is the one of the rounded weights, applied to the unrounded codebook
+    assert torch.allclose(layer.codebook.grad, straight.codebook.grad, rtol=1e-4, atol=1e-6)
+    assert float(layer.codebook.grad.abs().sum()) > 0
 
 
 # ---- 3. predictions and BatchNorm ----------------------------------------------------------

@@ -14,7 +14,9 @@ payload. Encodings:
 
 - ``dense``: raw values, ``dtype`` f32/f16, ``shape``.
 - ``pq``: a codebook (``k`` x ``d``, dtype ``cb``) then the codes, bit-packed with ``bits``
-  bits each (LSB first); the weight is ``codebook[codes].reshape(shape)``.
+  bits each (LSB first); the weight is ``codebook[codes].reshape(shape)``. A codebook is
+  ``f32``/``f16`` raw, or ``i8``: ``d`` f16 column scales then ``k`` x ``d`` int8 values, the
+  centroid being ``int8 * scale`` (symmetric, one scale per position in the sub-vector).
 - ``sparse``: a weight with ``count`` non-zeros (a pruned layer). First their positions
   (``pos_n`` bytes), then their values in row-major order. Positions are whichever is smaller
   for the layer: ``bitmask`` (one bit per weight) or ``delta``: ``tokens`` gap codes of
@@ -54,6 +56,7 @@ from ..atomic import atomic_write
 
 MAGIC = b"MPRESS01"
 _DTYPES = {"f32": np.float32, "f16": np.float16}
+CODEBOOK_DTYPES = ("f32", "f16", "i8")
 
 
 class PackedFormatError(ValueError):
@@ -183,25 +186,67 @@ def decode_dense(p: dict, buf: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(p["shape"]).copy())
 
 
+def codebook_nbytes(k: int, d: int, dtype: str) -> int:
+    """Bytes of a (k, d) codebook stored as ``dtype`` (f32, f16 or i8 with d f16 scales)."""
+    if dtype == "i8":
+        return k * d + 2 * d
+    if dtype not in _DTYPES:
+        raise PackedFormatError(f"unknown codebook dtype {dtype!r}")
+    return k * d * np.dtype(_DTYPES[dtype]).itemsize
+
+
+def _int8_codebook(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales (d,) float32, each exactly an f16 value; values (k, d) int8): symmetric, one scale
+    per column. Runs on the codebook's device."""
+    c = c.detach().float()
+    scale = (c.abs().amax(0) / 127).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, (c / scale).round().clamp(-127, 127).to(torch.int8)
+
+
+def round_codebook(c: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The codebook as it will be stored (and loaded): rounding it first makes the model in
+    memory and the model read from the file the same."""
+    if dtype == "i8":
+        scale, q = _int8_codebook(c)
+        return q.float() * scale
+    return c.detach().half().float() if dtype == "f16" else c.detach().float()
+
+
+def encode_codebook(c: torch.Tensor, dtype: str) -> bytes:
+    if dtype == "i8":
+        scale, q = _int8_codebook(c)
+        return scale.cpu().numpy().astype(np.float16).tobytes() + q.cpu().numpy().tobytes()
+    return c.detach().cpu().float().numpy().astype(_DTYPES[dtype]).tobytes()
+
+
+def decode_codebook(buf: bytes, k: int, d: int, dtype: str) -> torch.Tensor:
+    """The (k, d) float32 codebook at the start of ``buf`` (which may go on with the codes)."""
+    n = codebook_nbytes(k, d, dtype)
+    if len(buf) < n:
+        raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its codebook")
+    if dtype == "i8":
+        scale = np.frombuffer(buf[:2 * d], np.float16).astype(np.float32)
+        values = np.frombuffer(buf[2 * d:n], np.int8).astype(np.float32).reshape(k, d)
+        return torch.from_numpy(values * scale)
+    return torch.from_numpy(np.frombuffer(buf[:n], _DTYPES[dtype]).astype(np.float32).reshape(k, d).copy())
+
+
 def encode_pq(codebook: torch.Tensor, codes: torch.Tensor, shape: tuple, cb_dtype: str,
               entropy: bool = True) -> tuple[dict, bytes]:
     k, d = codebook.shape
     bits = max(1, int(k - 1).bit_length())
-    cb = codebook.detach().cpu().float().numpy().astype(_DTYPES[cb_dtype]).tobytes()
     cp, coded = encode_codes(codes.detach().cpu().numpy(), k, bits, entropy)
-    data = cb + coded
+    data = encode_codebook(codebook, cb_dtype) + coded
     return {"shape": list(shape), "d": d, "k": k, "bits": bits, "cb": cb_dtype, **cp, "n": len(data)}, data
 
 
 def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """(codebook (k, d) float32, codes (n,) int64)."""
     k, d = p["k"], p["d"]
-    cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
     count = int(np.prod(p["shape"])) // d
-    if len(buf) < cb_len:
-        raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its codebook")
-    codebook = torch.from_numpy(np.frombuffer(buf[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
-    return codebook, torch.from_numpy(decode_codes(p, buf[cb_len:], k, count))
+    codebook = decode_codebook(buf, k, d, p["cb"])
+    return codebook, torch.from_numpy(decode_codes(p, buf[codebook_nbytes(k, d, p["cb"]):], k, count))
 
 
 def encode_affine(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, bits: int, shape: tuple,
@@ -285,9 +330,8 @@ def encode_sparse_pq(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Te
     p, pos = _sparse_header(tuple(mask.shape), mask.detach().cpu().numpy().reshape(-1))
     k, d = codebook.shape
     bits = max(1, int(k - 1).bit_length())
-    cb = codebook.detach().cpu().float().numpy().astype(_DTYPES[cb_dtype]).tobytes()
     cp, coded = encode_codes(codes.detach().cpu().numpy(), k, bits, entropy)
-    data = pos + cb + coded
+    data = pos + encode_codebook(codebook, cb_dtype) + coded
     return {**p, "values": "pq", "d": d, "k": k, "bits": bits, "cb": cb_dtype, **cp, "n": len(data)}, data
 
 
@@ -305,11 +349,8 @@ def decode_sparse(p: dict, buf: bytes) -> tuple[torch.Tensor, tuple[torch.Tensor
     if p["values"] == "pq":
         k, d = p["k"], p["d"]
         n_codes = -(-count // d)
-        cb_len = k * d * np.dtype(_DTYPES[p["cb"]]).itemsize
-        if len(rest) < cb_len:
-            raise PackedFormatError("corrupted entry: shorter than its codebook")
-        codebook = torch.from_numpy(np.frombuffer(rest[:cb_len], _DTYPES[p["cb"]]).astype(np.float32).reshape(k, d).copy())
-        return mask_t, (codebook, torch.from_numpy(decode_codes(p, rest[cb_len:], k, n_codes)))
+        codebook = decode_codebook(rest, k, d, p["cb"])
+        return mask_t, (codebook, torch.from_numpy(decode_codes(p, rest[codebook_nbytes(k, d, p["cb"]):], k, n_codes)))
     if p["values"] not in _DTYPES:
         raise PackedFormatError(f"unknown value storage {p['values']!r}")
     _expect_bytes(rest, count * np.dtype(_DTYPES[p["values"]]).itemsize)
@@ -425,12 +466,14 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
                   entropy: bool = True) -> list[tuple[str, str, dict, bytes]]:
     """Encode a (partly) compressed model's state: PQ layers as codes + codebook, the rest
     dense in ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored.
+    ``codebook_dtype`` i8 applies to PQ codebooks; uniform layers' scales then stay f16.
     ``entropy``: range-code each layer's codes where that makes it smaller (lossless)."""
     from ..methods.pq.layer import PQLayer
     from ..methods.uniform import UniformLayer
 
     pq_layers = {n: m for n, m in model.named_modules() if isinstance(m, PQLayer)}
     affine = {n: m for n, m in model.named_modules() if isinstance(m, UniformLayer)}
+    affine_dtype = "f16" if codebook_dtype == "i8" else codebook_dtype
     entries = []
     for key, t in model.state_dict().items():
         mod, _, attr = key.rpartition(".")
@@ -438,7 +481,7 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
             if attr == "scale":
                 m = affine[mod]
                 entries.append((f"{mod}.weight", "affine", *encode_affine(m.scale, m.offset, m.codes, m.bits, m.weight_shape,
-                                                                         codebook_dtype, entropy)))
+                                                                         affine_dtype, entropy)))
             continue
         if mod in pq_layers:
             if attr == "codebook":

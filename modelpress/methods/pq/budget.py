@@ -46,9 +46,9 @@ def block_candidates(layer: nn.Module) -> list[int]:
     return [b for b in sizes if row % b == 0]
 
 
-def layer_bytes(numel: int, spec: BlockSpec | None, float_bytes: int = 2, codebook_bytes: int = 2) -> int:
+def layer_bytes(numel: int, spec: BlockSpec | None, float_dtype: str = "f16", codebook_dtype: str = "f16") -> int:
     """Bytes of one layer's weight in the packed file (None = dense)."""
-    return numel * float_bytes if spec is None else pq_bytes(numel, spec, codebook_bytes)
+    return numel * (4 if float_dtype == "f32" else 2) if spec is None else pq_bytes(numel, spec, codebook_dtype)
 
 
 def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
@@ -160,12 +160,16 @@ def measure_key(cfg: PQConfig) -> dict:
 
 def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dtype: str = "f16",
                 arch: dict | None = None, meta: dict | None = None,
-                table: dict[str, list[dict]] | None = None) -> tuple[PQConfig, list[dict]]:
+                table: dict[str, list[dict]] | None = None, codebook_dtype: str = "f16") -> tuple[PQConfig, list[dict]]:
     """Turn ``cfg.target_bytes`` into explicit per-layer settings: returns the PQConfig to run
     (overrides + exclusions, no budget) and the allocation table. ``table``: the damages
-    :func:`measure` found before with the same :func:`measure_key` (measured here if None)."""
+    :func:`measure` found before with the same :func:`measure_key` (measured here if None).
+    Each candidate is costed here for ``float_dtype`` and ``codebook_dtype`` (the damages do
+    not depend on them)."""
     if table is None:
         table = measure(model, cfg, images[: cfg.budget_images])
+    table = {n: [{**r, "bytes": layer_bytes(model.get_submodule(n).weight.numel(), r["spec"], float_dtype, codebook_dtype)}
+                 for r in rows] for n, rows in table.items()}
     fixed = fixed_bytes(model, list(table), float_dtype, arch, meta)
     try:
         choice = allocate(table, cfg.target_bytes - fixed)
@@ -190,17 +194,18 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dty
 
 
 def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", arch: dict | None = None,
-                    meta: dict | None = None) -> None:
+                    meta: dict | None = None, codebook_dtype: str = "f16") -> None:
     """Fail fast (no data, no training) when no allocation can meet ``cfg.target_bytes``."""
     if cfg.target_bytes is None:
         return
     layers = _candidate_layers(model, cfg)
     least = 0
     for _, m in layers:
-        options = [layer_bytes(m.weight.numel(), None)]
+        options = [layer_bytes(m.weight.numel(), None, float_dtype)]
         for block in block_candidates(m):
             n = m.weight.numel() // block
-            options += [layer_bytes(m.weight.numel(), BlockSpec(block_size=block, k=min(k, n))) for k in cfg.budget_k]
+            options += [layer_bytes(m.weight.numel(), BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
+                        for k in cfg.budget_k]
         least += min(options)
     smallest = least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
     if smallest > cfg.target_bytes:

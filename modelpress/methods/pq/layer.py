@@ -33,6 +33,10 @@ def input_rows(layer: nn.Module, x: torch.Tensor, block_size: int) -> torch.Tens
 class PQLayer(nn.Module):
     """Drop-in for a Conv2d or Linear; trainable ``codebook`` (k, d), fixed ``codes`` (n,).
 
+    ``storage`` (None, or a codebook dtype of the packed file such as "i8"): while the codebook
+    trains, the forward pass uses it rounded to that storage, with the gradient passed straight
+    through to the unrounded values, so training sees the weights the file will hold.
+
     With a ``mask`` (bool, the weight's shape) the layer is sparse: the codes quantize only
     the kept weights, in row-major order (padded to whole sub-vectors), and the rest are zero.
     """
@@ -59,6 +63,7 @@ class PQLayer(nn.Module):
             self.kept = int(self.mask.sum())
         else:
             self.mask, self.kept = None, None
+        self.storage: str | None = None
 
     @property
     def k(self) -> int:
@@ -66,7 +71,12 @@ class PQLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        values = self.codebook.index_select(0, self.codes)
+        codebook = self.codebook
+        if self.storage is not None and codebook.requires_grad:
+            from ...pack.format import round_codebook
+
+            codebook = codebook + (round_codebook(codebook, self.storage) - codebook).detach()  # straight-through
+        values = codebook.index_select(0, self.codes)
         if self.mask is None:
             return values.reshape(self.weight_shape)
         kept = values.reshape(-1)[: self.kept]

@@ -42,14 +42,16 @@ def code_bits(k: int) -> int:
     return max(1, math.ceil(math.log2(k)))
 
 
-def pq_bytes(numel: int, spec: BlockSpec, codebook_bytes: int = 2) -> int:
-    """Bytes of a layer's codes (bit-packed) plus its codebook."""
+def pq_bytes(numel: int, spec: BlockSpec, codebook_dtype: str = "f16") -> int:
+    """Bytes of a layer's codes (bit-packed) plus its codebook stored as ``codebook_dtype``."""
+    from ...pack.format import codebook_nbytes
+
     n = numel // spec.block_size
     k = min(spec.k, n)
-    return k * spec.block_size * codebook_bytes + math.ceil(n * code_bits(k) / 8)
+    return codebook_nbytes(k, spec.block_size, codebook_dtype) + math.ceil(n * code_bits(k) / 8)
 
 
-def plan(model: nn.Module, cfg: PQConfig) -> list[tuple[str, BlockSpec]]:
+def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[tuple[str, BlockSpec]]:
     """Layers to quantize, in order, with their settings. Validates names and block sizes."""
     check_patterns(model, cfg.exclude, "exclude")
     check_patterns(model, list(cfg.overrides), "overrides")
@@ -58,7 +60,7 @@ def plan(model: nn.Module, cfg: PQConfig) -> list[tuple[str, BlockSpec]]:
         spec = layer_spec(name, layer, cfg)
         if spec is None:
             continue
-        if pq_bytes(layer.weight.numel(), spec) >= 2 * layer.weight.numel():
+        if pq_bytes(layer.weight.numel(), spec, codebook_dtype) >= 2 * layer.weight.numel():
             log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, layer.weight.numel())
             continue
         row = layer.weight[0].numel()
@@ -126,6 +128,7 @@ def quantize_pq(
     train_batches: DataLoader | None = None,
     teacher: nn.Module | None = None,
     on_layer: LayerCallback | None = None,
+    codebook_dtype: str = "f16",
 ) -> tuple[nn.Module, list[dict]]:
     """Quantize ``student`` in place, layer by layer, and return it with per-layer stats.
 
@@ -133,6 +136,8 @@ def quantize_pq(
     (a checkpoint) resumes the loop; the dense ``teacher`` is then required (the plan and the
     per-layer seeds come from it). Otherwise it defaults to a copy of the student as given.
     ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
+    ``codebook_dtype``: how the packed file will store codebooks (f16, f32, i8), which sets
+    what a byte budget buys.
     """
     if teacher is None:
         if any(isinstance(m, PQLayer) for m in student.modules()):
@@ -142,8 +147,8 @@ def quantize_pq(
     if cfg.target_bytes is not None:
         from .budget import plan_budget
 
-        cfg, _ = plan_budget(teacher, cfg, calibration)
-    todo = plan(teacher, cfg)
+        cfg, _ = plan_budget(teacher, cfg, calibration, codebook_dtype=codebook_dtype)
+    todo = plan(teacher, cfg, codebook_dtype)
     stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")
     for index, (name, spec) in enumerate(todo):
         layer = student.get_submodule(name)
@@ -161,7 +166,7 @@ def quantize_pq(
             distill(student, teacher, train_batches, [pq.codebook], cfg.layer_finetune_epochs, cfg.layer_finetune_lr,
                     temperature=cfg.temperature, stage=f"tune {name}", train_mode=False)
             stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
-        stats.update(layer=name, index=index, weights=layer.weight.numel(), bytes=pq_bytes(layer.weight.numel(), spec))
+        stats.update(layer=name, index=index, weights=layer.weight.numel(), bytes=pq_bytes(layer.weight.numel(), spec, codebook_dtype))
         stats_all.append(stats)
         prog.update(layer=name, k=stats["k"], out_err=stats["output_rel_error"], kmeans_s=stats["kmeans_s"])
         if on_layer:
