@@ -143,9 +143,9 @@ class FinetuneConfig(_Section):
 
 class PackConfig(_Section):
     float_dtype: Literal["f16", "f32"] = Field("f16", description="Storage of every tensor that is not quantized.")
-    codebook_dtype: Literal["f16", "f32", "i8"] = Field(
-        "f16", description="Storage of PQ codebooks: i8 = int8 values with one f16 scale per sub-vector position "
-                           "(half the bytes of f16; a byte budget then buys more centroids).")
+    codebook_dtype: Literal["f16", "f32", "i8", "i6", "i5", "i4"] = Field(
+        "f16", description="Storage of PQ codebooks: iB = B-bit integers with one f16 scale per sub-vector position "
+                           "(i8: half the bytes of f16; a byte budget then buys more centroids).")
 
 
 class RegistryConfig(_Section):

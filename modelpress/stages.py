@@ -586,10 +586,10 @@ def finetune_stage(recipe: Recipe) -> Path:
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         params = [m.codebook for m in student.modules() if isinstance(m, PQLayer)]
-        if recipe.pack.codebook_dtype == "i8":  # train against the int8 codebooks the file will hold
+        if recipe.pack.codebook_dtype.startswith("i"):  # train against the integer codebooks the file will hold
             for m in student.modules():
                 if isinstance(m, PQLayer):
-                    m.storage = "i8"
+                    m.storage = recipe.pack.codebook_dtype
         masks = {}
         if recipe.method.name == "prune":  # sparse dense weights: tuned with their masks held
             masks = masks_of(student, recipe.method.exclude)

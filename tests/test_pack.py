@@ -18,7 +18,7 @@ from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
 from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
 from modelpress.pack.format import (
-    MAGIC, decode_codes, encode_codes, encode_pq, model_entries, pack_bits, round_codebook, unpack_bits, write_packed,
+    MAGIC, decode_codes, decode_sparse, encode_codes, encode_pq, encode_sparse_pq, model_entries, pack_bits, round_codebook, unpack_bits, write_packed,
 )
 from modelpress.stages import calibration_images
 
@@ -168,6 +168,25 @@ def test_storage_aware_training_sees_the_int8_weights_and_passes_gradients_throu
     # the gradient is the one of the rounded weights, applied to the unrounded codebook
     assert torch.allclose(layer.codebook.grad, straight.codebook.grad, rtol=1e-4, atol=1e-6)
     assert float(layer.codebook.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dtype,bits", [("i8", 8), ("i6", 6), ("i5", 5), ("i4", 4)])
+def test_integer_codebook_of_a_sparse_layer_round_trips(dtype, bits):
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(32, 16, 3, 3, generator=gen) > 0.8
+    n = -(-int(mask.sum()) // 4)
+    codebook = torch.randn(32, 4, generator=gen) * torch.tensor([0.01, 0.1, 1.0, 3.0])  # columns of very different scale
+    codes = torch.randint(32, (n,), generator=gen)
+    p, data = encode_sparse_pq(mask, codebook, codes, dtype)
+    assert p["cb"] == dtype and p["n"] == len(data)
+    assert len(data) - p["pos_n"] == math.ceil(32 * 4 * bits / 8) + 2 * 4 + math.ceil(n * 5 / 8)
+    got_mask, (got_cb, got_codes) = decode_sparse(p, data)
+    assert torch.equal(got_mask, mask) and torch.equal(got_codes, codes)
+    assert torch.equal(got_cb, round_codebook(codebook, dtype))
+    qmax = 2 ** (bits - 1) - 1
+    assert len(torch.unique(got_cb[:, 3])) > min(16, qmax)  # many levels used
+    # one scale per column: the small column keeps its relative precision
+    assert float(((got_cb - codebook).abs() / codebook.abs().amax(0)).max()) <= 0.5 / qmax + 1e-3
 
 
 # ---- 3. predictions and BatchNorm ----------------------------------------------------------

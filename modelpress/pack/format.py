@@ -15,8 +15,10 @@ payload. Encodings:
 - ``dense``: raw values, ``dtype`` f32/f16, ``shape``.
 - ``pq``: a codebook (``k`` x ``d``, dtype ``cb``) then the codes, bit-packed with ``bits``
   bits each (LSB first); the weight is ``codebook[codes].reshape(shape)``. A codebook is
-  ``f32``/``f16`` raw, or ``i8``: ``d`` f16 column scales then ``k`` x ``d`` int8 values, the
-  centroid being ``int8 * scale`` (symmetric, one scale per position in the sub-vector).
+  ``f32``/``f16`` raw, or an integer codebook ``iB`` (B = 8, 6, 5 or 4 bits): ``d`` f16 column
+  scales, then the ``k`` x ``d`` values q in [-(2^(B-1) - 1), 2^(B-1) - 1], the centroid being
+  ``q * scale`` (symmetric, one scale per position in the sub-vector); ``i8`` stores q as int8,
+  the others bit-pack q + 2^(B-1) - 1 with B bits each, like the codes.
 - ``sparse``: a weight with ``count`` non-zeros (a pruned layer). First their positions
   (``pos_n`` bytes), then their values in row-major order. Positions are whichever is smaller
   for the layer: ``bitmask`` (one bit per weight) or ``delta``: ``tokens`` gap codes of
@@ -56,7 +58,8 @@ from ..atomic import atomic_write
 
 MAGIC = b"MPRESS01"
 _DTYPES = {"f32": np.float32, "f16": np.float16}
-CODEBOOK_DTYPES = ("f32", "f16", "i8")
+_INT_BITS = {"i8": 8, "i6": 6, "i5": 5, "i4": 4}  # integer codebooks: bits per value
+CODEBOOK_DTYPES = ("f32", "f16", *_INT_BITS)
 
 
 class PackedFormatError(ValueError):
@@ -187,36 +190,40 @@ def decode_dense(p: dict, buf: bytes) -> torch.Tensor:
 
 
 def codebook_nbytes(k: int, d: int, dtype: str) -> int:
-    """Bytes of a (k, d) codebook stored as ``dtype`` (f32, f16 or i8 with d f16 scales)."""
-    if dtype == "i8":
-        return k * d + 2 * d
+    """Bytes of a (k, d) codebook stored as ``dtype`` (f32, f16, or i8/i6/i5/i4 with d f16 scales)."""
+    if dtype in _INT_BITS:
+        return -(-k * d * _INT_BITS[dtype] // 8) + 2 * d
     if dtype not in _DTYPES:
         raise PackedFormatError(f"unknown codebook dtype {dtype!r}")
     return k * d * np.dtype(_DTYPES[dtype]).itemsize
 
 
-def _int8_codebook(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales (d,) float32, each exactly an f16 value; values (k, d) int8): symmetric, one scale
-    per column. Runs on the codebook's device."""
+def _int_codebook(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales (d,) float32, each exactly an f16 value; values (k, d) int64 in [-qmax, qmax]):
+    symmetric, one scale per column. Runs on the codebook's device."""
+    qmax = 2 ** (bits - 1) - 1
     c = c.detach().float()
-    scale = (c.abs().amax(0) / 127).half().float()
+    scale = (c.abs().amax(0) / qmax).half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, (c / scale).round().clamp(-127, 127).to(torch.int8)
+    return scale, (c / scale).round().clamp(-qmax, qmax).long()
 
 
 def round_codebook(c: torch.Tensor, dtype: str) -> torch.Tensor:
     """The codebook as it will be stored (and loaded): rounding it first makes the model in
     memory and the model read from the file the same."""
-    if dtype == "i8":
-        scale, q = _int8_codebook(c)
+    if dtype in _INT_BITS:
+        scale, q = _int_codebook(c, _INT_BITS[dtype])
         return q.float() * scale
     return c.detach().half().float() if dtype == "f16" else c.detach().float()
 
 
 def encode_codebook(c: torch.Tensor, dtype: str) -> bytes:
-    if dtype == "i8":
-        scale, q = _int8_codebook(c)
-        return scale.cpu().numpy().astype(np.float16).tobytes() + q.cpu().numpy().tobytes()
+    if dtype in _INT_BITS:
+        bits = _INT_BITS[dtype]
+        scale, q = _int_codebook(c, bits)
+        head = scale.cpu().numpy().astype(np.float16).tobytes()
+        q = q.cpu().numpy().reshape(-1)
+        return head + (q.astype(np.int8).tobytes() if bits == 8 else pack_bits(q + 2 ** (bits - 1) - 1, bits))
     return c.detach().cpu().float().numpy().astype(_DTYPES[dtype]).tobytes()
 
 
@@ -225,10 +232,14 @@ def decode_codebook(buf: bytes, k: int, d: int, dtype: str) -> torch.Tensor:
     n = codebook_nbytes(k, d, dtype)
     if len(buf) < n:
         raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its codebook")
-    if dtype == "i8":
+    if dtype in _INT_BITS:
+        bits = _INT_BITS[dtype]
         scale = np.frombuffer(buf[:2 * d], np.float16).astype(np.float32)
-        values = np.frombuffer(buf[2 * d:n], np.int8).astype(np.float32).reshape(k, d)
-        return torch.from_numpy(values * scale)
+        if bits == 8:
+            q = np.frombuffer(buf[2 * d:n], np.int8).astype(np.float32)
+        else:
+            q = unpack_bits(buf[2 * d:n], bits, k * d).astype(np.float32) - (2 ** (bits - 1) - 1)
+        return torch.from_numpy(q.reshape(k, d) * scale)
     return torch.from_numpy(np.frombuffer(buf[:n], _DTYPES[dtype]).astype(np.float32).reshape(k, d).copy())
 
 
@@ -466,14 +477,14 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
                   entropy: bool = True) -> list[tuple[str, str, dict, bytes]]:
     """Encode a (partly) compressed model's state: PQ layers as codes + codebook, the rest
     dense in ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored.
-    ``codebook_dtype`` i8 applies to PQ codebooks; uniform layers' scales then stay f16.
+    An integer ``codebook_dtype`` (i8, ...) applies to PQ codebooks; uniform layers' scales then stay f16.
     ``entropy``: range-code each layer's codes where that makes it smaller (lossless)."""
     from ..methods.pq.layer import PQLayer
     from ..methods.uniform import UniformLayer
 
     pq_layers = {n: m for n, m in model.named_modules() if isinstance(m, PQLayer)}
     affine = {n: m for n, m in model.named_modules() if isinstance(m, UniformLayer)}
-    affine_dtype = "f16" if codebook_dtype == "i8" else codebook_dtype
+    affine_dtype = "f16" if codebook_dtype in _INT_BITS else codebook_dtype
     entries = []
     for key, t in model.state_dict().items():
         mod, _, attr = key.rpartition(".")
