@@ -136,7 +136,7 @@ def quantize_pq(
     (a checkpoint) resumes the loop; the dense ``teacher`` is then required (the plan and the
     per-layer seeds come from it). Otherwise it defaults to a copy of the student as given.
     ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
-    ``codebook_dtype``: how the packed file will store codebooks (f16, f32, i8), which sets
+    ``codebook_dtype``: how the packed file will store codebooks (f16, f32, i8, i6, ...), which sets
     what a byte budget buys.
     """
     if teacher is None:
