@@ -59,7 +59,6 @@ from ..atomic import atomic_write
 MAGIC = b"MPRESS01"
 _DTYPES = {"f32": np.float32, "f16": np.float16}
 _INT_BITS = {"i8": 8, "i6": 6, "i5": 5, "i4": 4}  # integer codebooks: bits per value
-CODEBOOK_DTYPES = ("f32", "f16", *_INT_BITS)
 
 
 class PackedFormatError(ValueError):

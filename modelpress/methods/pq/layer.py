@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...pack.format import round_codebook
+
 
 def to_subvectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     """(out, in, *k) weight -> (n, block_size) sub-vectors."""
@@ -73,8 +75,6 @@ class PQLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         codebook = self.codebook
         if self.storage is not None and codebook.requires_grad:
-            from ...pack.format import round_codebook
-
             codebook = codebook + (round_codebook(codebook, self.storage) - codebook).detach()  # straight-through
         values = codebook.index_select(0, self.codes)
         if self.mask is None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ...pack.format import codebook_nbytes
 from ...progress import Progress, log
 from ...train import distill, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
@@ -44,8 +45,6 @@ def code_bits(k: int) -> int:
 
 def pq_bytes(numel: int, spec: BlockSpec, codebook_dtype: str = "f16") -> int:
     """Bytes of a layer's codes (bit-packed) plus its codebook stored as ``codebook_dtype``."""
-    from ...pack.format import codebook_nbytes
-
     n = numel // spec.block_size
     k = min(spec.k, n)
     return codebook_nbytes(k, spec.block_size, codebook_dtype) + math.ceil(n * code_bits(k) / 8)
