@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_recipe
 
 from modelpress import stages
 from modelpress.methods.pq.budget import BudgetError, allocate
-from modelpress.pack import read_packed
+from modelpress.pack import load_packed, read_packed
 
 
 def _table():
@@ -40,6 +40,10 @@ def test_allocation_fits_and_is_optimal_on_a_small_table(budget):
 def test_allocation_below_the_smallest_size():
     with pytest.raises(BudgetError):
         allocate(_table(), 51)
+
+
+def _no_measuring(*a, **k):
+    raise AssertionError("measured again")
 
 
 def test_packed_file_respects_the_budget(workdir):
@@ -76,10 +80,7 @@ def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
     _, plan = _budget_run(workdir)
     assert len(list((workdir / "cache").glob("budget-damage-*.json"))) == 1
 
-    def no_measuring(*a, **k):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr(stages, "measure", no_measuring)
+    monkeypatch.setattr(stages, "measure", _no_measuring)
     budget = 45_000
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
     stages.compress_stage(recipe)
@@ -94,7 +95,7 @@ def test_int8_codebooks_buy_more_centroids_within_the_same_budget(workdir, monke
     """pack.codebook_dtype=i8: the same measured damages, costed at half the codebook bytes, buy
     more centroids; the file still fits, holds int8 codebooks, and loads as the tuned model."""
     _, f16_plan = _budget_run(workdir)
-    monkeypatch.setattr(stages, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    monkeypatch.setattr(stages, "measure", _no_measuring)
     budget = 60_000
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]}, pack={"codebook_dtype": "i8"})
     stages.preflight(recipe)
@@ -107,8 +108,6 @@ def test_int8_codebooks_buy_more_centroids_within_the_same_budget(workdir, monke
     assert centroids(plan) > centroids(f16_plan), (plan, f16_plan)
     entries = [r for r in read_packed(path).summary() if r["encoding"] == "pq"]
     assert entries and all(r["codebook"] == "i8" for r in entries)
-    from modelpress.pack import load_packed
-
     tuned, _ = load_packed(finetuned, materialize=True)  # f32 file of the rounded model
     packed, _ = load_packed(path, materialize=True)
     for name, m in packed.named_modules():
