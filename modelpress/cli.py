@@ -6,6 +6,7 @@
     modelpress evaluate FILE [--params ...]                             top-1 of a packed file
     modelpress inspect FILE                                             what a packed file holds
     modelpress models list | show NAME[@ALIAS]                          the MLflow registry's models
+    modelpress reproduce models:/NAME/VERSION                           restore a version's packed file (DVC)
     modelpress schema                                                   the parameter schema (JSON)
 
 Errors print one line, ``modelpress: error: <cause>``, and exit with status 1 (2 for usage).
@@ -18,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate", "point")
@@ -52,23 +52,13 @@ def cmd_run(args) -> int:
     preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
-    if args.set or Path(args.params).resolve() != Path("params.yaml").resolve():
-        # One-off parameters: record nothing in dvc.lock (that would rewrite params.yaml);
-        # `dvc exp run -S ...` or a deployment run versions such runs.
-        if "MODELPRESS_DVC" not in os.environ:
-            os.environ["MODELPRESS_DVC"] = "off"
-            print("modelpress: parameters differ from params.yaml: outputs are not recorded in dvc.lock "
-                  "(set MODELPRESS_DVC=on to record them, which rewrites params.yaml)", file=sys.stderr)
     from flows.compress import compress_flow
 
-    t0 = time.perf_counter()
     summary = compress_flow(recipe)
-    total = time.perf_counter() - t0
-    from .stages import paths, write_json
+    from .stages import paths
 
-    write_json(paths(recipe)["timings"], {**summary["seconds"], "total": round(total, 1)})
     print("\n" + _table(_summary_rows(summary)))
-    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + f", total {total:.0f}")
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()))
     print(f"packed model: {paths(recipe)['packed']}   metrics: {paths(recipe)['metrics']}")
     if "registered" in summary:
         r = summary["registered"]
@@ -174,6 +164,14 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    """Restore a registered version's packed file from its lineage (needs MLflow and DVC)."""
+    from tasks.reproduce import reproduce
+
+    reproduce(args.ref, Path(args.repo))
+    return 0
+
+
 def cmd_schema(_args) -> int:
     from .recipe import Recipe
 
@@ -212,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
     mo.add_argument("action", choices=("list", "show"))
     mo.add_argument("ref", nargs="?", help="NAME, NAME@ALIAS or NAME/VERSION (for show)")
     mo.set_defaults(fn=cmd_models)
+    rp = sub.add_parser("reproduce", help="restore a registered version's packed file in this checkout (DVC pull)")
+    rp.add_argument("ref", help="models:/NAME/VERSION, NAME/VERSION or NAME@ALIAS")
+    rp.add_argument("--repo", default=".", help="the checkout to restore into (default: here)")
+    rp.set_defaults(fn=cmd_reproduce)
     sub.add_parser("schema", help="print the parameter schema").set_defaults(fn=cmd_schema)
     return ap
 

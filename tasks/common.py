@@ -1,4 +1,4 @@
-"""What every task shares: retry policy, progress bridge to the Prefect UI."""
+"""What every task shares: retry policy (tasks/transient.py), progress bridge to the Prefect UI."""
 
 from __future__ import annotations
 
@@ -11,30 +11,13 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.data import ChecksumMismatch, DatasetError
-from modelpress.pack import PackedFormatError
 from modelpress.progress import add_listener
-from modelpress.recipe import RecipeError
-from modelpress.stages import StageError
+
+from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
 
 # Library progress lines (logger "modelpress") reach Prefect's logs when
 # PREFECT_LOGGING_EXTRA_LOGGERS includes "modelpress"; INFO is their level.
 logging.getLogger("modelpress").setLevel(logging.INFO)
-
-# Errors that a retry cannot fix: bad input. Everything else (network, S3, a killed worker,
-# CUDA hiccups) is worth another try.
-PERMANENT = (ChecksumMismatch, DatasetError, PackedFormatError, RecipeError, StageError, ValueError, TypeError, KeyError)
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry unless the failure is bad input."""
-    try:
-        state.result()
-    except PERMANENT:
-        return False
-    except BaseException:  # noqa: BLE001 - anything else is treated as transient
-        return True
-    return True
 
 
 @contextlib.contextmanager

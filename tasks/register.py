@@ -4,7 +4,10 @@ with a model card, the ``candidate`` alias and, when the promotion rule holds, `
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from prefect import task
@@ -15,11 +18,26 @@ from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
 
 from . import registry
-from .common import retry_transient
-from .versioning import dvc_lock_revision
+from .transient import retry_transient
+from .versioning import lineage_dir
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+LIBRARY = Path(__file__).resolve().parents[1] / "modelpress"
+# What `modelpress` imports when it loads a packed file; pinned to this environment's versions
+# in the logged model's requirements.txt (MLflow adds its own pin), so that the model's
+# environment can be rebuilt from the registry alone.
+RUNTIME_PACKAGES = ("torch", "numpy", "pydantic", "constriction")
 T = registry.TAG
+
+
+def runtime_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+
+
+def _library_copy(dst: Path) -> Path:
+    """The library's source (no caches) to log with the model: a consumer needs nothing else
+    from modelpress, and no package index has to publish it."""
+    return Path(shutil.copytree(LIBRARY, dst / "modelpress", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
 
 
 def _git(*args: str) -> str:
@@ -53,9 +71,14 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "dataset": recipe.data.name,
         "dataset_sha256": ",".join(f"{k}:{v}" for k, v in sorted(recipe.data.files.items())),
         "packed_sha256": summary["packed_sha256"],
-        "git_commit": _git("rev-parse", "HEAD"), "dvc_revision": dvc_lock_revision(Path(".")),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
     }
+    versioning = summary.get("versioning") or {}
+    tags["dvc"] = versioning.get("dvc", "skipped")
+    for key in ("dvc_revision", "remote_url", "remote_endpoint"):
+        if versioning.get(key):
+            tags[key if key.startswith("dvc") else f"dvc_{key}"] = versioning[key]
     src = recipe.finetune.distill_from  # the model the final fine-tuning imitated, when not the teacher
     if src is not None:
         tags["distilled_from"] = f"{src.arch}:{src.weights}"
@@ -109,16 +132,23 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
         try:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(recipe.model_dump(mode="json")).items()})
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+            mlflow.log_metrics({f"seconds_{k}": float(v) for k, v in (summary.get("seconds") or {}).items()})
             mlflow.set_tags(tags)
             mlflow.log_dict({"layers": layers}, "layers.json")
             _log_cycle_metrics(recipe, summary)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
-                input_example=np.zeros([2, *input_shape], dtype=np.float32),
-                pip_requirements=["modelpress[runtime]", "torch", "numpy"],
-            )
+            # What reproduces this version: its parameters and dvc.lock (`modelpress reproduce`).
+            for f in sorted(lineage_dir(recipe).glob("*")):
+                mlflow.log_artifact(str(f), artifact_path="lineage")
+            with tempfile.TemporaryDirectory() as tmp:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
+                    code_paths=[str(_library_copy(Path(tmp)))],
+                    input_example=np.zeros([2, *input_shape], dtype=np.float32),
+                    pip_requirements=runtime_requirements(),
+                )
             card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
             version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card, info.model_id)
+            registry.describe_version(name, version.version, tags, {**summary, "input_shape": input_shape})
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise

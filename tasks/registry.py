@@ -104,9 +104,12 @@ def promote(name: str, new_version: str, max_top1_drop: float) -> str:
     return decision
 
 
-def model_card(name: str, tags: dict, summary: dict) -> str:
+def model_card(name: str, tags: dict, summary: dict, version: str | None = None) -> str:
     """The version's description: what it is, how it was made, how to load it, what it scores."""
-    return f"""# {name}
+    import mlflow
+
+    ref = f"models:/{name}/{version}" if version else f"models:/{name}@candidate"
+    return f"""# {name}{f' version {version}' if version else ''}
 
 **What**: `{tags[TAG + 'teacher_arch']}` compressed by modelpress ({tags[TAG + 'method']}) into one packed
 file of {summary['packed_bytes']:,} bytes, {summary['compression_ratio']:.1f}x smaller than the teacher's
@@ -118,20 +121,36 @@ drop {summary['top1_drop']:.2f} points).
 
 **How it was made**: teacher `{tags[TAG + 'teacher_source']}` (sha256 {tags[TAG + 'teacher_sha256'][:16]}...),
 data set {tags[TAG + 'dataset']}, git commit {tags[TAG + 'git_commit'][:12]}, Prefect flow run
-{tags[TAG + 'prefect_flow_run_id'] or '-'}. Full parameters are in the run's params.
+{tags[TAG + 'prefect_flow_run_id'] or '-'}. Full parameters are in the run's params; its `lineage/`
+artifacts (params.yaml, dvc.lock) restore the packed file with `modelpress reproduce {ref}`.
 
-**How to load** (needs `pip install "modelpress[runtime]"`, no Prefect or DVC):
+**How to load**: the model carries the code that reads the packed file and pins what it needs
+(no modelpress, Prefect or DVC install):
+
+```bash
+pip install mlflow=={mlflow.__version__}
+pip install -r "$(python -c 'import mlflow; print(mlflow.pyfunc.get_model_dependencies("{ref}"))')"
+mlflow models predict -m {ref} -i batch.json -t json --env-manager local   # or --env-manager uv: builds the env itself
+```
 
 ```python
 import mlflow
-model = mlflow.pyfunc.load_model("models:/{name}@champion")
+model = mlflow.pyfunc.load_model("{ref}")
 logits = model.predict(batch)          # float32 array shaped like the input example
 net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module
 ```
 
+`models:/{name}@candidate` is the newest version; `models:/{name}@champion` exists once a version meets
+the promotion rule (see its `modelpress.promotion` tag).
+
 Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's
 mean/std (stored in the packed file's metadata).
 """
+
+
+def describe_version(name: str, version: str, tags: dict, summary: dict) -> None:
+    """Put the version's own number into its card (known only once it exists)."""
+    client().update_model_version(name, version, description=model_card(name, tags, summary, version))
 
 
 def create_version(name: str, source: str, run_id: str, tags: dict, description: str, model_id: str | None = None):

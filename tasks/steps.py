@@ -118,5 +118,11 @@ def summary_markdown(summary: dict) -> str:
 
 @task(name="summarize", **RETRY)
 def publish_summary(recipe: Recipe, summary: dict) -> None:
+    """The run's summary and stage times: ``run_timings.json`` in the workdir and two Prefect
+    artifacts (whatever started the run: the CLI, a schedule or the UI)."""
+    seconds = summary.get("seconds") or {}
+    stages.write_json(stages.paths(recipe)["timings"], seconds)
     create_markdown_artifact(f"# {recipe.run.name}\n\n" + summary_markdown(summary), key="summary",
                              description="Compression run summary")
+    create_table_artifact([{"stage": k, "seconds": v} for k, v in seconds.items()], key="stage-seconds",
+                          description="Seconds per stage")

@@ -3,24 +3,33 @@
 The flow computes the outputs with the same library functions the DVC stages call
 (`modelpress stage NAME`), at the same paths (`dvc.yaml` uses `${run.workdir}`), so nothing is
 recomputed here: `dvc commit` hashes what the flow wrote into the cache and `dvc.lock`, exactly
-as if `dvc repro` had produced it, and `dvc push` uploads it. Afterwards `dvc status` is clean
-and `dvc repro` has nothing to do.
+as if `dvc repro` had produced it, and `dvc push` uploads it.
+
+The checkout's tracked files never change under a run: when the run's parameters differ from
+params.yaml (a `-S` override, a recipe sent from the Prefect UI), params.yaml holds the run's
+parameters only while `dvc commit` records them in dvc.lock, and is restored right after (a
+copy in ``.dvc/tmp`` restores it even after a kill). What reproduces the run, its dvc.lock and
+its parameters, is copied to ``<workdir>/lineage/`` and logged with the registered version.
 
 Runs only when the working directory is a DVC repository and `run.workdir` is a relative path
 inside it (otherwise it logs why and skips). Settings (environment, never params):
 
 - ``MODELPRESS_DVC=off`` skips versioning entirely.
-- ``MODELPRESS_DVC_REMOTE``: a remote name from ``.dvc/config`` or a URL (``s3://bucket/prefix``);
-  a URL becomes the local remote ``modelpress`` (``.dvc/config.local``), with
-  ``MODELPRESS_DVC_ENDPOINT_URL`` (else ``AWS_ENDPOINT_URL``) as its endpoint. Unset: the
-  repository's default remote, if any; no remote: the push is skipped with a log line.
+- ``MODELPRESS_DVC_REMOTE``: a remote name from ``.dvc/config`` or a URL (``s3://bucket/prefix``,
+  or an absolute path); a URL becomes the local remote ``modelpress`` (``.dvc/config.local``),
+  with ``MODELPRESS_DVC_ENDPOINT_URL`` (else ``AWS_ENDPOINT_URL``) as its endpoint. Unset: the
+  repository's default remote, if any; no remote (a fresh clone): the outputs stay in the local
+  DVC cache and the push is skipped with one log line saying how to add one.
   Credentials are boto3's usual environment (``AWS_ACCESS_KEY_ID``...).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,10 +41,24 @@ from prefect.logging import get_run_logger
 
 from modelpress.recipe import Recipe
 
-from .common import retry_transient
+from .transient import retry_transient
 
 URL_REMOTE = "modelpress"
 STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate")
+# What a DVC failure says when trying again later may succeed: another DVC command holds the
+# repository lock, or the remote's network or service failed.
+TRANSIENT_DVC = re.compile(
+    r"unable to acquire lock|lock.*is (held|in use)|could not connect|connection (refused|reset|aborted)|"
+    r"timed? ?out|max retries|temporar(y|ily)|name resolution|name or service not known|service unavailable|"
+    r"slow ?down|throttl|internal ?error|\b50[0234]\b", re.IGNORECASE)
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; ``transient`` says whether retrying may help (tasks/transient.py)."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
 
 
 def _dvc() -> str:
@@ -43,13 +66,20 @@ def _dvc() -> str:
     return str(beside) if beside.is_file() else (shutil.which("dvc") or "dvc")
 
 
+def _run(args: tuple[str, ...], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([_dvc(), "--wait-for-lock", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
 def dvc(*args: str, cwd: Path = Path("."), timeout: float = 1800) -> str:
     """Run one DVC command. ``--wait-for-lock`` serialises it with any other DVC command on
     this repository (a concurrent `dvc repro`, another run's versioning) instead of failing."""
-    proc = subprocess.run([_dvc(), "--wait-for-lock", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = _run(args, cwd, timeout)
     if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {detail[-1] if detail else proc.returncode}")
+        text = proc.stderr.strip() or proc.stdout.strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")]
+        detail = " ".join((errors or lines or [f"exit status {proc.returncode}"])[0].removeprefix("ERROR:").split())
+        raise DvcError(f"dvc {' '.join(args)} failed: {detail}", transient=bool(TRANSIENT_DVC.search(text)))
     return proc.stdout
 
 
@@ -67,34 +97,82 @@ def skip_reason(recipe: Recipe, repo: Path) -> str | None:
     return None
 
 
-def sync_params(recipe: Recipe, repo: Path) -> bool:
-    """Make params.yaml hold this run's parameters (what dvc.lock records for each stage), as
-    `dvc exp run -S` would. Returns whether the file changed."""
-    path = repo / "params.yaml"
-    try:
-        if Recipe.from_yaml(path) == recipe:
-            return False
-    except ValueError:
-        pass
-    header = "# Parameters of the last compression run (written by the flow's versioning task).\n" \
-             "# The schema is modelpress/recipe.py (`modelpress schema`).\n"
-    path.write_text(header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    return True
+def recipe_yaml(recipe: Recipe) -> str:
+    """A run's parameters as a params.yaml file."""
+    header = "# Parameters of one modelpress run (schema: modelpress/recipe.py, `modelpress schema`).\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def params_as(recipe: Recipe, repo: Path):
+    """params.yaml holds the run's parameters inside the block (what `dvc commit` records) and
+    its own content again afterwards; runs on one checkout take turns (a file lock). Yields the
+    run's parameters file content."""
+    path, tmp = repo / "params.yaml", repo / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    saved = tmp / "modelpress-params.yaml.orig"
+    with open(tmp / "modelpress-params.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if saved.is_file():  # a run killed inside this block: put the checkout's file back first
+            _write(path, saved.read_bytes())
+            saved.unlink()
+        original = path.read_bytes() if path.is_file() else None
+        try:
+            same = original is not None and Recipe.from_yaml(path) == recipe
+        except ValueError:
+            same = False
+        if same:
+            yield original.decode()
+            return
+        text = recipe_yaml(recipe)
+        if original is not None:
+            _write(saved, original)
+        _write(path, text.encode())
+        try:
+            yield text
+        finally:
+            if original is None:
+                path.unlink(missing_ok=True)
+            else:
+                _write(path, original)
+            saved.unlink(missing_ok=True)
 
 
 def resolve_remote(repo: Path) -> str | None:
-    """The DVC remote to push to (configuring a URL from the environment), or None."""
+    """The DVC remote to push to (configuring a URL from the environment), or None when the
+    repository has none (a fresh clone)."""
     wanted = os.environ.get("MODELPRESS_DVC_REMOTE", "").strip()
     if not wanted:
-        default = dvc("remote", "default", cwd=repo).strip() if (repo / ".dvc" / "config").is_file() else ""
-        return default or None
-    if "://" not in wanted:
+        proc = _run(("remote", "default"), repo, 120)
+        # DVC exits 1 with "No default remote set" when there is none: that is an answer, not a failure.
+        if proc.returncode != 0 and "no default remote" in (proc.stderr + proc.stdout).lower():
+            return None
+        if proc.returncode != 0:
+            dvc("remote", "default", cwd=repo)  # raises with DVC's own message
+        return proc.stdout.strip() or None
+    if "://" not in wanted and not os.path.isabs(wanted):
         return wanted
     dvc("remote", "add", "--local", "--force", URL_REMOTE, wanted, cwd=repo)
     endpoint = os.environ.get("MODELPRESS_DVC_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
+    if endpoint and "://" in wanted:
         dvc("remote", "modify", "--local", URL_REMOTE, "endpointurl", endpoint, cwd=repo)
     return URL_REMOTE
+
+
+def remote_location(repo: Path, remote: str) -> dict[str, str]:
+    """Where a remote is (URL and endpoint, never credentials): what another clone needs to pull."""
+    listed = [line.split(None, 1) for line in dvc("remote", "list", cwd=repo).splitlines()]
+    found = {"url": next((parts[1].strip() for parts in listed if len(parts) == 2 and parts[0] == remote), "")}
+    proc = _run(("config", f"remote.{remote}.endpointurl"), repo, 120)
+    if proc.returncode == 0 and proc.stdout.strip():
+        found["endpoint"] = proc.stdout.strip()
+    return found
 
 
 def dvc_lock_revision(repo: Path) -> str:
@@ -102,26 +180,39 @@ def dvc_lock_revision(repo: Path) -> str:
     return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "none"
 
 
+def lineage_dir(recipe: Recipe) -> Path:
+    return Path(recipe.run.workdir) / "lineage"
+
+
 @task(name="version-outputs", timeout_seconds=3600, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_transient)
 def version_outputs(recipe: Recipe, summary: dict) -> dict:
     """`dvc commit` the pipeline's stages (outputs into the cache, hashes into dvc.lock), then
-    `dvc push` them to the remote. Returns what was done, for the summary."""
+    `dvc push` them to the remote. Writes what reproduces the run (its parameters and, when
+    versioned, its dvc.lock) to ``<workdir>/lineage/``. Returns what was done, for the summary."""
     logger = get_run_logger()
     repo = Path(".")
+    out = lineage_dir(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dvc.lock").unlink(missing_ok=True)
     reason = skip_reason(recipe, repo)
     if reason:
+        _write(out / "params.yaml", recipe_yaml(recipe).encode())
         logger.info("DVC versioning skipped: %s", reason)
         return {"dvc": "skipped", "reason": reason}
-    if sync_params(recipe, repo):
-        logger.info("params.yaml updated to this run's parameters")
-    dvc("commit", "--force", "--no-relink", *STAGES, cwd=repo)
-    revision = dvc_lock_revision(repo)
+    with params_as(recipe, repo) as params_text:
+        dvc("commit", "--force", "--no-relink", *STAGES, cwd=repo)
+        lock = (repo / "dvc.lock").read_bytes()
+    _write(out / "params.yaml", params_text.encode())
+    _write(out / "dvc.lock", lock)
+    revision = hashlib.sha256(lock).hexdigest()[:16]
     logger.info("DVC: outputs of %s recorded in dvc.lock (sha %s)", ", ".join(STAGES), revision)
     remote = resolve_remote(repo)
     if remote is None:
-        logger.info("DVC push skipped: no remote (set MODELPRESS_DVC_REMOTE or `dvc remote add -d`)")
+        logger.warning("DVC push skipped: no DVC remote is configured, the outputs are in the local DVC cache only "
+                       "(add one with `dvc remote add -d NAME s3://bucket/prefix`, or set MODELPRESS_DVC_REMOTE)")
         return {"dvc": "committed", "dvc_revision": revision, "remote": None}
-    out = dvc("push", "--remote", remote, *STAGES, cwd=repo)
-    logger.info("DVC: pushed to remote %r: %s", remote, (out.strip().splitlines() or ["done"])[-1])
-    return {"dvc": "pushed", "dvc_revision": revision, "remote": remote}
+    pushed = dvc("push", "--remote", remote, *STAGES, cwd=repo)
+    logger.info("DVC: pushed to remote %r: %s", remote, (pushed.strip().splitlines() or ["done"])[-1])
+    return {"dvc": "pushed", "dvc_revision": revision, "remote": remote, **{
+        f"remote_{k}": v for k, v in remote_location(repo, remote).items()}}

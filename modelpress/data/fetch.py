@@ -46,7 +46,15 @@ class ChecksumMismatch(FetchError):
 
 
 class SourceUnavailable(FetchError):
-    """No source delivered the file (missing, unreachable, truncated, ...)."""
+    """No source delivered the file (missing, unreachable, truncated, ...).
+
+    ``transient`` is True when trying again later may succeed (a network failure, an HTTP 5xx,
+    S3 throttling, a cut-off transfer) and False for what only a change of input fixes (a
+    missing local file, HTTP 404, no such bucket, access denied)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -184,8 +192,10 @@ class _Fetcher:
                 return target
         reasons = "; ".join(f"{location}: {exc}" for location, exc in failures)
         all_checksum = all(isinstance(exc, ChecksumMismatch) for _, exc in failures)
-        error = ChecksumMismatch if all_checksum else SourceUnavailable
-        raise error(f"cannot fetch {name}: {reasons}")
+        if all_checksum:
+            raise ChecksumMismatch(f"cannot fetch {name}: {reasons}")
+        transient = any(getattr(exc, "transient", False) for _, exc in failures)
+        raise SourceUnavailable(f"cannot fetch {name}: {reasons}", transient=transient)
 
     def _download(self, base: _Base, name: str, sha: str, target: Path) -> None:
         """Stream ``name`` from ``base`` into ``target``, atomically and only if verified."""
@@ -196,7 +206,7 @@ class _Fetcher:
                 out.flush()
                 os.fsync(out.fileno())  # durable before the rename makes it visible
             if stream.total is not None and size != stream.total:
-                raise SourceUnavailable(f"truncated download: got {size} of {stream.total} bytes")
+                raise SourceUnavailable(f"truncated download: got {size} of {stream.total} bytes", transient=True)
             if digest != sha:
                 raise ChecksumMismatch(f"sha256 mismatch: got {digest[:12]}..., expected {sha[:12]}...")
             os.chmod(partial, 0o644)  # mkstemp creates 0600; cached files are plain data
@@ -229,7 +239,7 @@ def _copy(stream: _Stream, out, progress: Callable[[int, int], None]) -> tuple[s
         try:
             chunk = stream.read(CHUNK_SIZE)
         except stream.errors as exc:
-            raise SourceUnavailable(f"read failed after {done} bytes: {_reason(exc)}") from None
+            raise SourceUnavailable(f"read failed after {done} bytes: {_reason(exc)}", transient=True) from None
         if not chunk:
             return digest.hexdigest(), done
         out.write(chunk)
@@ -256,9 +266,9 @@ def _open_http(url: str, timeout: float) -> Iterator[_Stream]:
         response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
-        raise SourceUnavailable(f"HTTP {exc.code} {exc.reason}") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise SourceUnavailable(_reason(exc)) from None
+        raise SourceUnavailable(f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) from None
+    except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, DNS: the network
+        raise SourceUnavailable(_reason(exc), transient=True) from None
     with response:
         length = response.headers.get("Content-Length", "")
         total = int(length) if length.isdigit() else None
@@ -272,9 +282,9 @@ def _open_s3(client: Callable[[], object], bucket: str, key: str) -> Iterator[_S
     try:
         obj = client().get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        raise SourceUnavailable(_s3_reason(exc, bucket, key)) from None
+        raise SourceUnavailable(_s3_reason(exc, bucket, key), transient=s3_error_is_transient(exc)) from None
     except BotoCoreError as exc:
-        raise SourceUnavailable(_one_line(str(exc))) from None
+        raise SourceUnavailable(_one_line(str(exc)), transient=boto_error_is_transient(exc)) from None
     body = obj["Body"]
     try:
         yield _Stream(body.read, obj.get("ContentLength"), (BotoCoreError, OSError))
@@ -317,6 +327,31 @@ def _s3_reason(exc, bucket: str, key: str) -> str:
     if code in ("AccessDenied", "403"):
         return f"access denied to bucket {bucket!r}"
     return _one_line(f"S3 error {code}: {error.get('Message', '')}")
+
+
+# S3 error codes that say "later", not "never" (AWS's throttling and server-side codes).
+S3_TRANSIENT_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "InternalError", "ServiceUnavailable",
+    "503", "500", "502", "504",
+})
+
+
+def s3_error_is_transient(exc) -> bool:
+    """A botocore ClientError worth retrying: HTTP 5xx or a throttling code."""
+    response = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    code = str(response.get("Error", {}).get("Code", ""))
+    return status >= 500 or status == 429 or code in S3_TRANSIENT_CODES
+
+
+def boto_error_is_transient(exc) -> bool:
+    """A botocore transport error (endpoint unreachable, timeouts, dropped connection); missing
+    credentials or a bad configuration are not transient."""
+    from botocore import exceptions as bx
+
+    return isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.ConnectTimeoutError,
+                            bx.ReadTimeoutError, bx.ConnectionClosedError, bx.ResponseStreamingError))
 
 
 def _one_line(text: str) -> str:
