@@ -16,8 +16,8 @@ UV_PIN := $(shell grep -m1 '^uv==' requirements.lock)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q --disable-pip-version-check "$(UV_PIN)" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
-	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	$(VENV)/bin/uv pip install -q --system-certs --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install -q --system-certs --python $(PY) --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Debian ships Fashion-MNIST (the embedded default data set) as a package.
