@@ -303,7 +303,32 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
                 assert f"dvc/files/md5/{md5[:2]}/{md5[2:]}" in keys, (stage, out["path"])
         status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=repo,
                                 capture_output=True, text=True).stdout
-        assert "up to date" in status, status
+        assert "changed outs" not in status and "modified:" not in status.split("changed deps")[0], status
+        # The worker's checkout is as committed: the run's parameters live in its lineage, not in params.yaml.
+        assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                              capture_output=True, text=True).stdout == ""
+        assert (repo / "data" / "lineage" / "dvc.lock").read_bytes() == lock
+        assert version.tags["modelpress.dvc"] == "pushed" and version.tags["modelpress.dvc_remote_url"] == "s3://modelpress/dvc"
+
+        # A second clean clone restores this version's packed file from its lineage alone.
+        clone2 = _checkout(tmp_path / "clone2", yaml.safe_load((REPO / "params.yaml").read_text()))
+        proc = subprocess.run([sys.executable, "-m", "modelpress", "reproduce", f"models:/orchestration-e2e/{version.version}"],
+                              cwd=clone2, capture_output=True, text=True, timeout=300,
+                              env={**stack.env, "MLFLOW_TRACKING_URI": mlflow_url})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        restored = clone2 / "data" / "model.mpk"
+        assert hashlib.sha256(restored.read_bytes()).hexdigest() == version.tags["modelpress.packed_sha256"]
+        assert restored.read_bytes() == (repo / "data" / "model.mpk").read_bytes()
+
+        # Re-deploying (say, to change the cron) keeps the nightly recipe the committed params.yaml.
+        _deploy(api, stack, "--source", str(repo), "--cron", "15 3 * * *")
+        with _client(api) as client:
+            nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
+        committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True, text=True, check=True).stdout
+        from modelpress.recipe import Recipe
+
+        assert Recipe.model_validate(nightly.parameters["recipe"]) == Recipe.model_validate(yaml.safe_load(committed))
+        assert nightly.parameters["recipe"]["method"]["kmeans_iters"] != 4  # not the last on-demand run's recipe
 
         # Prefect artifacts of the run: summary and per-layer table.
         with _client(api) as client:
