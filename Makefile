@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml |
 
 .PHONY: setup run test repro lock bench clean
 
-setup: $(STAMP) /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# NO_APT=1: no root for apt-get; the run then fetches the data set from params.yaml's other sources.
+setup: $(STAMP) $(if $(NO_APT),,$(FMNIST))
 
 # uv (pinned in the lock) installs the lock: ~35 s on a fresh machine, seconds from its cache.
 UV_PIN := $(shell grep -m1 '^uv==' requirements.lock)
@@ -21,7 +23,7 @@ $(STAMP): requirements.lock pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Debian ships Fashion-MNIST (the embedded default data set) as a package.
-/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz:
+$(FMNIST):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q dataset-fashion-mnist >/dev/null
 
 # ARGS: extra `modelpress run` arguments, e.g. make run ARGS="-S finetune.epochs=0.2"

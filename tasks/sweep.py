@@ -29,6 +29,7 @@ from modelpress.sweep import (
 )
 
 from . import registry
+from .transient import retry_transient
 
 _gates: dict[tuple[str, int], threading.Semaphore] = {}
 _gates_lock = threading.Lock()
@@ -78,10 +79,10 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
             "registered": {"version": v.version, "model_name": v.name}, "flow_run_id": str(run.id)}
 
 
-@task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10)
+@task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     """One point of the sweep. A point that already finished with these settings is not
-    recomputed; a failed one is retried once (it resumes from its own checkpoints)."""
+    recomputed; one that failed transiently is retried once (it resumes from its own checkpoints)."""
     logger = get_run_logger()
     if sweep.runner == "deployment":
         return _on_deployment(sweep, name, recipe)
@@ -97,7 +98,7 @@ def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     return {**rec, "reused": False}
 
 
-@task(name="sweep-parent-run", retries=2, retry_delay_seconds=[5, 30])
+@task(name="sweep-parent-run", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def start_parent_run(sweep: SweepConfig) -> str:
     """The MLflow run the sweep's point runs nest under."""
     import mlflow
@@ -109,7 +110,7 @@ def start_parent_run(sweep: SweepConfig) -> str:
     return run.info.run_id
 
 
-@task(name="publish-front", retries=2, retry_delay_seconds=[5, 30])
+@task(name="publish-front", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def publish_front(sweep: SweepConfig, rows: list[dict], failed: dict[str, str], wall_s: float,
                   parent_run_id: str | None) -> dict:
     """The front as files in the sweep's folder, a Prefect table artifact, the parent MLflow

@@ -13,6 +13,20 @@ import pytest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
+# The shared evaluation data beside the checkout (../shared/data, as bench/params use it);
+# never copied into the repository.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data. Missing: the test is skipped on a developer's machine, but
+    fails under CI (CI=true), where the data is expected, so a clean clone never quietly tests less."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{path} is missing: CI expects ../shared/data beside the checkout")
+        pytest.skip(f"{path} not present (../shared/data beside the checkout)")
+    return path
 
 # Fast settings for the pipeline on real data: small enough for a 2-core CI machine.
 TINY = {

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import shared_data
+
 from modelpress.data import (
     DATASET_INFO,
     DatasetError,
@@ -20,7 +22,6 @@ from modelpress.data import (
 )
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-CIFAR_DIR = Path("/work/shared/data/cifar10")
 FASHION_FILES = list(DATASET_INFO["fashion-mnist"]["files"])
 
 needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -151,9 +152,8 @@ def test_fashion_mnist_missing_file(tmp_path):
 # --- CIFAR-10 ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"{CIFAR_DIR} not present")
 def test_real_cifar10():
-    train, test = load_dataset("cifar10", CIFAR_DIR)
+    train, test = load_dataset("cifar10", shared_data("cifar10"))
     assert len(train) == 50000 and len(test) == 10000
     for split in (train, test):
         assert split.images.shape[1:] == (3, 32, 32) and split.images.dtype == torch.uint8

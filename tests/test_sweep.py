@@ -129,7 +129,7 @@ def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_wor
     assert children == {parent.info.run_id}
 
 
-def test_a_failing_point_is_retried_and_does_not_sink_the_sweep(trained_workdir, tmp_path):
+def test_a_failing_point_is_reported_not_retried_and_does_not_sink_the_sweep(trained_workdir, tmp_path):
     root = tmp_path / "sweep"
     shutil.copytree(trained_workdir, root)
     (root / "points" / "broken").mkdir(parents=True)
@@ -141,7 +141,8 @@ def test_a_failing_point_is_retried_and_does_not_sink_the_sweep(trained_workdir,
     proc = run_cli("sweep", str(sweep), "--params", str(_params(tmp_path, tmp_path / "unused")))
     assert proc.returncode == 1  # a nightly job must notice
     out = proc.stdout + proc.stderr
-    assert "Retry 1/1" in out and "failed: broken" in out
+    # A file where a folder must go is bad input: not retried (tasks/transient.py), reported.
+    assert "Retry 1/1" not in out and "failed: broken" in out
     record = json.loads((root / "sweep.json").read_text())
     assert [r["point"] for r in record["points"]] == ["good"] and "broken" in record["failed"]
     assert "broken" in (root / "front.md").read_text()

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import shared_data, tiny_recipe
 
 from modelpress import stages
 from modelpress.data import sha256_file
 from modelpress.pack import load_packed
 
-RESNET20 = Path("/work/shared/data/cifar10-resnets/resnet20-12fca82f.th")
-CIFAR = Path("/work/shared/data/cifar10")
 
 
 class NotWeights:  # a pickled object that weights_only=True must refuse to build
@@ -58,10 +56,10 @@ def test_unsafe_or_mismatched_weights_are_refused(workdir, tmp_path):
         stages.teacher(tiny_recipe(workdir, teacher={"weights": str(tmp_path / "missing.pt")}))
 
 
-@pytest.mark.skipif(not (RESNET20.is_file() and (CIFAR / "cifar10-test.npz").is_file()), reason="shared CIFAR-10 data not present")
 def test_pretrained_cifar_resnet20_scores_as_published(tmp_path):
     """The project's CIFAR ResNet loads the published weights (weights_only=True) and scores
     their published 91.73 % on the 10,000 test images."""
+    CIFAR, RESNET20 = shared_data("cifar10"), shared_data("cifar10-resnets", "resnet20-12fca82f.th")
     work = tmp_path / "w"
     (work / "datasets").mkdir(parents=True)
     os.symlink(CIFAR, work / "datasets" / "cifar10")

@@ -1,0 +1,209 @@
+"""Retries only for transient failures: one classifier (tasks/transient.py), a case per class,
+real failures where they can be made on loopback, and a real Prefect task that is retried
+only when the failure is transient."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_servers import http_root, moto_endpoint, s3_env  # noqa: F401  (pytest fixtures)
+
+from modelpress.data import SourceUnavailable
+from modelpress.data.fetch import fetch_files
+from tasks.transient import is_transient, retry_transient
+from tasks.versioning import DvcError, dvc
+
+
+def _raised(fn):
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001
+        return e
+    raise AssertionError("nothing raised")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the network ---------------------------------------------------------------------------
+
+def test_network_failures_are_transient():
+    port = _closed_port()
+    refused = _raised(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5))
+    assert isinstance(refused, urllib.error.URLError) and is_transient(refused)
+    assert is_transient(_raised(lambda: socket.create_connection(("127.0.0.1", port), timeout=5)))
+    for exc in (TimeoutError("timed out"), socket.timeout(), ConnectionResetError(), BrokenPipeError(),
+                http.client.RemoteDisconnected("closed"), OSError(110, "Connection timed out")):
+        assert is_transient(exc), exc
+
+
+def test_local_and_input_errors_are_not_transient(tmp_path):
+    for exc in (FileNotFoundError(2, "No such file", "x"), PermissionError(13, "Permission denied"),
+                IsADirectoryError(21, "Is a directory"), OSError(28, "No space left on device"),
+                ValueError("bad"), KeyError("k"), TypeError("t")):
+        assert not is_transient(exc), exc
+    # A RuntimeError from a bad configuration is never retried...
+    assert not is_transient(RuntimeError("dvc remote default failed: No default remote set"))
+    # ...unless it was raised from a transient cause.
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as e:
+            raise RuntimeError("upload failed") from e
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
+
+
+# ---- HTTP and the fetch step ---------------------------------------------------------------
+
+def test_http_status_codes():
+    def err(code):
+        return urllib.error.HTTPError("http://x/", code, "msg", {}, None)
+
+    assert [is_transient(err(c)) for c in (500, 502, 503, 504, 408, 429)] == [True] * 6
+    assert [is_transient(err(c)) for c in (400, 401, 403, 404, 410)] == [False] * 5
+
+
+def test_fetch_failures_say_whether_they_are_transient(tmp_path, http_root):
+    url, _root = http_root  # an HTTP server serving an empty directory: every file is a 404
+    sha = "0" * 64
+    missing_dir = _raised(lambda: fetch_files([str(tmp_path / "no-such-dir")], {"a.gz": sha}, tmp_path / "c1"))
+    assert isinstance(missing_dir, SourceUnavailable) and not is_transient(missing_dir)
+    not_found = _raised(lambda: fetch_files([url], {"a.gz": sha}, tmp_path / "c2"))
+    assert isinstance(not_found, SourceUnavailable) and not is_transient(not_found)
+    unreachable = _raised(lambda: fetch_files([f"http://127.0.0.1:{_closed_port()}"], {"a.gz": sha}, tmp_path / "c3"))
+    assert isinstance(unreachable, SourceUnavailable) and is_transient(unreachable)
+    # Any transient source makes the whole failure worth another try.
+    mixed = _raised(lambda: fetch_files([str(tmp_path / "no-such-dir"), f"http://127.0.0.1:{_closed_port()}"],
+                                        {"a.gz": sha}, tmp_path / "c4"))
+    assert is_transient(mixed)
+
+
+# ---- S3 --------------------------------------------------------------------------------------
+
+def test_s3_errors(s3_env):
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    missing = _raised(lambda: s3_env.get_object(Bucket="no-such-bucket-here", Key="k"))
+    assert isinstance(missing, ClientError) and not is_transient(missing)
+
+    def client_error(status, code):
+        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert is_transient(client_error(503, "SlowDown"))
+    assert is_transient(client_error(500, "InternalError"))
+    assert is_transient(client_error(400, "ThrottlingException"))
+    assert not is_transient(client_error(403, "AccessDenied"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not is_transient(NoCredentialsError())
+
+
+def test_s3_endpoint_unreachable_is_transient(monkeypatch, tmp_path):
+    import boto3
+    from botocore.config import Config
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{_closed_port()}", region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+    assert is_transient(_raised(lambda: client.list_buckets()))
+
+
+# ---- MLflow ----------------------------------------------------------------------------------
+
+def test_mlflow_errors(monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    url = f"http://127.0.0.1:{_closed_port()}"
+    down = _raised(lambda: MlflowClient(url, url).search_experiments())
+    assert isinstance(down, MlflowException) and is_transient(down)
+    assert not is_transient(MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
+
+
+# ---- DVC -------------------------------------------------------------------------------------
+
+def test_dvc_errors(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q", cwd=repo)
+    bad_config = _raised(lambda: dvc("remote", "modify", "no-such-remote", "url", "s3://b/p", cwd=repo))
+    assert isinstance(bad_config, DvcError) and not is_transient(bad_config)
+    # A remote that does not answer: the push is worth another try.
+    (repo / "f.txt").write_text("x")
+    dvc("add", "-q", "f.txt", cwd=repo)
+    dvc("remote", "add", "-d", "r", "s3://bucket/p", cwd=repo)
+    dvc("remote", "modify", "r", "endpointurl", f"http://127.0.0.1:{_closed_port()}", cwd=repo)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    old = os.environ.copy()
+    os.environ.update(env)
+    try:
+        unreachable = _raised(lambda: dvc("push", "-r", "r", cwd=repo, timeout=300))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert isinstance(unreachable, DvcError) and is_transient(unreachable), unreachable
+    # DVC's message when another DVC process holds the repository lock.
+    lock_text = "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly."
+    assert DvcError("dvc commit failed", transient=True).transient
+    from tasks.versioning import TRANSIENT_DVC
+
+    assert TRANSIENT_DVC.search(lock_text)
+    assert not TRANSIENT_DVC.search("ERROR: configuration error - config file error: remote 'x' doesn't exist")
+
+
+# ---- a real Prefect task ---------------------------------------------------------------------
+
+def test_prefect_task_retries_only_transient_failures(prefect_server):
+    from prefect import flow, task
+
+    calls: list[str] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def flaky(kind: str) -> str:
+        calls.append(kind)
+        if kind == "network" and calls.count(kind) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        if kind == "config":
+            raise RuntimeError("bad configuration")
+        return "ok"
+
+    @flow
+    def run(kind: str) -> str:
+        return flaky(kind)
+
+    assert run("network") == "ok" and calls.count("network") == 3  # two transient failures, retried
+    with pytest.raises(RuntimeError, match="bad configuration"):
+        run("config")
+    assert calls.count("config") == 1  # never retried
+
+
+def test_classifier_is_the_one_every_task_uses():
+    """Every retrying task of the pipeline uses tasks/transient.py's condition."""
+    import flows.compress  # noqa: F401 - imports every task module
+    from prefect import Task
+
+    import flows.sweep  # noqa: F401
+
+    mods = [m for name, m in sys.modules.items() if name.startswith("tasks.")]
+    retrying = [obj for m in mods for obj in vars(m).values() if isinstance(obj, Task) and obj.retries]
+    assert len(retrying) >= 8
+    for t in retrying:
+        assert t.retry_condition_fn is retry_transient, t.name
+    assert Path(sys.modules["tasks.common"].__file__).read_text().count("PERMANENT") == 0
