@@ -2,7 +2,7 @@
 
 The library is plain PyTorch: every method is a function you can call from a notebook::
 
-    from modelpress import compress, PQConfig, pack_model, load_packed
+    from modelpress import compress, PQConfig, PruneConfig, arch_spec, pack_model, load_packed
     student, stats = compress(model, PQConfig(), calibration=images, train_batches=batches)
     size = pack_model(student, "model.mpk", arch_spec("fmnist_cnn"))
     model, meta = load_packed("model.mpk")

@@ -27,7 +27,8 @@ STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate", "point
 def _recipe(args):
     from .recipe import Recipe
 
-    return Recipe.from_yaml(args.params, args.set)
+    # Another --params file is merged onto the checkout's params.yaml: it may set only what differs.
+    return Recipe.from_yaml(args.params, args.set, base="params.yaml")
 
 
 def _table(rows: list[dict]) -> str:
@@ -184,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_params(p):
-        p.add_argument("--params", default="params.yaml", help="parameter file (YAML or JSON), default params.yaml")
+        p.add_argument("--params", default="params.yaml",
+                       help="parameter file (YAML or JSON), default params.yaml; another file is merged onto params.yaml")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. -S method.linear.k=128 (repeatable)")
         return p

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.datasets import DATASET_INFO
 from .methods import METHOD_NAMES, MethodConfig
@@ -54,6 +54,21 @@ def apply_overrides(raw: dict, items: list[tuple[str, Any]]) -> dict:
                 raise RecipeError(f"override {key!r}: {p!r} is not a section")
         node[leaf] = value
     return raw
+
+
+def merge_recipe(base: dict, over: dict) -> dict:
+    """A partial parameter file on top of a full one: each ``section.key`` it sets replaces the
+    base's (values are taken whole: a list or a mapping such as ``data.files`` is not merged);
+    a ``method`` of another ``name`` replaces the whole method section."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in over.items():
+        if not isinstance(values, dict) or not isinstance(out.get(section), dict):
+            out[section] = values
+        elif section == "method" and values.get("name", "pq") != out[section].get("name", "pq"):
+            out[section] = dict(values)
+        else:
+            out[section].update(values)
+    return out
 
 
 class _Section(BaseModel):
@@ -157,8 +172,21 @@ class RegistryConfig(_Section):
     )
 
 
+def _method_schema(schema: dict) -> None:
+    """JSON Schema of ``method``: besides the discriminated ``oneOf`` (a choice in the Prefect UI
+    form), one ``if name == X then <X's schema>`` per method, so that a JSON Schema validator
+    (the Prefect API's) reports a bad field inside the chosen method by its name instead of
+    "not valid under any of the given schemas"."""
+    method = schema.get("properties", {}).get("method", {})
+    mapping = method.get("discriminator", {}).get("mapping", {})
+    method["allOf"] = [{"if": {"properties": {"name": {"const": name}}, "required": ["name"]}, "then": {"$ref": ref}}
+                       for name, ref in mapping.items()]
+
+
 class Recipe(_Section):
     """Everything a compression run depends on."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_method_schema)
 
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -168,11 +196,22 @@ class Recipe(_Section):
     pack: PackConfig = PackConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    @model_validator(mode="before")
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
-        """Read params.yaml; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+    def _method_defaults_to_pq(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {**data["method"], "name": "pq"}}
+        return data
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None, base: str | Path | None = None) -> "Recipe":
+        """Read params.yaml; ``overrides`` are ``section.key=value`` strings (YAML values). With
+        ``base`` (another parameter file, e.g. the checkout's params.yaml), ``path`` may be
+        partial: what it sets is merged onto ``base`` (``merge_recipe``)."""
         path = Path(path)
         raw = read_mapping(path, "parameter file")
+        if base is not None and Path(base).is_file() and Path(base).resolve() != path.resolve():
+            raw = merge_recipe(read_mapping(Path(base), "parameter file"), raw)
         items = []
         for item in overrides or []:
             key, sep, value = item.partition("=")

@@ -15,7 +15,7 @@ import inspect
 from typing import Annotated, Callable, Union
 
 import torch.nn as nn
-from pydantic import Discriminator, Tag
+from pydantic import Field
 
 from .kmeans import KMeansConfig, quantize_kmeans
 from .pq import PQConfig, quantize_pq
@@ -30,15 +30,12 @@ _HANDLERS: dict[type, Callable] = {
 METHOD_NAMES = ("pq", "prune", "prune_pq", "kmeans", "uniform")
 
 
-def _method_name(value) -> str:
-    """The method a config (or raw mapping) is for; a mapping without ``name`` means PQ."""
-    return value.get("name", "pq") if isinstance(value, dict) else getattr(value, "name", "pq")
-
-
+# Discriminated by ``name``: the JSON schema (Prefect's UI form, the API's validation) shows
+# the method as a choice and names a bad field inside the chosen method. A mapping without
+# ``name`` means PQ (``Recipe`` fills it in before validation).
 MethodConfig = Annotated[
-    Union[Annotated[PQConfig, Tag("pq")], Annotated[PruneConfig, Tag("prune")], Annotated[PrunePQConfig, Tag("prune_pq")],
-          Annotated[KMeansConfig, Tag("kmeans")], Annotated[UniformConfig, Tag("uniform")]],
-    Discriminator(_method_name),
+    Union[PQConfig, PruneConfig, PrunePQConfig, KMeansConfig, UniformConfig],
+    Field(discriminator="name"),
 ]
 
 

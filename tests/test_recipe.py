@@ -1,0 +1,82 @@
+"""The one parameter schema as the Prefect API and UI see it, and partial parameter files."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import REPO, run_cli
+
+from modelpress.recipe import Recipe
+
+
+def _flow_schema() -> dict:
+    """The compression flow's parameter schema, as a deployment stores it."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compress import compress_flow
+
+    return parameter_schema(compress_flow.fn).model_dump_for_openapi()
+
+
+def _api_error(params: dict) -> str:
+    """What the Prefect API answers for these parameters (its own validator), '' if valid."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    try:
+        validate(params, _flow_schema(), raise_on_error=True, preprocess=True, ignore_required=True,
+                 allow_none_with_default=True)
+    except Exception as e:  # noqa: BLE001 - prefect's ValidationError
+        return str(e)
+    return ""
+
+
+def test_method_is_a_choice_discriminated_by_name():
+    method = _flow_schema()["definitions"]["Recipe"]["properties"]["method"]
+    assert method["discriminator"]["propertyName"] == "name"
+    assert set(method["discriminator"]["mapping"]) == {"pq", "prune", "prune_pq", "kmeans", "uniform"}
+    assert len(method["oneOf"]) == 5  # the UI form's choice of method
+
+
+def test_api_names_a_bad_field_inside_the_method():
+    params = {"recipe": Recipe().model_dump(mode="json")}
+    assert _api_error(params) == ""
+    params["recipe"]["method"]["kmeans_itres"] = 3  # a typo
+    err = _api_error(params)
+    assert "recipe.method" in err and "'kmeans_itres' was unexpected" in err, err
+    # The CLI and the flow (pydantic) name it too, with the user's path.
+    assert "method.kmeans_itres" in str(_recipe_error({"method": {"name": "pq", "kmeans_itres": 3}}))
+
+
+def _recipe_error(raw: dict) -> Exception:
+    try:
+        Recipe.parse(raw)
+    except ValueError as e:
+        return e
+    raise AssertionError("accepted")
+
+
+def test_method_without_name_is_pq():
+    assert Recipe.parse({"method": {"kmeans_iters": 4}}).method.name == "pq"
+
+
+def test_partial_params_file_merges_onto_params_yaml(tmp_path):
+    base = Recipe.from_yaml(REPO / "params.yaml")
+    partial = tmp_path / "nightly.yaml"
+    partial.write_text(yaml.safe_dump({"method": {"kmeans_iters": 4}, "finetune": {"epochs": 2}}))
+    merged = Recipe.from_yaml(partial, base=REPO / "params.yaml")
+    assert merged.method.kmeans_iters == 4 and merged.finetune.epochs == 2
+    assert merged.model_copy(update={"method": base.method, "finetune": base.finetune}) == base
+    assert merged.method.model_copy(update={"kmeans_iters": base.method.kmeans_iters}) == base.method
+    # Another method replaces the method section; a mapping value (data.files) is taken whole.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"method": {"name": "uniform", "bits": 4},
+                                     "data": {"files": {"t10k-labels-idx1-ubyte.gz": base.data.files["t10k-labels-idx1-ubyte.gz"]}}}))
+    merged = Recipe.from_yaml(other, base=REPO / "params.yaml")
+    assert merged.method.name == "uniform" and merged.method.bits == 4
+    assert list(merged.data.files) == ["t10k-labels-idx1-ubyte.gz"] and merged.data.sources == base.data.sources
+
+
+def test_cli_merges_a_partial_params_file(tmp_path):
+    partial = tmp_path / "p.yaml"
+    partial.write_text(yaml.safe_dump({"method": {"name": "pq", "kmeans_itres": 3}}))
+    out = run_cli("run", "--params", str(partial))
+    assert out.returncode == 1 and "method.kmeans_itres: Extra inputs are not permitted" in out.stderr
