@@ -2,7 +2,7 @@
 
     python bench/kmeans_bench.py [--iters 30] [--calib 256] [--threads N] [--naive-budget 30]
 
-(a) the reference case of the issue: a 64->64 3x3 conv (4,096 sub-vectors of 9), k=256, G from
+(a) the reference case: a 64->64 3x3 conv (4,096 sub-vectors of 9), k=256, G from
     1,000 activation rows; plus the naive form (materialise X (W - c) for every centroid) for one
     assignment step, timed on as many centroids as fit in --naive-budget s and extrapolated to k.
 (b) every Conv2d/Linear of fmnist_cnn and cifar_resnet20 with modelpress's default PQ settings.

@@ -1,4 +1,4 @@
-"""Iterative magnitude pruning on the default Fashion-MNIST teacher: the issue's table of
+"""Iterative magnitude pruning on the default Fashion-MNIST teacher: a table of
 sparsity x retraining (LR rewinding vs fine-tuning), top-1 from each packed file, bytes on
 disk and the ratio to the fp32 teacher; then pruning followed by quantization of survivors.
 
