@@ -63,7 +63,8 @@ def cmd_run(args) -> int:
     print(f"packed model: {paths(recipe)['packed']}   metrics: {paths(recipe)['metrics']}")
     if "registered" in summary:
         r = summary["registered"]
-        print(f"registered: {r['model_name']} version {r['version']} ({r['model_uri']})")
+        print(f"registered: {r['model_name']} version {r['version']} (models:/{r['model_name']}/{r['version']}; "
+              f"{r['promotion']})")
     return 0
 
 
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `modelpress schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - every failure ends as one clear line
         if os.environ.get("MODELPRESS_DEBUG"):
             raise
