@@ -160,7 +160,8 @@ def cmd_models(args) -> int:
     v = registry.resolve(args.ref)
     aliases = ", ".join(getattr(v, "aliases", []) or []) or "-"
     print(f"{v.name} version {v.version}  aliases: {aliases}  source: {v.source}")
-    print(_table([{"tag": k.removeprefix(registry.TAG), "value": val} for k, val in sorted(v.tags.items())]))
+    width = max((len(k) for k in v.tags), default=0)
+    print("\n".join(f"  {k.removeprefix(registry.TAG):<{width}}  {val}" for k, val in sorted(v.tags.items())))
     if v.description:
         print("\n" + v.description)
     return 0
