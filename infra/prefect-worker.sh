@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Prefect worker for the GPU work pool (process type), one flow run at a time.
-# Usage: PREFECT_API_URL=http://127.0.0.1:4200/api infra/prefect-worker.sh [POOL]   (Ctrl-C stops it)
+# Usage: PREFECT_API_URL=http://127.0.0.1:4200/api infra/prefect-worker.sh [POOL]   (Ctrl-C or one SIGTERM stops it)
 #   MODELPRESS_WORKER_NAME  default modelpress-<hostname>; keep it stable per machine: on start the
 #                           worker reschedules the runs it had started whose process is gone
 #                           (machine or worker killed), and they resume where they stopped.
@@ -28,4 +28,9 @@ else
 fi
 export MODELPRESS_GPU_LIMIT
 echo "worker $NAME ($KIND) on pool $POOL (GPU limit ${MODELPRESS_GPU_LIMIT:-none}), API $PREFECT_API_URL"
-exec "$ROOT/.venv/bin/prefect" worker start --pool "$POOL" --name "$NAME" --limit "$LIMIT"
+# One SIGTERM (docker stop, systemd, kill) stops the worker within seconds: prefect turns it into
+# a SIGINT to itself and restores the SIGINT disposition it started with for that. Started in the
+# background by a non-interactive shell (`infra/prefect-worker.sh gpu &`), that disposition is
+# "ignore", so the SIGTERM did nothing; env --default-signal=INT starts it with the default one.
+# Runs it is executing are stopped with it and rescheduled when it starts again (same name).
+exec env --default-signal=INT "$ROOT/.venv/bin/prefect" worker start --pool "$POOL" --name "$NAME" --limit "$LIMIT"
