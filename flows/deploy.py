@@ -19,13 +19,20 @@
 
     python -m flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
         what infra/prefect-worker.sh runs before starting a worker: creates the process work pool
-        if missing, (re)creates this machine's GPU concurrency limit (limit 1, fresh: a starting
-        worker means nothing on this machine holds the GPU), and reschedules the runs this worker
-        had started but whose process is gone (the machine or worker was killed): they resume,
-        skipping finished stages and finished layers. Prints the GPU limit's name.
+        if missing and this machine's GPU concurrency limit (limit 1), recreated empty when no
+        flow-run process is alive on this machine (nothing here can hold the GPU then; a run that
+        outlived its worker keeps its slot). Then reschedules this worker's runs that a crash
+        interrupted, which resume, skipping finished stages and finished layers:
+          - runs still Running/Pending whose process is gone (machine, or worker and run, killed);
+          - runs that Crashed within MODELPRESS_RESCHEDULE_CRASHED_S (default 21600) and ran fewer
+            than MODELPRESS_RESCHEDULE_MAX_RUNS times (default 3), e.g. a run stopped with its
+            worker or whose process died when the worker did.
+        Their task runs still Running or Pending (the dead attempt's) are marked Crashed first.
+        Prints the GPU limit's name.
 
     python -m flows.deploy reschedule FLOW_RUN_ID ...
-        puts runs back into Scheduled so a worker picks them up again (same run id).
+        puts runs back into Scheduled so a worker picks them up again (same run id); their task
+        runs still Running or Pending are marked Crashed.
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ DEFAULT_CRON = "0 2 * * *"
 REPO = Path(__file__).resolve().parents[1]
 # Library progress lines (layer i/n, ETA, "resuming after ...") go to the Prefect run logs.
 JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "modelpress", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# A process worker streams a flow-run process's output through a pipe it reads: when the worker
+# dies, the run's next log line raises BrokenPipeError and the run crashes. Not streamed, the run
+# outlives its worker (its logs still go to the Prefect API: the UI and `prefect flow-run logs`).
+JOB_VARIABLES = {"env": JOB_ENV, "stream_output": False}
+RESCHEDULE_CRASHED_S = float(os.environ.get("MODELPRESS_RESCHEDULE_CRASHED_S", 6 * 3600))
+RESCHEDULE_MAX_RUNS = int(os.environ.get("MODELPRESS_RESCHEDULE_MAX_RUNS", 3))
 
 
 def gpu_limit_name(host: str | None = None) -> str:
@@ -76,7 +89,7 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
     parameters = default_parameters(params_file)
     description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
-    common = dict(parameters=parameters, job_variables={"env": JOB_ENV}, tags=["modelpress", "gpu"],
+    common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
                   enforce_parameter_schema=True)
     nightly = flow.to_deployment(
         name=NIGHTLY, schedules=[Cron(cron, timezone=timezone, slug="nightly")],
@@ -136,7 +149,47 @@ async def _ensure_pool(pool: str) -> None:
         await ensure_pool(client, pool)
 
 
+async def _crash_task_runs(client, run_id: UUID, why: str) -> int:
+    """Mark the task runs of a dead attempt that are still Running or Pending as Crashed (the
+    process that ran them is gone; without this the UI shows them running forever)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    task_runs = await client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+            any_=[StateType.RUNNING, StateType.PENDING]))),
+    )
+    for task_run in task_runs:
+        await client.set_task_run_state(task_run.id, Crashed(message=why), force=True)
+    return len(task_runs)
+
+
+async def _reschedule_run(client, run, why: str, crash: bool = False) -> None:
+    """Back to Scheduled (same run id), the dead attempt's task runs marked Crashed; ``crash``:
+    record the flow run's own crash first (it is still Running with its process gone)."""
+    from prefect.states import Crashed, Scheduled
+
+    if crash:
+        await client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+    await _crash_task_runs(client, run.id, why)
+    await client.set_flow_run_state(run.id, Scheduled(), force=True)
+
+
+def _is_ours(run, worker_name: str) -> bool:
+    return (run.labels or {}).get("prefect.worker.name") == worker_name
+
+
 async def _worker_setup(pool: str, worker_name: str, gpu: bool = True) -> str:
+    from datetime import datetime, timedelta, timezone
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.client.schemas.filters import (
@@ -147,44 +200,64 @@ async def _worker_setup(pool: str, worker_name: str, gpu: bool = True) -> str:
         WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed, Scheduled
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = gpu_limit_name()
     async with get_client() as client:
         await ensure_pool(client, pool)
+        live = await client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
         if gpu:
-            # A fresh limit: slots leased by a killed process on this machine must not block it
-            # until their lease expires.
+            alive_here = [r for r in live if _process_alive(r.infrastructure_pid)]
+            if not alive_here:
+                # Nothing on this machine can hold the GPU: a fresh limit, so that slots of killed
+                # processes (leases lost by a server that kept them in memory) cannot block it.
+                try:
+                    await client.delete_global_concurrency_limit_by_name(limit)
+                except ObjectNotFound:
+                    pass
+            else:
+                print(f"kept GPU limit {limit!r}: flow-run processes alive here "
+                      f"({', '.join(r.name for r in alive_here)})", file=sys.stderr)
             try:
-                await client.delete_global_concurrency_limit_by_name(limit)
-            except ObjectNotFound:
+                await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:
                 pass
-            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
         else:
             limit = ""
 
-        runs = await client.read_flow_runs(
+        in_pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
+        orphans = [r for r in await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.RUNNING, StateType.PENDING]))),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
-        )
-        for run in runs:
-            if (run.labels or {}).get("prefect.worker.name") != worker_name or _process_alive(run.infrastructure_pid):
-                continue
-            await client.set_flow_run_state(run.id, Crashed(message=f"worker {worker_name} restarted; the run's process is gone"), force=True)
-            await client.set_flow_run_state(run.id, Scheduled(), force=True)
+                any_=[StateType.RUNNING, StateType.PENDING]))), work_pool_filter=in_pool)
+            if _is_ours(r, worker_name) and not _process_alive(r.infrastructure_pid)]
+        for run in orphans:
+            await _reschedule_run(client, run, f"worker {worker_name} restarted; the run's process is gone", crash=True)
             print(f"rescheduled orphaned flow run {run.name} ({run.id}): it resumes where it stopped", file=sys.stderr)
+
+        since = datetime.now(timezone.utc) - timedelta(seconds=RESCHEDULE_CRASHED_S)
+        crashed = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.CRASHED]))), work_pool_filter=in_pool)
+        for run in crashed:
+            if not _is_ours(run, worker_name) or run.state is None or run.state.timestamp < since:
+                continue
+            if run.run_count >= RESCHEDULE_MAX_RUNS:
+                print(f"not rescheduling crashed flow run {run.name} ({run.id}): it ran {run.run_count} times",
+                      file=sys.stderr)
+                continue
+            await _reschedule_run(client, run, run.state.message or "crashed")
+            print(f"rescheduled crashed flow run {run.name} ({run.id}): it resumes where it stopped", file=sys.stderr)
     return limit
 
 
 async def _reschedule(ids: list[str]) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.states import Scheduled
 
     async with get_client() as client:
         for run_id in ids:
-            await client.set_flow_run_state(UUID(run_id), Scheduled(), force=True)
+            run = await client.read_flow_run(UUID(run_id))
+            await _reschedule_run(client, run, "rescheduled by hand")
             print(f"rescheduled {run_id}")
 
 

@@ -17,6 +17,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+STOP_GRACE_S = 20.0  # how long a service may take to stop after one SIGTERM (infra/README.md)
 
 
 def free_port() -> int:
@@ -36,15 +37,21 @@ def http_ok(url: str) -> bool:
 class Service:
     """One infra command running in its own session (process group), output to a log file."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO):
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO,
+                 background: bool = False):
+        """``background``: start it as a non-interactive shell starts ``cmd &`` (SIGINT ignored),
+        the way a script or supervisor without job control does."""
         self.name, self.cmd = name, cmd
         self.log = log_dir / f"{name}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ignore_sigint)
         self.pgid = self.proc.pid
         self.seen: set[int] = {self.proc.pid}
+        self.problems: list[str] = []   # what went wrong when stopping it (see stop)
+        self.stop_s: float | None = None  # seconds from SIGTERM until all its processes were gone
 
     def tail(self, n: int = 4000) -> str:
         try:
@@ -92,14 +99,25 @@ class Service:
                 pass
         self.proc.wait(timeout=30)
 
-    def stop(self, grace: float = 20) -> None:
-        """SIGTERM to the process group (what Ctrl-C / a supervisor sends), SIGKILL after grace."""
+    def stop(self, grace: float = STOP_GRACE_S) -> list[str]:
+        """One SIGTERM to the service's main process (what `docker stop`, systemd or `kill PID`
+        send); every process of the service must be gone within ``grace`` seconds. A service that
+        ignores it, or leaves processes behind, is recorded in ``problems`` (and so reported by
+        ``Stack.close``) before the rest is SIGKILLed: a silent SIGKILL would hide the fault."""
         procs = self.processes()
+        t0 = time.monotonic()
         try:
-            os.killpg(self.pgid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
         _, left = psutil.wait_procs(procs, timeout=grace)
+        if not left:
+            self.stop_s = time.monotonic() - t0
+        elif self.proc.poll() is None:
+            self.problems.append(f"{self.name}: ignored SIGTERM for {grace:.0f} s (pid {self.proc.pid}), SIGKILLed")
+        else:
+            self.problems.append(f"{self.name}: processes left {grace:.0f} s after SIGTERM, SIGKILLed: "
+                                 + ", ".join(_describe(p) for p in left))
         for p in left:
             try:
                 p.kill()
@@ -110,6 +128,14 @@ class Service:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        return self.problems
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"pid {p.pid} {' '.join(p.cmdline()[:4])}"
+    except psutil.Error:
+        return f"pid {p.pid}"
 
 
 def _pgid(pid: int) -> int | None:
@@ -122,15 +148,16 @@ def _pgid(pid: int) -> int | None:
 class Stack:
     """The services of one test; ``close()`` stops them all and reports any process left."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, background: bool = False):
+        """``background``: start every service as ``cmd &`` would (see Service)."""
+        self.root, self.background = root, background
         self.logs = root / "logs"
         self.services: list[Service] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
         self.env.update(AWS, PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
 
     def start(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> Service:
-        svc = Service(name, cmd, {**self.env, **(env or {})}, self.logs, cwd)
+        svc = Service(name, cmd, {**self.env, **(env or {})}, self.logs, cwd, background=self.background)
         self.services.append(svc)
         return svc
 
@@ -149,9 +176,11 @@ class Stack:
         svc.wait_ready(lambda: http_ok(url + "/health"), 120)
         return url
 
-    def prefect(self) -> str:
-        port = free_port()
-        svc = self.start("prefect-server", [str(INFRA / "prefect-server.sh"), str(port)])
+    def prefect(self, port: int | None = None, name: str = "prefect-server") -> str:
+        """A Prefect server (database and leases in this stack's PREFECT_HOME); ``port``: restart
+        one on the port of a stopped one."""
+        port = port or free_port()
+        svc = self.start(name, [str(INFRA / "prefect-server.sh"), str(port)])
         url = f"http://127.0.0.1:{port}/api"
         svc.wait_ready(lambda: http_ok(url + "/health"), 150)
         return url
@@ -165,9 +194,13 @@ class Stack:
         return [f"{s.name}: pid {p.pid} {' '.join(p.cmdline()[:4])}" for s in self.services for p in _safe(s.processes)]
 
     def close(self) -> list[str]:
+        """Stop every service (last started first); returns what went wrong: services that ignored
+        SIGTERM or left processes behind, and any process still alive. Empty: all clean."""
+        problems = []
         for svc in reversed(self.services):
-            svc.stop()
-        return self.leftovers()
+            if svc.proc.poll() is None or svc.processes():
+                problems += svc.stop()
+        return problems + self.leftovers()
 
 
 def _safe(fn):
