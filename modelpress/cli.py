@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,9 +52,14 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)  # invalid parameters fail here, before any work
     from .stages import preflight
 
-    preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
+    if not os.environ.get(CHILD_ENV):  # the supervising parent checked already
+        preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    return _supervised(args.argv, lambda: _run_flow(recipe))
+
+
+def _run_flow(recipe) -> int:
     from flows.compress import compress_flow
 
     summary = compress_flow(recipe)
@@ -116,6 +123,10 @@ def cmd_sweep(args) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MODELPRESS_DVC", "off")
+    return _supervised(args.argv, lambda: _run_sweep(sweep))
+
+
+def _run_sweep(sweep) -> int:
     from flows.sweep import sweep_flow
 
     record = sweep_flow(sweep)
@@ -222,12 +233,10 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.command not in ("run", "sweep"):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+def _one_line_errors(fn) -> int:
+    """Run ``fn``; every failure ends as one line on stderr and an exit status."""
     try:
-        return args.fn(args)
+        return fn()
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)
         return 130
@@ -240,6 +249,71 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"modelpress: error: {msg}", file=sys.stderr)
         return 1
+
+
+STOP_GRACE_S = 5.0
+
+
+def _stop_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to a process and every descendant (the temporary Prefect server, evaluation and
+    sweep-point processes), SIGKILL to whatever is left after ``grace`` seconds."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+CHILD_ENV = "MODELPRESS_SUPERVISED_CHILD"
+
+
+def _supervised(argv: list[str], work) -> int:
+    """Run ``work`` (a flow) in a child process running this same command, and wait for it.
+    SIGTERM or SIGINT (Ctrl-C) to this process stops the child and all its descendants within
+    seconds and exits 143/130: nothing keeps running, and since every stage checkpoints and
+    writes atomically, running the same command again resumes where it stopped. (The flow does
+    not run in this process because Prefect takes over SIGTERM during a flow run and its
+    graceful shutdown can wait on the temporary server for ever.)"""
+    if os.environ.get(CHILD_ENV):
+        return work()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = subprocess.Popen([sys.executable, "-m", "modelpress", *argv], env={**os.environ, CHILD_ENV: "1"})
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\nmodelpress: stopping ({signal.Signals(signum).name}); run the same command again to resume",
+              file=sys.stderr, flush=True)
+        _stop_tree(child.pid)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.command not in ("run", "sweep"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    return _one_line_errors(lambda: args.fn(args))
 
 
 if __name__ == "__main__":
