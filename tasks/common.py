@@ -52,17 +52,122 @@ GPU_TAG = "gpu"
 
 
 @contextlib.contextmanager
-def gpu_slot():
+def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
+    """Hold one slot of the GPU limit while the block runs (see above).
+
+    The slot is a lease the server expires ``lease_s`` after its last renewal, so the slot of a
+    killed process frees itself. A thread renews it every ``renew_every_s``; while the Prefect
+    server is unreachable (a restart) the work goes on and the renewal is retried until the
+    server answers again: the lease survives a server restart when the server keeps leases on
+    disk (infra/prefect-server.sh sets PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE). Prefect's own
+    ``concurrency(strict=True)`` cancels the task after three failed renewals instead (seen as a
+    misleading TaskRunTimeoutError) and its retry then waits for a slot nobody releases. If the
+    server no longer knows the lease (expired during a long outage, or a server that keeps leases
+    in memory was restarted), the thread takes a new one as soon as a slot is free. On exit the
+    lease is released, retrying for up to a minute while the server is away.
+    """
     name = os.environ.get("MODELPRESS_GPU_LIMIT", "").strip()
-    if not name or TaskRunContext.get() is None:
+    ctx = TaskRunContext.get()
+    if not name or ctx is None:
         yield
         return
-    from prefect.concurrency.sync import concurrency
+    import threading
+    from uuid import UUID
 
-    get_run_logger().info("waiting for GPU slot %r", name)
-    with concurrency(name, occupy=1, strict=True, lease_duration=120):
-        get_run_logger().info("holding GPU slot %r", name)
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    log = get_run_logger()
+    holder = ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id)
+
+    def take(client, wait: bool) -> UUID | None:
+        """A new lease on one slot; with ``wait``, until a slot is free (server outages included)."""
+        unreachable = False
+        while True:
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=1, mode="concurrency", lease_duration=lease_s, holder=holder)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise
+                delay = min(float(exc.response.headers.get("Retry-After", 5)), 10.0)
+            except httpx.TransportError as exc:
+                if not unreachable:
+                    log.warning("GPU slot %r: Prefect server unreachable (%s); retrying", name, exc)
+                    unreachable = True
+                delay = 5.0
+            else:
+                body = response.json()
+                if not body.get("limits"):
+                    raise RuntimeError(f"GPU concurrency limit {name!r} does not exist "
+                                       "(infra/prefect-worker.sh creates it; MODELPRESS_GPU_LIMIT names it)")
+                return UUID(body["lease_id"])
+            if not wait or stop.wait(delay):
+                return None
+
+    def keep(lease_id: UUID) -> None:
+        """Renew until stopped; tolerate outages; take a new lease if the server lost this one."""
+        away_since = None
+        with get_client(sync_client=True) as client:
+            while not stop.wait(renew_every_s if away_since is None else 5.0):
+                try:
+                    if lease_id is None:
+                        lease_id = take(client, wait=False)
+                        if lease_id is not None:
+                            log.warning("GPU slot %r: holding it again under a new lease", name)
+                            lease[0] = lease_id
+                        continue
+                    client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+                    if away_since is not None:
+                        log.info("GPU slot %r: Prefect server back after %.0f s; lease renewed", name,
+                                 time.monotonic() - away_since)
+                        away_since = None
+                except httpx.TransportError as exc:
+                    if away_since is None:
+                        away_since = time.monotonic()
+                        log.warning("GPU slot %r: Prefect server unreachable (%s); the work goes on, "
+                                    "renewing the lease when it is back", name, exc)
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code in (404, 410):
+                        log.warning("GPU slot %r: the server lost this task's lease; taking a new one "
+                                    "when a slot is free", name)
+                        lease_id = lease[0] = None
+                        away_since = None
+                    else:
+                        log.warning("GPU slot %r: lease renewal failed (%s); retrying", name, exc)
+                except Exception as exc:  # noqa: BLE001 - never let the keeper thread die silently
+                    log.warning("GPU slot %r: lease renewal failed (%s); retrying", name, exc)
+
+    stop = threading.Event()
+    log.info("waiting for GPU slot %r", name)
+    with get_client(sync_client=True) as client:
+        lease = [take(client, wait=True)]
+    log.info("holding GPU slot %r", name)
+    keeper = threading.Thread(target=keep, args=(lease[0],), daemon=True, name=f"gpu-slot-{name}")
+    keeper.start()
+    try:
         yield
+    finally:
+        stop.set()
+        keeper.join(timeout=30)
+        if lease[0] is not None:
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        client.release_concurrency_slots_with_lease(lease[0])
+                        break
+                    except httpx.TransportError:
+                        if time.monotonic() > deadline:
+                            log.warning("GPU slot %r: could not release the lease; the server frees "
+                                        "it when it expires (%.0f s)", name, lease_s)
+                            break
+                        time.sleep(5)
+                    except Exception as exc:  # noqa: BLE001 - must not hide the block's own outcome
+                        log.warning("GPU slot %r: releasing the lease failed (%s); the server frees it "
+                                    "when it expires (%.0f s)", name, exc, lease_s)
+                        break
 
 
 def log_device(requested: str) -> str:

@@ -62,6 +62,18 @@ def _gpu_slots(api: str) -> int:
         return client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots
 
 
+def _gpu_leases(stack: Stack, api: str) -> list[Path]:
+    """The lease files (infra/prefect-server.sh keeps them on disk) that hold the GPU limit."""
+    import json
+
+    from flows.deploy import gpu_limit_name
+
+    with _client(api) as client:
+        limit_id = str(client.read_global_concurrency_limit_by_name(gpu_limit_name()).id)
+    leases = Path(stack.env["PREFECT_HOME"]) / "concurrency_leases"
+    return [f for f in leases.glob("*-*.json") if limit_id in json.loads(f.read_text())["resource_ids"]]
+
+
 def _task_runs(api: str, run_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -194,11 +206,10 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         ckpt = repo / "data" / "compress" / "checkpoint.mpk"
         _wait_layers(ckpt, 1, worker)
         assert _gpu_slots(api) == 1  # the compress task holds it
-        leases = Path(stack.env["PREFECT_HOME"]) / "concurrency_leases"
-        assert list(leases.glob("*-*.json")), "the lease is not on disk"
+        assert _gpu_leases(stack, api), "the GPU slot's lease is not on disk"
 
         stack.services[0].kill()  # SIGKILL: the server and its children, nothing flushed
-        down_at = time.monotonic()
+        down_at, done_at_kill = time.monotonic(), _layers_done(ckpt)
         time.sleep(5)
         assert _layers_done(ckpt) >= 1 and worker.proc.poll() is None
         stack.prefect(port=port, name="prefect-server-2")
@@ -207,12 +218,13 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         final = _wait_final(api, run.id, 240, [worker])
         assert final.state_name == "Completed", worker.tail()
         _assert_settled(api, run.id)
-        assert not list(leases.glob("*-*.json")), "a lease is left on disk"
+        assert _gpu_leases(stack, api) == [], "a lease on the GPU slot is left"
         compress = [t for t in _task_runs(api, run.id) if t.name.startswith("compress")]
         logs = _run_logs(api, run.id)
         assert "TaskRunTimeoutError" not in logs and "exceeded timeout" not in logs, logs[-3000:]
-        print(f"server down {down_s:.0f} s with {_layers_done(ckpt)} layers done; compress task runs: "
-              f"{[(t.name, t.state_name, t.run_count) for t in compress]}")
+        slot_lines = [line for line in logs.splitlines() if "GPU slot" in line]
+        print(f"server down {down_s:.0f} s from layer {done_at_kill} on; compress task runs: "
+              f"{[(t.name, t.state_name, t.run_count) for t in compress]}; " + " | ".join(slot_lines))
     finally:
         _closed(stack)
 
