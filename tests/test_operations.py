@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import INFRA, STOP_GRACE_S, Stack
+from services import STOP_GRACE_S, Stack
 from test_orchestration import (
     FLOW,
     POOL,
@@ -326,4 +326,3 @@ def test_every_service_stops_on_one_sigterm(tmp_path):
     assert all(t is not None and t <= STOP_GRACE_S for t in times.values()), times
     print("stopped after one SIGTERM (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     print("idle RSS (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()))
-    assert (INFRA / "prefect-worker.sh").read_text().count("--default-signal=INT") == 1
