@@ -56,7 +56,8 @@ def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
     """Hold one slot of the GPU limit while the block runs (see above).
 
     The slot is a lease the server expires ``lease_s`` after its last renewal, so the slot of a
-    killed process frees itself. A thread renews it every ``renew_every_s``; while the Prefect
+    killed process frees itself. A thread renews it every ``renew_every_s`` (environment
+    MODELPRESS_GPU_LEASE_RENEW_S overrides it); while the Prefect
     server is unreachable (a restart) the work goes on and the renewal is retried until the
     server answers again: the lease survives a server restart when the server keeps leases on
     disk (infra/prefect-server.sh sets PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE). Prefect's own
@@ -71,6 +72,7 @@ def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
     if not name or ctx is None:
         yield
         return
+    renew_every_s = float(os.environ.get("MODELPRESS_GPU_LEASE_RENEW_S", renew_every_s))
     import threading
     from uuid import UUID
 

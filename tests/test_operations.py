@@ -81,6 +81,14 @@ def _task_runs(api: str, run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
 
 
+def _completed(api: str, run_id, timeout: float, worker):
+    """Wait for the run's end; it must be Completed (else: the run's own logs, which go to the API
+    and not to the worker's output since flow-run output is not streamed)."""
+    final = _wait_final(api, run_id, timeout, [worker])
+    assert final.state_name == "Completed", f"{final.state_name}: {final.state.message}\n{_run_logs(api, run_id)[-4000:]}"
+    return final
+
+
 def _assert_settled(api: str, run_id) -> None:
     """Nothing of the run still claims to be running, and the GPU slot is free again."""
     running = [(t.name, t.state_name) for t in _task_runs(api, run_id) if t.state_type.value in ("RUNNING", "PENDING")]
@@ -142,11 +150,11 @@ def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, tr
     assert len(scheduled) >= 2, [r.name for r in scheduled]
     assert any(r.name in cli.stdout for r in scheduled), cli.stdout[-2000:]
 
-    final = _wait_final(api, first.id, 200, [worker])
-    assert final.state_name == "Completed", worker.tail()
+    _completed(api, first.id, 200, worker)
     assert (repo / "data" / "model.mpk").is_file() and (repo / "data" / "metrics.json").is_file()
     with _client(api) as client:  # stop the every-minute schedule: no more runs for this server
         client.delete_deployment(nightly.id)
+    assert worker.stop() == []
     print(f"scheduled run {first.name} due {wait_s:.0f} s after creation, completed "
           f"{time.monotonic() - t0:.0f} s after the deployment was created")
 
@@ -201,7 +209,9 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         params = _tiny_params(method=SLOW, registry={"enabled": False})
         repo = _repo(tmp_path, trained_workdir, params)
         _deploy(api, stack, "--source", str(repo))
-        worker = stack.worker(api, POOL, WORKER_ENV)
+        # Renewing the GPU lease every 2 s, the task certainly tries while the server is down
+        # (Prefect's own renewal cancelled the task after three failed attempts).
+        worker = stack.worker(api, POOL, {**WORKER_ENV, "MODELPRESS_GPU_LEASE_RENEW_S": "2"})
         run = _trigger(api, {"recipe": params})
         ckpt = repo / "data" / "compress" / "checkpoint.mpk"
         _wait_layers(ckpt, 1, worker)
@@ -215,14 +225,16 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         stack.prefect(port=port, name="prefect-server-2")
         down_s = time.monotonic() - down_at
 
-        final = _wait_final(api, run.id, 240, [worker])
-        assert final.state_name == "Completed", worker.tail()
+        _completed(api, run.id, 240, worker)
         _assert_settled(api, run.id)
         assert _gpu_leases(stack, api) == [], "a lease on the GPU slot is left"
         compress = [t for t in _task_runs(api, run.id) if t.name.startswith("compress")]
         logs = _run_logs(api, run.id)
         assert "TaskRunTimeoutError" not in logs and "exceeded timeout" not in logs, logs[-3000:]
         slot_lines = [line for line in logs.splitlines() if "GPU slot" in line]
+        assert any("Prefect server unreachable" in line for line in slot_lines), slot_lines
+        assert any("Prefect server back after" in line for line in slot_lines), slot_lines
+        assert not any("lost this task's lease" in line for line in slot_lines), slot_lines
         print(f"server down {down_s:.0f} s from layer {done_at_kill} on; compress task runs: "
               f"{[(t.name, t.state_name, t.run_count) for t in compress]}; " + " | ".join(slot_lines))
     finally:
@@ -254,8 +266,8 @@ def test_worker_killed_alone_mid_compression_the_run_goes_on(trained_workdir, tm
 
         worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")  # same machine, same worker name
         assert "kept GPU limit" in worker2.tail(20000) and "rescheduled" not in worker2.tail(20000), worker2.tail()
-        final = _wait_final(api, run.id, 240, [worker2])
-        assert final.state_name == "Completed" and final.run_count == 1, (final.state_name, final.run_count)
+        final = _completed(api, run.id, 240, worker2)
+        assert final.run_count == 1, final.run_count
         _assert_settled(api, run.id)
         assert "resuming after" not in _run_logs(api, run.id)  # one uninterrupted attempt
     finally:
@@ -287,12 +299,12 @@ def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_work
         worker.proc.wait(10)
         crashed = _wait_final(api, run.id, 90)
         assert crashed.state_name == "Crashed", crashed.state_name
+        print(f"crashed {crashed.state.timestamp - crashed.start_time} after its start: {crashed.state.message}")
         done = _layers_done(ckpt)
 
         worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")
         assert f"rescheduled crashed flow run {run.name}" in worker2.tail(20000), worker2.tail()
-        final = _wait_final(api, run.id, 240, [worker2])
-        assert final.state_name == "Completed", worker2.tail()
+        _completed(api, run.id, 240, worker2)
         _assert_settled(api, run.id)
         logs = _run_logs(api, run.id)
         assert f"compress: resuming after {done} finished layers" in logs, logs[-3000:]
