@@ -57,15 +57,14 @@ def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
 
     The slot is a lease the server expires ``lease_s`` after its last renewal, so the slot of a
     killed process frees itself. A thread renews it every ``renew_every_s`` (environment
-    MODELPRESS_GPU_LEASE_RENEW_S overrides it); while the Prefect
-    server is unreachable (a restart) the work goes on and the renewal is retried until the
-    server answers again: the lease survives a server restart when the server keeps leases on
-    disk (infra/prefect-server.sh sets PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE). Prefect's own
-    ``concurrency(strict=True)`` cancels the task after three failed renewals instead (seen as a
-    misleading TaskRunTimeoutError) and its retry then waits for a slot nobody releases. If the
-    server no longer knows the lease (expired during a long outage, or a server that keeps leases
-    in memory was restarted), the thread takes a new one as soon as a slot is free. On exit the
-    lease is released, retrying for up to a minute while the server is away.
+    MODELPRESS_GPU_LEASE_RENEW_S overrides it). The lease survives a server restart when the server
+    keeps leases on disk (infra/prefect-server.sh sets PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE).
+    Unlike Prefect's ``concurrency(strict=True)``, which cancels the task when a renewal fails
+    (seen as a misleading TaskRunTimeoutError) and so did after a restart of a server that had
+    kept the lease in memory (410 Gone), the work always goes on: while the server is unreachable
+    (beyond the client's own minute of retries) renewal is retried every 5 s; if the server no
+    longer knows the lease (lost, or expired during an outage longer than ``lease_s``) a new one is
+    taken as soon as a slot is free. On exit the lease is released, retrying for up to a minute.
     """
     name = os.environ.get("MODELPRESS_GPU_LIMIT", "").strip()
     ctx = TaskRunContext.get()

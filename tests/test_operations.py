@@ -209,8 +209,9 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         params = _tiny_params(method=SLOW, registry={"enabled": False})
         repo = _repo(tmp_path, trained_workdir, params)
         _deploy(api, stack, "--source", str(repo))
-        # Renewing the GPU lease every 2 s, the task certainly tries while the server is down
-        # (Prefect's own renewal cancelled the task after three failed attempts).
+        # The GPU lease renewed every 2 s: a renewal certainly reaches the restarted server before
+        # the task ends. A server that lost the lease (memory storage) answers 410, on which
+        # Prefect's concurrency(strict=True) cancelled the task (TaskRunTimeoutError).
         worker = stack.worker(api, POOL, {**WORKER_ENV, "MODELPRESS_GPU_LEASE_RENEW_S": "2"})
         run = _trigger(api, {"recipe": params})
         ckpt = repo / "data" / "compress" / "checkpoint.mpk"
@@ -232,9 +233,8 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         logs = _run_logs(api, run.id)
         assert "TaskRunTimeoutError" not in logs and "exceeded timeout" not in logs, logs[-3000:]
         slot_lines = [line for line in logs.splitlines() if "GPU slot" in line]
-        assert any("Prefect server unreachable" in line for line in slot_lines), slot_lines
-        assert any("Prefect server back after" in line for line in slot_lines), slot_lines
         assert not any("lost this task's lease" in line for line in slot_lines), slot_lines
+        assert [t.run_count for t in compress] == [1], "the compress task was interrupted"
         print(f"server down {down_s:.0f} s from layer {done_at_kill} on; compress task runs: "
               f"{[(t.name, t.state_name, t.run_count) for t in compress]}; " + " | ".join(slot_lines))
     finally:
@@ -276,9 +276,10 @@ def test_worker_killed_alone_mid_compression_the_run_goes_on(trained_workdir, tm
 
 def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_workdir, tmp_path):
     """The same kill on a run whose output the worker still streams (a deployment made before
-    stream_output was turned off): the run crashes on its next log line (BrokenPipeError); the
-    restarted worker reschedules it, it resumes at the next layer and completes, and the dead
-    attempt's task runs are Crashed, not Running."""
+    stream_output was turned off): writing to the dead worker's pipe ends the run, Crashed
+    ("Execution was aborted by Python system exit call"); the restarted worker reschedules it, it
+    resumes at the next layer and completes, and the dead attempt's task runs are Crashed, not
+    Running."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -299,7 +300,8 @@ def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_work
         worker.proc.wait(10)
         crashed = _wait_final(api, run.id, 90)
         assert crashed.state_name == "Crashed", crashed.state_name
-        print(f"crashed {crashed.state.timestamp - crashed.start_time} after its start: {crashed.state.message}")
+        print(f"crashed {(crashed.state.timestamp - crashed.start_time).total_seconds():.0f} s after its start: "
+              f"{crashed.state.message}")
         done = _layers_done(ckpt)
 
         worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")
