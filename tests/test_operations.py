@@ -316,6 +316,34 @@ def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_work
         _closed(stack)
 
 
+def test_worker_stopped_by_one_sigterm_mid_compression_run_resumes_after_restart(trained_workdir, tmp_path):
+    """One SIGTERM to a worker started in the background (SIGINT ignored, as `cmd &` does) while
+    it runs a compression: it stops within STOP_GRACE_S, stopping the run's process; started again
+    under the same name it reschedules the run, which resumes at the next layer."""
+    _need_binaries()
+    stack = Stack(tmp_path / "stack", background=True)
+    try:
+        api = stack.prefect()
+        params = _tiny_params(method=SLOW, registry={"enabled": False})
+        repo = _repo(tmp_path, trained_workdir, params)
+        _deploy(api, stack, "--source", str(repo))
+        worker = stack.worker(api, POOL, WORKER_ENV, name="worker-1")
+        run = _trigger(api, {"recipe": params})
+        ckpt = repo / "data" / "compress" / "checkpoint.mpk"
+        _wait_layers(ckpt, 1, worker)
+        assert worker.stop() == [], worker.tail()
+        done = _layers_done(ckpt)
+
+        worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")
+        assert f"rescheduled orphaned flow run {run.name}" in worker2.tail(20000), worker2.tail()
+        _completed(api, run.id, 240, worker2)
+        _assert_settled(api, run.id)
+        assert f"compress: resuming after {done} finished layers" in _run_logs(api, run.id)
+        print(f"worker stopped {worker.stop_s:.1f} s after SIGTERM, with {done} layers done")
+    finally:
+        _closed(stack)
+
+
 # ---- every service stops on one SIGTERM ---------------------------------------------------------
 
 def test_every_service_stops_on_one_sigterm(tmp_path):
