@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup run test repro lock bench clean
+.PHONY: setup run test test-fast repro lock bench clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 # NO_APT=1: no root for apt-get; the run then fetches the data set from params.yaml's other sources.
@@ -30,8 +30,14 @@ $(FMNIST):
 run: setup
 	$(VENV)/bin/modelpress run --params params.yaml $(ARGS)
 
+# Every tier, the unit tier first so that a broken core fails in about a minute.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --tier unit
+	$(PY) -m pytest -q --tier pipeline --tier services
+
+# The unit tier: no server, no subprocess (tests/conftest.py TIERS).
+test-fast: setup
+	$(PY) -m pytest -q --tier unit
 
 # The same pipeline through DVC (stages call `modelpress stage NAME`).
 repro: setup

@@ -58,6 +58,33 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     )
 
 
+# Test tiers: every test module (or test) is marked with one of these. `make test-fast` runs
+# the unit tier (no server, no subprocess, seconds in all); `make test` runs every tier, unit first.
+TIERS = ("unit", "pipeline", "services")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", action="append", choices=TIERS, default=[],
+                     help="run only the tests of these tiers (repeatable); default: all")
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked, keep, drop = [], [], []
+    wanted = set(config.getoption("--tier"))
+    for item in items:
+        marks = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if not marks:
+            unmarked.append(item.nodeid)
+            continue
+        tier = marks[0]  # the closest: a test's own mark before its module's
+        (keep if not wanted or tier in wanted else drop).append(item)
+    if unmarked:
+        raise pytest.UsageError("tests without a tier mark (unit, pipeline or services): " + ", ".join(unmarked[:10]))
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_stores(tmp_path_factory):
     """Keep MLflow and Prefect state of the test session out of the user's home and repo."""

@@ -1,10 +1,15 @@
+
 """The distillation's batch augmentation: every output is the input, maybe mirrored, shifted
 by at most ``pad`` pixels with zeros coming in."""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
+
+pytestmark = pytest.mark.unit
 from modelpress.train import flip_and_crop
 
 

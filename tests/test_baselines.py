@@ -19,7 +19,7 @@ from modelpress.stages import calibration_images
 from modelpress.train import evaluate, loader
 
 ARCH = arch_spec("fmnist_cnn", num_classes=10, in_channels=1)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _top1(model, data, n=2000):

@@ -14,6 +14,8 @@ from modelpress import stages
 from modelpress.methods.pq.budget import BudgetError, allocate
 from modelpress.pack import load_packed, read_packed
 
+pytestmark = pytest.mark.pipeline
+
 
 def _table():
     # layer -> options (bytes, damage); damage falls with bytes, at different rates per layer.

@@ -12,6 +12,8 @@ import subprocess
 import pytest
 from conftest import FMNIST, REPO
 
+pytestmark = pytest.mark.services
+
 # The README's run command, exactly as written there.
 RUN_COMMAND = "make run"
 SHORT = ("-S teacher.epochs=0.2 -S method.calibration_images=256 -S method.kmeans_iters=5 "

@@ -13,6 +13,8 @@ from conftest import FMNIST, run_cli
 
 from modelpress.data import sha256_file
 
+pytestmark = pytest.mark.pipeline
+
 FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 
 

@@ -21,6 +21,8 @@ from modelpress.data import (
     load_fashion_mnist,
 )
 
+pytestmark = pytest.mark.unit
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = list(DATASET_INFO["fashion-mnist"]["files"])
 

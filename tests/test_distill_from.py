@@ -13,6 +13,8 @@ from conftest import tiny_recipe
 from modelpress import stages
 from modelpress.models import build_model
 
+pytestmark = pytest.mark.pipeline
+
 # scalar k-means at 2 bits: a fast method whose fine-tuning moves the model a lot
 METHOD = {"name": "kmeans", "bits": 2}
 FINETUNE = {"epochs": 0.1, "lr": 0.005, "bn_batches": 5}

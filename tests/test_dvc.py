@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import REPO, TINY
 
+pytestmark = pytest.mark.pipeline
+
 
 def _sh(*cmd: str, cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

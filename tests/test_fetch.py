@@ -20,6 +20,8 @@ from fixtures_servers import (  # noqa: F401  (pytest fixtures)
 from modelpress.data import DATASET_INFO, ChecksumMismatch, FetchError, SourceUnavailable, fetch_files, sha256_file
 from modelpress.data import fetch as fetch_module
 
+pytestmark = pytest.mark.unit
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 

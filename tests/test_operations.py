@@ -31,6 +31,8 @@ from test_orchestration import (
     _wait_final,
 )
 
+pytestmark = pytest.mark.services
+
 WORKER_ENV = {"MODELPRESS_DVC": "off", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -22,6 +22,8 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
+pytestmark = pytest.mark.services
+
 FLOW = "modelpress-compress"
 POOL = "gpu-test"
 # Slow enough per layer (a little distillation each) to be killed in the middle of the loop.

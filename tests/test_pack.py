@@ -34,7 +34,7 @@ OVERRIDES = {
 BITS = {"features.2.0": 8, "features.4.0": 9, "classifier.2": 6, "classifier.5": 7}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import os
 import pytest
 from conftest import tiny_recipe
 
+pytestmark = pytest.mark.pipeline
+
 
 
 def _registry():

@@ -24,7 +24,7 @@ from modelpress.train import evaluate, loader
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from modelpress.pack import load_packed, pack_model, read_packed
 from modelpress.pack.format import decode_positions, encode_positions, packed_nbytes
 from modelpress.train import cosine_lr, evaluate, loader, lr_multiplier
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 ARCH = {"name": "fmnist_cnn", "kwargs": {}}
 
 
@@ -111,6 +111,7 @@ def test_lr_rewinding_replays_the_tail_of_the_original_schedule():
     assert lr_multiplier("constant", 10, 30)(7) == 1.0
 
 
+@pytest.mark.pipeline  # retrains a model
 def test_prune_cycle_is_deterministic_and_keeps_accuracy(trained, data):
     train, test = data
     sub_test = loader(torch.utils.data.Subset(test, range(2000)), 500, False)
@@ -167,6 +168,7 @@ def test_pruned_model_packs_to_real_bytes(trained, data, tmp_path):
     assert torch.allclose(loaded(x), half.eval()(x), atol=1e-2)
 
 
+@pytest.mark.pipeline  # retrains a model
 def test_prune_then_quantize_survivors(trained, data, tmp_path):
     train, test = data
     cfg = PrunePQConfig.model_validate({

@@ -18,6 +18,8 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
+pytestmark = pytest.mark.pipeline
+
 # Three cycles (30 %, 51 %, 60 %) of 0.075 epoch each on the real training set.
 PRUNE = {"name": "prune", "target_sparsity": 0.6, "rate": 0.3, "rewind_fraction": 0.5}
 

@@ -1,11 +1,15 @@
+
 """The one parameter schema as the Prefect API and UI see it, and partial parameter files."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from conftest import REPO, run_cli
 
 from modelpress.recipe import Recipe
+
+pytestmark = pytest.mark.unit
 
 
 def _flow_schema() -> dict:
@@ -75,6 +79,7 @@ def test_partial_params_file_merges_onto_params_yaml(tmp_path):
     assert list(merged.data.files) == ["t10k-labels-idx1-ubyte.gz"] and merged.data.sources == base.data.sources
 
 
+@pytest.mark.pipeline
 def test_cli_merges_a_partial_params_file(tmp_path):
     partial = tmp_path / "p.yaml"
     partial.write_text(yaml.safe_dump({"method": {"name": "pq", "kmeans_itres": 3}}))

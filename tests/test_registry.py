@@ -22,10 +22,12 @@ from modelpress.data import load_dataset
 from modelpress.pack import PackedFormatError, load_packed
 from tasks import registry
 
+pytestmark = pytest.mark.pipeline
+
 NAME = "fmnist-cnn-pq"  # the default name, as in the README's consumer example
 
 # Runs in a fresh interpreter; importing Prefect or DVC there fails, so passing proves the
-# consumer path needs neither (what `pip install modelpress[runtime]` provides).
+# consumer path needs neither.
 CONSUMER = r"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):

@@ -1,7 +1,10 @@
+
 """A compression process killed in the middle of the layer loop resumes at the next layer
 and ends with exactly the weights of an uninterrupted run."""
 
 from __future__ import annotations
+
+import pytest
 
 import os
 import shutil
@@ -15,6 +18,8 @@ from conftest import REPO, run_cli, tiny_recipe
 
 from modelpress import stages
 from modelpress.pack import read_packed
+
+pytestmark = pytest.mark.pipeline
 from modelpress.pack.format import build_from_packed
 
 # Slow enough per layer (a little distillation each) to be killed in the middle.

@@ -22,6 +22,8 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
+pytestmark = pytest.mark.pipeline
+
 SLOW = {"layer_finetune_epochs": 0.04}  # slow enough per layer to be stopped in the middle of the loop
 
 

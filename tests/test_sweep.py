@@ -19,6 +19,8 @@ from modelpress.recipe import Recipe, RecipeError
 from modelpress.report import pareto_front
 from modelpress.sweep import SweepConfig
 
+pytestmark = pytest.mark.pipeline
+
 POINTS = [
     {"name": "uniform4", "series": "uniform (baseline)", "set": {"method.name": "uniform", "method.bits": 4}},
     {"name": "kmeans3", "set": {"method.name": "kmeans", "method.bits": 3, "method.kmeans_iters": 5}},

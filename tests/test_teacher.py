@@ -13,6 +13,8 @@ from modelpress import stages
 from modelpress.data import sha256_file
 from modelpress.pack import load_packed
 
+pytestmark = pytest.mark.pipeline
+
 
 
 class NotWeights:  # a pickled object that weights_only=True must refuse to build

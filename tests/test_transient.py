@@ -21,6 +21,8 @@ from modelpress.data.fetch import fetch_files
 from tasks.transient import is_transient, retry_transient
 from tasks.versioning import DvcError, dvc
 
+pytestmark = pytest.mark.unit
+
 
 def _raised(fn):
     try:
@@ -138,6 +140,7 @@ def test_mlflow_errors(monkeypatch):
 
 # ---- DVC -------------------------------------------------------------------------------------
 
+@pytest.mark.pipeline
 def test_dvc_errors(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -170,6 +173,7 @@ def test_dvc_errors(tmp_path):
 
 # ---- a real Prefect task ---------------------------------------------------------------------
 
+@pytest.mark.pipeline
 def test_prefect_task_retries_only_transient_failures(prefect_server):
     from prefect import flow, task
 
