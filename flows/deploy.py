@@ -67,13 +67,15 @@ def gpu_limit_name(host: str | None = None) -> str:
     return f"gpu-{host or socket.gethostname()}"
 
 
-def default_parameters(params_file: Path | None) -> dict:
-    """The deployments' default parameters (the UI form's pre-filled values), validated."""
+def default_parameters(params_file: Path | None, base: Path | None = None) -> dict:
+    """The deployments' default parameters (the UI form's pre-filled values), validated. A
+    ``--params`` file may be partial: it is merged onto ``base``, the source's committed
+    params.yaml (runs never rewrite it)."""
     from modelpress.recipe import Recipe
 
     if params_file is None or not params_file.is_file():
         return {}
-    return {"recipe": Recipe.from_yaml(params_file).model_dump(mode="json")}
+    return {"recipe": Recipe.from_yaml(params_file, base=base).model_dump(mode="json")}
 
 
 def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path | None,
@@ -87,7 +89,8 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     asyncio.run(_ensure_pool(pool))
     asyncio.run(_ensure_pool(sweep_pool))
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
-    parameters = default_parameters(params_file)
+    base = Path(source) / "params.yaml" if "://" not in source else None
+    parameters = default_parameters(params_file, base)
     description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
     common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
                   enforce_parameter_schema=True)
