@@ -44,6 +44,16 @@ def test_flow_end_to_end_registers_packed_model(prefect_server, workdir):
     assert run.data.metrics["compressed_top1"] == pytest.approx(metrics["compressed_top1"])
     assert run.data.metrics["compression_ratio"] == pytest.approx(metrics["compression_ratio"])
     assert run.data.params["method.linear.k"] == "64"
+    # Stage times of the run: in MLflow, in the workdir and as a Prefect artifact.
+    timings = json.loads((workdir / "run_timings.json").read_text())
+    assert {"fetch", "teacher", "compress", "finetune", "pack", "evaluate", "version", "register", "total"} <= set(timings)
+    for stage in ("teacher", "compress", "finetune", "evaluate"):
+        assert run.data.metrics[f"seconds_{stage}"] == pytest.approx(timings[stage])
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 1
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("stage-seconds")
+    assert table is not None and {row["stage"] for row in json.loads(table.data)} == set(timings)
 
 
 def test_rerun_skips_finished_stages(prefect_server, workdir):
