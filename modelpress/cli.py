@@ -56,6 +56,8 @@ def cmd_run(args) -> int:
         preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    # The temporary Prefect server gets 90 s to start (Prefect's 20 s is missed on a loaded 2-core machine).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     return _supervised(args.argv, lambda: _run_flow(recipe))
 
 
@@ -122,6 +124,7 @@ def cmd_sweep(args) -> int:
             raise ValueError(f"sweep point {name}: {e}") from None
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MODELPRESS_DVC", "off")
     return _supervised(args.argv, lambda: _run_sweep(sweep))
 
