@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 from conftest import FMNIST, REPO
+from services import free_port
 
 pytestmark = pytest.mark.services
 
@@ -66,7 +67,7 @@ def test_readme_run_on_clean_clone(tmp_path):
 
     # The newcomer then adds a DVC remote that cannot be reached: the push is retried as a
     # transient failure, then the run fails with one line and registers nothing.
-    closed = _closed_port()
+    closed = free_port()  # nothing listens there
     for args in (["remote", "add", "-d", "storage", "s3://modelpress/dvc"],
                  ["remote", "modify", "storage", "endpointurl", f"http://127.0.0.1:{closed}"]):
         subprocess.run([str(clone / ".venv" / "bin" / "dvc"), *args], cwd=clone, check=True, capture_output=True)
@@ -85,10 +86,3 @@ def test_readme_run_on_clean_clone(tmp_path):
         assert db.execute("select count(*) from runs").fetchone()[0] == runs_before
     assert (clone / "params.yaml").read_bytes() == params_before
 
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_servers import http_root, moto_endpoint, s3_env  # noqa: F401  (pytest fixtures)
+from services import free_port  # a loopback port nothing listens on
 
 from modelpress.data import SourceUnavailable
 from modelpress.data.fetch import fetch_files
@@ -32,16 +33,10 @@ def _raised(fn):
     raise AssertionError("nothing raised")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- the network ---------------------------------------------------------------------------
 
 def test_network_failures_are_transient():
-    port = _closed_port()
+    port = free_port()
     refused = _raised(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5))
     assert isinstance(refused, urllib.error.URLError) and is_transient(refused)
     assert is_transient(_raised(lambda: socket.create_connection(("127.0.0.1", port), timeout=5)))
@@ -84,10 +79,10 @@ def test_fetch_failures_say_whether_they_are_transient(tmp_path, http_root):
     assert isinstance(missing_dir, SourceUnavailable) and not is_transient(missing_dir)
     not_found = _raised(lambda: fetch_files([url], {"a.gz": sha}, tmp_path / "c2"))
     assert isinstance(not_found, SourceUnavailable) and not is_transient(not_found)
-    unreachable = _raised(lambda: fetch_files([f"http://127.0.0.1:{_closed_port()}"], {"a.gz": sha}, tmp_path / "c3"))
+    unreachable = _raised(lambda: fetch_files([f"http://127.0.0.1:{free_port()}"], {"a.gz": sha}, tmp_path / "c3"))
     assert isinstance(unreachable, SourceUnavailable) and is_transient(unreachable)
     # Any transient source makes the whole failure worth another try.
-    mixed = _raised(lambda: fetch_files([str(tmp_path / "no-such-dir"), f"http://127.0.0.1:{_closed_port()}"],
+    mixed = _raised(lambda: fetch_files([str(tmp_path / "no-such-dir"), f"http://127.0.0.1:{free_port()}"],
                                         {"a.gz": sha}, tmp_path / "c4"))
     assert is_transient(mixed)
 
@@ -117,7 +112,7 @@ def test_s3_endpoint_unreachable_is_transient(monkeypatch, tmp_path):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{_closed_port()}", region_name="us-east-1",
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
                           config=Config(retries={"max_attempts": 1}, connect_timeout=2))
     assert is_transient(_raised(lambda: client.list_buckets()))
 
@@ -131,7 +126,7 @@ def test_mlflow_errors(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     down = _raised(lambda: MlflowClient(url, url).search_experiments())
     assert isinstance(down, MlflowException) and is_transient(down)
     assert not is_transient(MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST))
@@ -152,7 +147,7 @@ def test_dvc_errors(tmp_path):
     (repo / "f.txt").write_text("x")
     dvc("add", "-q", "f.txt", cwd=repo)
     dvc("remote", "add", "-d", "r", "s3://bucket/p", cwd=repo)
-    dvc("remote", "modify", "r", "endpointurl", f"http://127.0.0.1:{_closed_port()}", cwd=repo)
+    dvc("remote", "modify", "r", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=repo)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     old = os.environ.copy()
     os.environ.update(env)
