@@ -39,7 +39,7 @@ def _one(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code in (408, 429)
     if isinstance(exc, urllib.error.URLError):
-        return isinstance(exc.reason, BaseException) and _one(exc.reason) or isinstance(exc.reason, str)
+        return isinstance(exc.reason, BaseException) and _one(exc.reason)  # a text reason: a bad URL
     if isinstance(exc, (socket.timeout, TimeoutError, ConnectionError, socket.gaierror,
                         http.client.RemoteDisconnected, http.client.IncompleteRead)):
         return True
