@@ -13,7 +13,6 @@ Credentials for the remote come from the usual environment (``AWS_ACCESS_KEY_ID`
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from modelpress.data import sha256_file
+
 from . import registry
-from .versioning import URL_REMOTE, dvc
+from .versioning import add_url_remote, dvc, lock_revision, remote_urls
 
 T = registry.TAG
 
@@ -41,15 +42,9 @@ def _version(ref: str):
 
 
 def _remote(repo: Path, url: str, endpoint: str | None) -> str:
-    for line in dvc("remote", "list", cwd=repo).splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[1].strip() == url:
-            return parts[0]
-    dvc("remote", "add", "--local", "--force", URL_REMOTE, url, cwd=repo)
-    endpoint = os.environ.get("MODELPRESS_DVC_ENDPOINT_URL") or endpoint
-    if endpoint:
-        dvc("remote", "modify", "--local", URL_REMOTE, "endpointurl", endpoint, cwd=repo)
-    return URL_REMOTE
+    """A remote of the repository at ``url``, or the local one made for it."""
+    same = [name for name, at in remote_urls(repo).items() if at == url]
+    return same[0] if same else add_url_remote(repo, url, os.environ.get("MODELPRESS_DVC_ENDPOINT_URL") or endpoint)
 
 
 def reproduce(ref: str, repo: Path = Path("."), log=print) -> Path:
@@ -77,7 +72,7 @@ def reproduce(ref: str, repo: Path = Path("."), log=print) -> Path:
         lock, params = local / "dvc.lock", local / "params.yaml"
         if not lock.is_file() or not params.is_file():
             raise ReproduceError(f"{where}: its run has no lineage/dvc.lock and lineage/params.yaml")
-        if hashlib.sha256(lock.read_bytes()).hexdigest()[:16] != tags.get(T + "dvc_revision"):
+        if lock_revision(lock.read_bytes()) != tags.get(T + "dvc_revision"):
             raise ReproduceError(f"{where}: lineage/dvc.lock does not match the version's dvc_revision tag")
         shutil.copyfile(params, repo / "params.yaml")
         shutil.copyfile(lock, repo / "dvc.lock")
@@ -86,7 +81,7 @@ def reproduce(ref: str, repo: Path = Path("."), log=print) -> Path:
     dvc("pull", "--remote", remote, "pack", cwd=repo)
     workdir = (yaml.safe_load((repo / "params.yaml").read_text()) or {}).get("run", {}).get("workdir", "data")
     packed = repo / workdir / "model.mpk"
-    digest = hashlib.sha256(packed.read_bytes()).hexdigest() if packed.is_file() else "missing"
+    digest = sha256_file(packed) if packed.is_file() else "missing"
     if digest != tags.get(T + "packed_sha256"):
         raise ReproduceError(f"{packed}: sha256 {digest[:16]}... differs from {where}'s {tags.get(T + 'packed_sha256', '?')[:16]}...")
     log(f"restored {packed} ({packed.stat().st_size:,} bytes, sha256 {digest[:16]}... = {where})")

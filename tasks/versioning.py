@@ -73,7 +73,11 @@ def _run(args: tuple[str, ...], cwd: Path, timeout: float) -> subprocess.Complet
 def dvc(*args: str, cwd: Path = Path("."), timeout: float = 1800) -> str:
     """Run one DVC command. ``--wait-for-lock`` serialises it with any other DVC command on
     this repository (a concurrent `dvc repro`, another run's versioning) instead of failing."""
-    proc = _run(args, cwd, timeout)
+    return _checked(_run(args, cwd, timeout), args)
+
+
+def _checked(proc: subprocess.CompletedProcess, args: tuple[str, ...]) -> str:
+    """A DVC command's output, or DvcError with DVC's first error line."""
     if proc.returncode != 0:
         text = proc.stderr.strip() or proc.stdout.strip()
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -153,31 +157,39 @@ def resolve_remote(repo: Path) -> str | None:
         # DVC exits 1 with "No default remote set" when there is none: that is an answer, not a failure.
         if proc.returncode != 0 and "no default remote" in (proc.stderr + proc.stdout).lower():
             return None
-        if proc.returncode != 0:
-            dvc("remote", "default", cwd=repo)  # raises with DVC's own message
-        return proc.stdout.strip() or None
+        return _checked(proc, ("remote", "default")).strip() or None
     if "://" not in wanted and not os.path.isabs(wanted):
         return wanted
-    dvc("remote", "add", "--local", "--force", URL_REMOTE, wanted, cwd=repo)
     endpoint = os.environ.get("MODELPRESS_DVC_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and "://" in wanted:
+    return add_url_remote(repo, wanted, endpoint if "://" in wanted else None)
+
+
+def add_url_remote(repo: Path, url: str, endpoint: str | None) -> str:
+    """The local remote ``modelpress`` (``.dvc/config.local``) at ``url``; returns its name."""
+    dvc("remote", "add", "--local", "--force", URL_REMOTE, url, cwd=repo)
+    if endpoint:
         dvc("remote", "modify", "--local", URL_REMOTE, "endpointurl", endpoint, cwd=repo)
     return URL_REMOTE
 
 
+def remote_urls(repo: Path) -> dict[str, str]:
+    """Every remote of the repository: name -> URL."""
+    listed = (line.split(None, 1) for line in dvc("remote", "list", cwd=repo).splitlines())
+    return {parts[0]: parts[1].strip() for parts in listed if len(parts) == 2}
+
+
 def remote_location(repo: Path, remote: str) -> dict[str, str]:
     """Where a remote is (URL and endpoint, never credentials): what another clone needs to pull."""
-    listed = [line.split(None, 1) for line in dvc("remote", "list", cwd=repo).splitlines()]
-    found = {"url": next((parts[1].strip() for parts in listed if len(parts) == 2 and parts[0] == remote), "")}
+    found = {"url": remote_urls(repo).get(remote, "")}
     proc = _run(("config", f"remote.{remote}.endpointurl"), repo, 120)
     if proc.returncode == 0 and proc.stdout.strip():
         found["endpoint"] = proc.stdout.strip()
     return found
 
 
-def dvc_lock_revision(repo: Path) -> str:
-    lock = repo / "dvc.lock"
-    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "none"
+def lock_revision(lock: bytes) -> str:
+    """The short hash of a dvc.lock that names a run's DVC state (tag ``modelpress.dvc_revision``)."""
+    return hashlib.sha256(lock).hexdigest()[:16]
 
 
 def lineage_dir(recipe: Recipe) -> Path:
@@ -205,7 +217,7 @@ def version_outputs(recipe: Recipe, summary: dict) -> dict:
         lock = (repo / "dvc.lock").read_bytes()
     _write(out / "params.yaml", params_text.encode())
     _write(out / "dvc.lock", lock)
-    revision = hashlib.sha256(lock).hexdigest()[:16]
+    revision = lock_revision(lock)
     logger.info("DVC: outputs of %s recorded in dvc.lock (sha %s)", ", ".join(STAGES), revision)
     remote = resolve_remote(repo)
     if remote is None:
