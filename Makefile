@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml setup.py | sha256sum | cut -c1-12)
 
 .PHONY: setup run test test-fast repro lock bench clean
 
@@ -15,7 +15,7 @@ setup: $(STAMP) $(if $(NO_APT),,$(FMNIST))
 
 # uv (pinned in the lock) installs the lock: ~35 s on a fresh machine, seconds from its cache.
 UV_PIN := $(shell grep -m1 '^uv==' requirements.lock)
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q --disable-pip-version-check "$(UV_PIN)" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(VENV)/bin/uv pip install -q --system-certs --python $(PY) -r requirements.lock

@@ -13,8 +13,8 @@ import time
 from prefect import flow
 
 from modelpress.recipe import Recipe
-from tasks.register import register_model
-from tasks.steps import (
+from modelpress.tasks.register import register_model
+from modelpress.tasks.steps import (
     check_recipe,
     compress_model,
     evaluate_packed,
@@ -25,7 +25,7 @@ from tasks.steps import (
     prune_cycle,
     publish_summary,
 )
-from tasks.versioning import version_outputs
+from modelpress.tasks.versioning import version_outputs
 
 
 @flow(name="modelpress-compress", log_prints=True)

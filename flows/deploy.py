@@ -1,6 +1,6 @@
 """The production deployments of the compression flow, and the worker-side bookkeeping.
 
-    python -m flows.deploy [--pool gpu] [--cron "0 2 * * *"] [--timezone UTC] [--source DIR|GIT-URL] [--params FILE]
+    python -m modelpress.flows.deploy [--pool gpu] [--cron "0 2 * * *"] [--timezone UTC] [--source DIR|GIT-URL] [--params FILE]
         creates (or updates) two deployments of flow ``modelpress-compress`` on the work pool:
           modelpress-compress/nightly    cron schedule (MODELPRESS_NIGHTLY_CRON, default 02:00 UTC)
           modelpress-compress/on-demand  no schedule: run it from the UI, the API or
@@ -17,7 +17,7 @@
         source) sets the form's defaults. The worker runs the flow from ``--source``: a directory
         it can read (the repository checkout; default: this one) or a git URL it clones.
 
-    python -m flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
+    python -m modelpress.flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
         what infra/prefect-worker.sh runs before starting a worker: creates the process work pool
         if missing and this machine's GPU concurrency limit (limit 1), recreated empty when no
         flow-run process is alive on this machine (nothing here can hold the GPU then; a run that
@@ -30,7 +30,7 @@
         Their task runs still Running or Pending (the dead attempt's) are marked Crashed first.
         Prints the GPU limit's name.
 
-    python -m flows.deploy reschedule FLOW_RUN_ID ...
+    python -m modelpress.flows.deploy reschedule FLOW_RUN_ID ...
         puts runs back into Scheduled so a worker picks them up again (same run id); their task
         runs still Running or Pending are marked Crashed.
 """
@@ -267,7 +267,7 @@ async def _reschedule(ids: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker-setup"]:
-        p = argparse.ArgumentParser(prog="python -m flows.deploy worker-setup")
+        p = argparse.ArgumentParser(prog="python -m modelpress.flows.deploy worker-setup")
         p.add_argument("--no-gpu", action="store_true", help="a control worker: no GPU concurrency limit")
         p.add_argument("pool")
         p.add_argument("worker_name")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reschedule"]:
         asyncio.run(_reschedule(argv[1:]))
         return 0
-    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Create the nightly and on-demand deployments.")
+    p = argparse.ArgumentParser(prog="python -m modelpress.flows.deploy", description="Create the nightly and on-demand deployments.")
     p.add_argument("--pool", default=os.environ.get("MODELPRESS_POOL", "gpu"))
     p.add_argument("--cron", default=os.environ.get("MODELPRESS_NIGHTLY_CRON", DEFAULT_CRON))
     p.add_argument("--timezone", default=os.environ.get("MODELPRESS_NIGHTLY_TZ", "UTC"))

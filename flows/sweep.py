@@ -15,9 +15,9 @@ from prefect import flow
 
 from modelpress import stages
 from modelpress.sweep import SweepConfig
-from tasks.register import register_model
-from tasks.steps import fetch_dataset, prepare_teacher
-from tasks.sweep import check_sweep, publish_front, rows_of, run_point, start_parent_run
+from modelpress.tasks.register import register_model
+from modelpress.tasks.steps import fetch_dataset, prepare_teacher
+from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, run_point, start_parent_run
 
 
 @flow(name="modelpress-sweep", log_prints=True)

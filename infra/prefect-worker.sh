@@ -20,11 +20,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS="${P
 if [ "$KIND" = control ]; then
   NAME="${MODELPRESS_WORKER_NAME:-modelpress-control-$(hostname)}"
   LIMIT="${MODELPRESS_WORKER_LIMIT:-16}"
-  MODELPRESS_GPU_LIMIT="$("$ROOT/.venv/bin/python" -m flows.deploy worker-setup --no-gpu "$POOL" "$NAME")"
+  MODELPRESS_GPU_LIMIT="$("$ROOT/.venv/bin/python" -m modelpress.flows.deploy worker-setup --no-gpu "$POOL" "$NAME")"
 else
   NAME="${MODELPRESS_WORKER_NAME:-modelpress-$(hostname)}"
   LIMIT="${MODELPRESS_WORKER_LIMIT:-1}"
-  MODELPRESS_GPU_LIMIT="$("$ROOT/.venv/bin/python" -m flows.deploy worker-setup "$POOL" "$NAME")"
+  MODELPRESS_GPU_LIMIT="$("$ROOT/.venv/bin/python" -m modelpress.flows.deploy worker-setup "$POOL" "$NAME")"
 fi
 export MODELPRESS_GPU_LIMIT
 echo "worker $NAME ($KIND) on pool $POOL (GPU limit ${MODELPRESS_GPU_LIMIT:-none}), API $PREFECT_API_URL"

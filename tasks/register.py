@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.runtime import flow_run
 
+import modelpress
 from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
@@ -22,7 +23,7 @@ from .transient import retry_transient
 from .versioning import lineage_dir
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-LIBRARY = Path(__file__).resolve().parents[1] / "modelpress"
+LIBRARY = Path(modelpress.__file__).resolve().parent
 # What `modelpress` imports when it loads a packed file; pinned to this environment's versions
 # in the logged model's requirements.txt (MLflow adds its own pin), so that the model's
 # environment can be rebuilt from the registry alone.
@@ -34,10 +35,17 @@ def runtime_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
 
 
+def _not_library(folder: str, names: list[str]) -> set[str]:
+    """Caches, and the orchestration (installed as modelpress.flows / modelpress.tasks): the
+    consumer loads a packed file with the core library alone."""
+    top = Path(folder).resolve() == LIBRARY
+    return {n for n in names if n == "__pycache__" or n.endswith(".pyc") or (top and n in ("flows", "tasks"))}
+
+
 def _library_copy(dst: Path) -> Path:
     """The library's source (no caches) to log with the model: a consumer needs nothing else
     from modelpress, and no package index has to publish it."""
-    return Path(shutil.copytree(LIBRARY, dst / "modelpress", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+    return Path(shutil.copytree(LIBRARY, dst / "modelpress", ignore=_not_library))
 
 
 def _git(*args: str) -> str:

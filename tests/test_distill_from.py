@@ -63,7 +63,7 @@ def test_missing_distill_file_fails_in_preflight(tmp_path):
 
 
 def test_registry_lineage_names_the_model_distilled_from(tmp_path):
-    from tasks.register import version_tags
+    from modelpress.tasks.register import version_tags
 
     weights = tmp_path / "bigger.pt"
     torch.save(build_model("fmnist_cnn", num_classes=10, in_channels=1).state_dict(), weights)

@@ -58,7 +58,7 @@ def _wait_layers(ckpt: Path, n: int, worker, timeout: float = 240) -> None:
 
 
 def _gpu_slots(api: str) -> int:
-    from flows.deploy import gpu_limit_name
+    from modelpress.flows.deploy import gpu_limit_name
 
     with _client(api) as client:
         return client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots
@@ -68,7 +68,7 @@ def _gpu_leases(stack: Stack, api: str) -> list[Path]:
     """The lease files (infra/prefect-server.sh keeps them on disk) that hold the GPU limit."""
     import json
 
-    from flows.deploy import gpu_limit_name
+    from modelpress.flows.deploy import gpu_limit_name
 
     with _client(api) as client:
         limit_id = str(client.read_global_concurrency_limit_by_name(gpu_limit_name()).id)
@@ -162,14 +162,14 @@ def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, tr
 
 
 def test_reschedule_marks_the_dead_attempts_task_runs_crashed(server):
-    """`python -m flows.deploy reschedule` (and a worker's start, which shares the code): the task
+    """`python -m modelpress.flows.deploy reschedule` (and a worker's start, which shares the code): the task
     runs the dead attempt left Running or Pending become Crashed; finished ones stay as they are."""
     import asyncio
 
     from prefect import flow, task
     from prefect.states import Completed, Pending, Running
 
-    from flows.deploy import _reschedule
+    from modelpress.flows.deploy import _reschedule
 
     api, _ = server
 

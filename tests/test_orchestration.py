@@ -59,7 +59,7 @@ def _tiny_params(**sections) -> dict:
 
 
 def _deploy(api: str, stack: Stack, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", POOL, *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "modelpress.flows.deploy", "--pool", POOL, *args], cwd=REPO,
                           env={**stack.env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -23,7 +23,7 @@ def _versions(name: str) -> list:
 
 
 def test_flow_end_to_end_registers_packed_model(prefect_server, workdir):
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     recipe = tiny_recipe(workdir, registry={"model_name": "e2e-test"})
     summary = compress_flow(recipe)
@@ -57,7 +57,7 @@ def test_flow_end_to_end_registers_packed_model(prefect_server, workdir):
 
 
 def test_rerun_skips_finished_stages(prefect_server, workdir):
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     recipe = tiny_recipe(workdir, registry={"enabled": False})
     compress_flow(recipe)
@@ -72,7 +72,7 @@ def test_rerun_skips_finished_stages(prefect_server, workdir):
 
 
 def test_bad_checksum_fails_flow_and_registers_nothing(prefect_server, workdir):
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     from modelpress.data import ChecksumMismatch
 

@@ -85,7 +85,7 @@ def test_prune_pq_flow_logs_cycles_and_registers(prefect_server, workdir):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     method = {"name": "prune_pq", "prune": {k: v for k, v in PRUNE.items() if k != "name"},
               "quantize": {"k": 16, "finetune_epochs": 0.02}}

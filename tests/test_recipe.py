@@ -16,7 +16,7 @@ def _flow_schema() -> dict:
     """The compression flow's parameter schema, as a deployment stores it."""
     from prefect.utilities.callables import parameter_schema
 
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     return parameter_schema(compress_flow.fn).model_dump_for_openapi()
 

@@ -20,7 +20,7 @@ from conftest import REPO, run_cli, tiny_recipe
 
 from modelpress.data import load_dataset
 from modelpress.pack import PackedFormatError, load_packed
-from tasks import registry
+from modelpress.tasks import registry
 
 pytestmark = pytest.mark.pipeline
 
@@ -44,7 +44,7 @@ np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
 @pytest.fixture(scope="module")
 def registered(prefect_server, trained_workdir, tmp_path_factory):
     """Two versions of the default-named model, the second smaller (k=32 on the big layer)."""
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     runs = []
     for k in (64, 32):
@@ -78,7 +78,7 @@ def test_versions_aliases_and_no_duplicates(registered):
     assert "How to load" in mv.description and f"{s2['packed_bytes']:,} bytes" in mv.description
 
     # Re-running the same inputs registers nothing new.
-    from flows.compress import compress_flow
+    from modelpress.flows.compress import compress_flow
 
     again = compress_flow(recipe2)["registered"]
     assert again["duplicate"] and again["version"] == v2["version"]

@@ -19,8 +19,8 @@ from services import free_port  # a loopback port nothing listens on
 
 from modelpress.data import SourceUnavailable
 from modelpress.data.fetch import fetch_files
-from tasks.transient import is_transient, retry_transient
-from tasks.versioning import DvcError, dvc
+from modelpress.tasks.transient import is_transient, retry_transient
+from modelpress.tasks.versioning import DvcError, dvc
 
 pytestmark = pytest.mark.unit
 
@@ -160,7 +160,7 @@ def test_dvc_errors(tmp_path):
     # DVC's message when another DVC process holds the repository lock.
     lock_text = "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly."
     assert DvcError("dvc commit failed", transient=True).transient
-    from tasks.versioning import TRANSIENT_DVC
+    from modelpress.tasks.versioning import TRANSIENT_DVC
 
     assert TRANSIENT_DVC.search(lock_text)
     assert not TRANSIENT_DVC.search("ERROR: configuration error - config file error: remote 'x' doesn't exist")
@@ -195,14 +195,14 @@ def test_prefect_task_retries_only_transient_failures(prefect_server):
 
 def test_classifier_is_the_one_every_task_uses():
     """Every retrying task of the pipeline uses tasks/transient.py's condition."""
-    import flows.compress  # noqa: F401 - imports every task module
+    import modelpress.flows.compress  # noqa: F401 - imports every task module
     from prefect import Task
 
-    import flows.sweep  # noqa: F401
+    import modelpress.flows.sweep  # noqa: F401
 
-    mods = [m for name, m in sys.modules.items() if name.startswith("tasks.")]
+    mods = [m for name, m in sys.modules.items() if name.startswith("modelpress.tasks.")]
     retrying = [obj for m in mods for obj in vars(m).values() if isinstance(obj, Task) and obj.retries]
     assert len(retrying) >= 8
     for t in retrying:
         assert t.retry_condition_fn is retry_transient, t.name
-    assert Path(sys.modules["tasks.common"].__file__).read_text().count("PERMANENT") == 0
+    assert Path(sys.modules["modelpress.tasks.common"].__file__).read_text().count("PERMANENT") == 0

@@ -1,0 +1,183 @@
+"""The pipeline's commands, added to ``modelpress`` (entry point group ``modelpress.commands``):
+
+    modelpress run [--params params.yaml] [-S section.key=value ...]   the whole pipeline (Prefect flow)
+    modelpress sweep SWEEP.yaml [--params ...] [-S ...]                 many points, the accuracy-vs-bytes front
+    modelpress models list | show NAME[@ALIAS]                          the MLflow registry's models
+    modelpress reproduce models:/NAME/VERSION                           restore a version's packed file (DVC)
+
+Prefect, MLflow and DVC are imported only when one of these runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from modelpress.cli import _recipe, _summary_rows, _table
+
+
+def add_commands(sub, with_params) -> None:
+    """Add this module's subcommands to the ``modelpress`` parser."""
+    run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
+    run.set_defaults(fn=cmd_run, own_logging=True)
+    sw = with_params(sub.add_parser("sweep", help="compress at many points; the accuracy-vs-bytes front"))
+    sw.add_argument("sweep", help="sweep file (YAML): name, points, budgets, concurrency, runner")
+    sw.add_argument("--concurrency", type=int, default=None, help="points computed at once (overrides the file)")
+    sw.set_defaults(fn=cmd_sweep, own_logging=True)
+    mo = sub.add_parser("models", help="registered models: list, or show NAME[@ALIAS]")
+    mo.add_argument("action", choices=("list", "show"))
+    mo.add_argument("ref", nargs="?", help="NAME, NAME@ALIAS or NAME/VERSION (for show)")
+    mo.set_defaults(fn=cmd_models)
+    rp = sub.add_parser("reproduce", help="restore a registered version's packed file in this checkout (DVC pull)")
+    rp.add_argument("ref", help="models:/NAME/VERSION, NAME/VERSION or NAME@ALIAS")
+    rp.add_argument("--repo", default=".", help="the checkout to restore into (default: here)")
+    rp.set_defaults(fn=cmd_reproduce)
+
+
+def cmd_run(args) -> int:
+    recipe = _recipe(args)  # invalid parameters fail here, before any work
+    from modelpress.stages import preflight
+
+    if not os.environ.get(CHILD_ENV):  # the supervising parent checked already
+        preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    # The temporary Prefect server gets 90 s to start (Prefect's 20 s is missed on a loaded 2-core machine).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    return _supervised(args.argv, lambda: _run_flow(recipe))
+
+
+def _run_flow(recipe) -> int:
+    from modelpress.flows.compress import compress_flow
+
+    summary = compress_flow(recipe)
+    from modelpress.stages import paths
+
+    print("\n" + _table(_summary_rows(summary)))
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()))
+    print(f"packed model: {paths(recipe)['packed']}   metrics: {paths(recipe)['metrics']}")
+    if "registered" in summary:
+        r = summary["registered"]
+        print(f"registered: {r['model_name']} version {r['version']} (models:/{r['model_name']}/{r['version']}; "
+              f"{r['promotion']})")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from modelpress.sweep import SweepConfig
+
+    sweep = SweepConfig.from_yaml(args.sweep, _recipe(args))
+    if args.concurrency:
+        sweep = sweep.model_copy(update={"concurrency": args.concurrency})
+    from modelpress.stages import preflight
+
+    for name, recipe in sweep.expand():  # every point's settings, before any work
+        try:
+            preflight(recipe)
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("MODELPRESS_DVC", "off")
+    return _supervised(args.argv, lambda: _run_sweep(sweep))
+
+
+def _run_sweep(sweep) -> int:
+    from modelpress.flows.sweep import sweep_flow
+
+    record = sweep_flow(sweep)
+    from modelpress.report import markdown_table
+    from modelpress.sweep import COLUMNS
+
+    print("\n" + markdown_table(record["points"], COLUMNS))
+    print(f"\nwall {record['wall_s']:.0f} s for {record['sum_point_s']:.0f} s of point time "
+          f"({record['reused']} points finished before); failed: {', '.join(record['failed']) or 'none'}")
+    print(f"results: {sweep.root()}/ (front.md, front.csv, front.png, sweep.json)")
+    return 1 if record["failed"] else 0
+
+
+def cmd_models(args) -> int:
+    """Registry views for people without the MLflow UI (needs MLflow, not Prefect)."""
+    from modelpress.tasks import registry
+
+    if args.action == "list":
+        print(_table(registry.list_rows()))
+        return 0
+    if not args.ref:
+        raise ValueError("models show needs NAME, NAME@ALIAS or NAME/VERSION")
+    v = registry.resolve(args.ref)
+    aliases = ", ".join(getattr(v, "aliases", []) or []) or "-"
+    print(f"{v.name} version {v.version}  aliases: {aliases}  source: {v.source}")
+    width = max((len(k) for k in v.tags), default=0)
+    print("\n".join(f"  {k.removeprefix(registry.TAG):<{width}}  {val}" for k, val in sorted(v.tags.items())))
+    if v.description:
+        print("\n" + v.description)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    """Restore a registered version's packed file from its lineage (needs MLflow and DVC)."""
+    from modelpress.tasks.reproduce import reproduce
+
+    reproduce(args.ref, Path(args.repo))
+    return 0
+
+
+STOP_GRACE_S = 5.0
+
+
+def _stop_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to a process and every descendant (the temporary Prefect server, evaluation and
+    sweep-point processes), SIGKILL to whatever is left after ``grace`` seconds."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+CHILD_ENV = "MODELPRESS_SUPERVISED_CHILD"
+
+
+def _supervised(argv: list[str], work) -> int:
+    """Run ``work`` (a flow) in a child process running this same command, and wait for it.
+    SIGTERM or SIGINT (Ctrl-C) to this process stops the child and all its descendants within
+    seconds and exits 143/130: nothing keeps running, and since every stage checkpoints and
+    writes atomically, running the same command again resumes where it stopped. (The flow does
+    not run in this process because Prefect takes over SIGTERM during a flow run and its
+    graceful shutdown can wait on the temporary server for ever.)"""
+    if os.environ.get(CHILD_ENV):
+        return work()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = subprocess.Popen([sys.executable, "-m", "modelpress", *argv], env={**os.environ, CHILD_ENV: "1"})
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\nmodelpress: stopping ({signal.Signals(signum).name}); run the same command again to resume",
+              file=sys.stderr, flush=True)
+        _stop_tree(child.pid)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return child.wait()

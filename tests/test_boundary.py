@@ -1,0 +1,76 @@
+"""The core library never imports the orchestration: with prefect, mlflow and dvc made
+unimportable, every core module imports and the core commands (stage, inspect, evaluate,
+schema) work. The orchestration is installed as modelpress.flows / modelpress.tasks, not as
+generic top-level packages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import FMNIST, REPO
+
+pytestmark = pytest.mark.pipeline
+
+BLOCKED = ("prefect", "mlflow", "dvc")
+
+SCRIPT = textwrap.dedent("""
+    import importlib, json, pkgutil, sys
+
+    BLOCKED = set({blocked!r})
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked for this test: {{name}}")
+
+    sys.meta_path.insert(0, Block())
+
+    import torch
+    import modelpress
+    from modelpress import cli
+    from modelpress.models import build_model
+    from modelpress.pack import arch_spec, pack_model
+
+    core = [m.name for m in pkgutil.walk_packages(modelpress.__path__, "modelpress.")
+            if not m.name.startswith(("modelpress.flows", "modelpress.tasks", "modelpress.__main__"))]
+    for name in core:
+        importlib.import_module(name)
+    torch.manual_seed(0)
+    pack_model(build_model("fmnist_cnn"), "m.mpk", arch_spec("fmnist_cnn"))
+    params = {{"data": {{"sources": [{fmnist!r}]}}, "run": {{"workdir": "work"}}}}
+    json.dump(params, open("p.json", "w"))
+    codes = [cli.main(["schema"]), cli.main(["inspect", "m.mpk"]),
+             cli.main(["stage", "fetch", "--params", "p.json"]),
+             cli.main(["evaluate", "m.mpk", "--params", "p.json", "--limit", "200", "--json"])]
+    loaded = sorted({{m.split(".")[0] for m in sys.modules}} & BLOCKED)
+    print("RESULT", json.dumps({{"codes": codes, "core": core, "loaded": loaded}}))
+""")
+
+
+def test_core_works_with_orchestration_unimportable(tmp_path):
+    script = SCRIPT.format(blocked=BLOCKED, fmnist=str(FMNIST))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["codes"] == [0, 0, 0, 0], proc.stderr[-3000:]
+    assert result["loaded"] == []
+    # the walk really covered the core: the library's main parts are in it
+    for name in ("modelpress.stages", "modelpress.pack", "modelpress.methods.pq", "modelpress.recipe", "modelpress.cli"):
+        assert name in result["core"]
+    assert '"top1"' in proc.stdout and "(empty)" not in proc.stdout
+
+
+def test_orchestration_is_not_installed_as_generic_packages(tmp_path):
+    """Outside the checkout, ``tasks`` and ``flows`` are not importable; ``modelpress.tasks`` is."""
+    code = ("import importlib.util as u, json; print(json.dumps([u.find_spec(n) is not None for n in "
+            "('tasks', 'flows', 'modelpress.tasks', 'modelpress.flows')]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, False, True, True]
+    assert (REPO / "flows" / "cli.py").is_file()
