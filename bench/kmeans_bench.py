@@ -18,8 +18,8 @@ import torch
 
 import modelpress.methods.pq.kmeans as kmeans
 from modelpress.methods.pq import PQConfig
-from modelpress.methods.pq.quantize import input_gram, layer_spec, plan
 from modelpress.methods.pq.layer import to_subvectors
+from modelpress.methods.pq.quantize import input_gram, layer_spec, plan
 from modelpress.models import build_model
 from modelpress.walk import named_layers
 

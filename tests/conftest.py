@@ -5,57 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-REPO = Path(__file__).resolve().parents[1]
-# The shared evaluation data beside the checkout (../shared/data, as bench/params use it);
-# never copied into the repository.
-SHARED_DATA = REPO.parent / "shared" / "data"
+from helpers import FMNIST, tiny_recipe
 
-
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data. Missing: the test is skipped on a developer's machine, but
-    fails under CI (CI=true), where the data is expected, so a clean clone never quietly tests less."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{path} is missing: CI expects ../shared/data beside the checkout")
-        pytest.skip(f"{path} not present (../shared/data beside the checkout)")
-    return path
-
-# Fast settings for the pipeline on real data: small enough for a 2-core CI machine.
-TINY = {
-    "run": {"name": "test"},
-    "data": {"sources": [str(FMNIST)]},
-    "teacher": {"epochs": 0.15},
-    "method": {"calibration_images": 256, "kmeans_iters": 5, "layer_finetune_epochs": 0.01, "linear": {"block_size": 8, "k": 64}},
-    "finetune": {"epochs": 0.02, "bn_batches": 5},
-}
-
-
-def tiny_recipe(workdir: Path, **sections):
-    from modelpress.recipe import Recipe
-
-    raw = {k: dict(v) for k, v in TINY.items()}
-    raw["run"]["workdir"] = str(workdir)
-    for section, values in sections.items():
-        if section == "method" and values.get("name", "pq") != "pq":
-            raw["method"] = {}  # another method: the PQ settings above do not apply
-        raw.setdefault(section, {}).update(values)
-    return Recipe.parse(raw)
-
-
-def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``modelpress`` command in a fresh process."""
-    return subprocess.run(
-        [sys.executable, "-m", "modelpress", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+# Server fixtures (loopback HTTP, moto S3) for every module that asks for them by name.
+pytest_plugins = ["fixtures_servers"]
 
 
 # Test tiers: every test module (or test) is marked with one of these. `make test-fast` runs

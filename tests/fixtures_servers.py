@@ -1,7 +1,7 @@
 """Loopback servers for fetch tests: a static HTTP server, a truncating one, and moto S3.
 
-Import the fixtures into a test module (``from fixtures_servers import ...``)
-or register the module as a plugin in conftest.py.
+conftest.py registers this module as a plugin (``pytest_plugins``): a test asks for a fixture by
+name; ``set_aws_env`` is a plain helper (``from fixtures_servers import set_aws_env``).
 """
 
 from __future__ import annotations

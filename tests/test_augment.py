@@ -5,12 +5,11 @@ by at most ``pad`` pixels with zeros coming in."""
 from __future__ import annotations
 
 import pytest
-
 import torch
 
+from modelpress.train import flip_and_crop
 
 pytestmark = pytest.mark.unit
-from modelpress.train import flip_and_crop
 
 
 def test_flip_and_crop_is_a_shifted_maybe_mirrored_copy():

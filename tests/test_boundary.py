@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import FMNIST, REPO
+from helpers import FMNIST, REPO
 
 pytestmark = pytest.mark.pipeline
 

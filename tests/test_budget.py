@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
-from conftest import run_cli, tiny_recipe
 
 from modelpress import stages
 from modelpress.methods.pq.budget import BudgetError, allocate
 from modelpress.pack import load_packed, read_packed
+
+from helpers import run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

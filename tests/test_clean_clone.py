@@ -10,7 +10,8 @@ import sqlite3
 import subprocess
 
 import pytest
-from conftest import FMNIST, REPO
+
+from helpers import FMNIST, REPO
 from services import free_port
 
 pytestmark = pytest.mark.services

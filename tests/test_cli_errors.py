@@ -9,9 +9,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import FMNIST, run_cli
 
 from modelpress.data import sha256_file
+
+from helpers import FMNIST, run_cli
 
 pytestmark = pytest.mark.pipeline
 

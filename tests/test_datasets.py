@@ -10,8 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import shared_data
-
 from modelpress.data import (
     DATASET_INFO,
     DatasetError,
@@ -20,6 +18,8 @@ from modelpress.data import (
     load_dataset,
     load_fashion_mnist,
 )
+
+from helpers import shared_data
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,11 @@ import hashlib
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
 from modelpress import stages
 from modelpress.models import build_model
+
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY
+
+from helpers import REPO, TINY
 
 pytestmark = pytest.mark.pipeline
 

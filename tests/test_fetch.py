@@ -8,17 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_servers import (  # noqa: F401  (pytest fixtures)
-    closed_port,
-    http_root,
-    moto_endpoint,
-    s3_env,
-    set_aws_env,
-    truncating_http_root,
-)
 
 from modelpress.data import DATASET_INFO, ChecksumMismatch, FetchError, SourceUnavailable, fetch_files, sha256_file
 from modelpress.data import fetch as fetch_module
+
+from fixtures_servers import set_aws_env  # the fixtures come from conftest.py's pytest_plugins
 
 pytestmark = pytest.mark.unit
 

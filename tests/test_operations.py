@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from services import STOP_GRACE_S, Stack
 from test_orchestration import (
     FLOW,
@@ -125,7 +126,13 @@ def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, tr
         nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
     assert nightly.schedules[0].schedule.cron == "* * * * *"
 
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     by_nightly = DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_recipe
-from services import Stack
 
 from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
+
+from helpers import REPO, tiny_recipe
+from services import Stack
 
 pytestmark = pytest.mark.services
 

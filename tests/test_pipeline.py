@@ -6,7 +6,8 @@ import json
 import os
 
 import pytest
-from conftest import tiny_recipe
+
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 
@@ -72,9 +73,8 @@ def test_rerun_skips_finished_stages(prefect_server, workdir):
 
 
 def test_bad_checksum_fails_flow_and_registers_nothing(prefect_server, workdir):
-    from modelpress.flows.compress import compress_flow
-
     from modelpress.data import ChecksumMismatch
+    from modelpress.flows.compress import compress_flow
 
     shutil_target = workdir / "datasets" / "fashion-mnist"
     for f in shutil_target.iterdir():

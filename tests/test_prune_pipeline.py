@@ -12,11 +12,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_recipe
 
 from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
+
+from helpers import REPO, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

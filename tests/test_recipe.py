@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
 
 from modelpress.recipe import Recipe
+
+from helpers import REPO, run_cli
 
 pytestmark = pytest.mark.unit
 

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_recipe
 
 from modelpress.data import load_dataset
 from modelpress.pack import PackedFormatError, load_packed
 from modelpress.tasks import registry
+
+from helpers import REPO, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

@@ -4,8 +4,6 @@ and ends with exactly the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import shutil
 import signal
@@ -13,14 +11,16 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import REPO, run_cli, tiny_recipe
 
 from modelpress import stages
 from modelpress.pack import read_packed
+from modelpress.pack.format import build_from_packed
+
+from helpers import REPO, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
-from modelpress.pack.format import build_from_packed
 
 # Slow enough per layer (a little distillation each) to be killed in the middle.
 SLOW = {"layer_finetune_epochs": 0.04}

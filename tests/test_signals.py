@@ -16,11 +16,12 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_recipe
 
 from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
+
+from helpers import REPO, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

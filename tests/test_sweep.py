@@ -13,11 +13,12 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, TINY, run_cli
 
 from modelpress.recipe import Recipe, RecipeError
 from modelpress.report import pareto_front
 from modelpress.sweep import SweepConfig
+
+from helpers import REPO, TINY, run_cli
 
 pytestmark = pytest.mark.pipeline
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data, tiny_recipe
 
 from modelpress import stages
 from modelpress.data import sha256_file
 from modelpress.pack import load_packed
+
+from helpers import shared_data, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 

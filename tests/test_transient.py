@@ -14,13 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixtures_servers import http_root, moto_endpoint, s3_env  # noqa: F401  (pytest fixtures)
-from services import free_port  # a loopback port nothing listens on
 
 from modelpress.data import SourceUnavailable
 from modelpress.data.fetch import fetch_files
 from modelpress.tasks.transient import is_transient, retry_transient
 from modelpress.tasks.versioning import DvcError, dvc
+
+from services import free_port  # a loopback port nothing listens on
 
 pytestmark = pytest.mark.unit
 
@@ -195,9 +195,9 @@ def test_prefect_task_retries_only_transient_failures(prefect_server):
 
 def test_classifier_is_the_one_every_task_uses():
     """Every retrying task of the pipeline uses tasks/transient.py's condition."""
-    import modelpress.flows.compress  # noqa: F401 - imports every task module
     from prefect import Task
 
+    import modelpress.flows.compress  # noqa: F401 - imports every task module
     import modelpress.flows.sweep  # noqa: F401
 
     mods = [m for name, m in sys.modules.items() if name.startswith("modelpress.tasks.")]
