@@ -7,6 +7,8 @@ this registry (and torchvision's own builders) can be rebuilt.
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -14,13 +16,27 @@ import torch.nn as nn
 from .cnn import FashionCNN
 from .resnet_cifar import cifar_resnet
 
+
+def _cifar(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        return cifar_resnet(depth, num_classes=num_classes, in_channels=in_channels)
+
+    return build
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "fmnist_cnn": FashionCNN,
-    "cifar_resnet20": lambda **kw: cifar_resnet(20, **kw),
-    "cifar_resnet32": lambda **kw: cifar_resnet(32, **kw),
-    "cifar_resnet44": lambda **kw: cifar_resnet(44, **kw),
-    "cifar_resnet56": lambda **kw: cifar_resnet(56, **kw),
+    "cifar_resnet20": _cifar(20),
+    "cifar_resnet32": _cifar(32),
+    "cifar_resnet44": _cifar(44),
+    "cifar_resnet56": _cifar(56),
 }
+
+# Bounds of architecture keyword arguments that come from outside (a packed file's header):
+# sane sizes, so that a crafted file cannot make a builder allocate tens of gigabytes.
+KWARG_BOUNDS = {"num_classes": (1, 100_000), "in_channels": (1, 4096), "width": (1, 4096), "hidden": (1, 65_536)}
+INT_BOUND = 1_000_000  # any other integer argument
+MAX_KWARGS = 32
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -42,6 +58,38 @@ def is_known(arch: str) -> bool:
 
         return arch[len(TORCHVISION_PREFIX):] in torchvision.models.list_models()
     return False
+
+
+def check_kwargs(arch: str, kwargs: dict) -> None:
+    """Validate keyword arguments for ``build_model(arch, **kwargs)`` without building: simple
+    values only (None, bool, int, finite float, short str) within :data:`KWARG_BOUNDS`, and for
+    the project's own architectures, parameters of the builder's signature. Raises ValueError."""
+    if not isinstance(kwargs, dict) or len(kwargs) > MAX_KWARGS:
+        raise ValueError(f"architecture arguments must be a mapping of at most {MAX_KWARGS} names")
+    allowed = None
+    if arch in _REGISTRY:
+        params = inspect.signature(_REGISTRY[arch]).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            allowed = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier() or key == "weights":
+            raise ValueError(f"bad architecture argument name {key!r}")
+        if allowed is not None and key not in allowed:
+            raise ValueError(f"{arch} takes no argument {key!r} (it takes {', '.join(sorted(allowed))})")
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            lo, hi = KWARG_BOUNDS.get(key, (-INT_BOUND, INT_BOUND))
+            if not lo <= value <= hi:
+                raise ValueError(f"architecture argument {key}={value} is out of bounds [{lo}, {hi}]")
+        elif isinstance(value, float):
+            if not math.isfinite(value) or abs(value) > INT_BOUND or key in KWARG_BOUNDS:
+                raise ValueError(f"architecture argument {key}={value!r} is out of bounds")
+        elif isinstance(value, str):
+            if len(value) > 256:
+                raise ValueError(f"architecture argument {key} is a string of {len(value)} characters")
+        else:
+            raise ValueError(f"architecture argument {key} is a {type(value).__name__}, not a simple value")
 
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:

@@ -20,12 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...pack import packed_nbytes
+from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
 from ...walk import matches, named_layers, set_module
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQLayer, to_subvectors
-from .quantize import input_gram, pq_bytes
+from .layer import PQLayer, input_gram, to_subvectors
 
 HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
 
@@ -46,9 +47,16 @@ def block_candidates(layer: nn.Module) -> list[int]:
     return [b for b in sizes if row % b == 0]
 
 
+def pq_bytes(numel: int, spec: BlockSpec, codebook_dtype: str = "f16") -> int:
+    """Bytes of a layer's codes (bit-packed) plus its codebook stored as ``codebook_dtype``:
+    the packed file's own size of a "pq" entry."""
+    n = numel // spec.block_size
+    return pq_nbytes(min(spec.k, n), spec.block_size, n, codebook_dtype)
+
+
 def layer_bytes(numel: int, spec: BlockSpec | None, float_dtype: str = "f16", codebook_dtype: str = "f16") -> int:
     """Bytes of one layer's weight in the packed file (None = dense)."""
-    return numel * (4 if float_dtype == "f32" else 2) if spec is None else pq_bytes(numel, spec, codebook_dtype)
+    return dense_nbytes(numel, float_dtype) if spec is None else pq_bytes(numel, spec, codebook_dtype)
 
 
 def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
@@ -96,8 +104,6 @@ def fixed_bytes(model: nn.Module, names: list[str], float_dtype: str = "f16", ar
                 meta: dict | None = None) -> int:
     """Bytes of the packed file outside the weights of ``names`` (exact, by packing a stand-in
     with those weights empty)."""
-    from ...pack.format import packed_nbytes
-
     stub = copy.deepcopy(model)
     for name in names:
         layer = stub.get_submodule(name)

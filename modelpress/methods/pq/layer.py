@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...pack.format import round_codebook
+from ...pack.codebook import round_codebook
+from ...pack.codecs import EncodeOptions, register_layer_codec
+from ...pack.entries import encode_pq, encode_sparse_pq
 
 
 def to_subvectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -30,6 +32,26 @@ def input_rows(layer: nn.Module, x: torch.Tensor, block_size: int) -> torch.Tens
     else:
         rows = x.reshape(-1, x.shape[-1])
     return rows.reshape(-1, block_size)
+
+
+@torch.no_grad()
+def input_gram(model: nn.Module, layer: nn.Module, images: torch.Tensor, block_size: int, batch_size: int = 256) -> torch.Tensor:
+    """G = X^T X over the layer's input blocks, X taken from ``model`` on ``images``."""
+    device = next(model.parameters()).device
+    g = torch.zeros(block_size, block_size, dtype=torch.float64, device=device)
+
+    def hook(_m, inputs):
+        rows = input_rows(layer, inputs[0].detach(), block_size).double()
+        g.add_(rows.T @ rows)
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size].to(device))
+    finally:
+        handle.remove()
+    return g.cpu()
 
 
 class PQLayer(nn.Module):
@@ -90,3 +112,24 @@ class PQLayer(nn.Module):
     def extra_repr(self) -> str:
         sparse = "" if self.mask is None else f", kept={self.kept}"
         return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}{sparse}"
+
+
+# ---- the packed file: a PQ layer is one "pq" entry, or a "sparse" one with PQ values -------
+
+def _encode(m: PQLayer, name: str, opts: EncodeOptions) -> list:
+    if m.mask is not None:
+        p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, opts.codebook_dtype, opts.entropy)
+        return [(f"{name}.weight", "sparse", p, data)]
+    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, opts.codebook_dtype, opts.entropy)
+    return [(f"{name}.weight", "pq", p, data)]
+
+
+def _rebuild(layer: nn.Module, parts: dict) -> tuple[PQLayer, dict]:
+    pq = PQLayer(layer, parts["codebook"], parts["codes"], parts["d"], mask=parts["mask"])
+    state = {"codebook": parts["codebook"], "codes": parts["codes"]}
+    if parts["mask"] is not None:
+        state["mask"] = parts["mask"]
+    return pq, state
+
+
+register_layer_codec(PQLayer, state_keys=("codebook", "codes", "mask"), encode=_encode, kind="pq", rebuild=_rebuild)

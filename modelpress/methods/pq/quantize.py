@@ -8,7 +8,6 @@ sub-vectors in that metric, swap in a PQLayer, then tune its codebook by distill
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable
 
@@ -16,13 +15,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ...pack.format import codebook_nbytes
+from ...pack.codebook import code_bits  # noqa: F401  (the one bits-per-code formula; re-exported)
 from ...progress import Progress, log
 from ...train import distill, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
+from .budget import plan_budget, pq_bytes
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQLayer, input_rows, to_subvectors
+from .layer import PQLayer, input_gram, to_subvectors
 
 LayerCallback = Callable[[str, nn.Module, dict], None]
 
@@ -37,17 +37,6 @@ def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
     if isinstance(layer, nn.Linear):
         return cfg.linear
     return cfg.pointwise if layer.kernel_size == (1, 1) else cfg.conv
-
-
-def code_bits(k: int) -> int:
-    return max(1, math.ceil(math.log2(k)))
-
-
-def pq_bytes(numel: int, spec: BlockSpec, codebook_dtype: str = "f16") -> int:
-    """Bytes of a layer's codes (bit-packed) plus its codebook stored as ``codebook_dtype``."""
-    n = numel // spec.block_size
-    k = min(spec.k, n)
-    return codebook_nbytes(k, spec.block_size, codebook_dtype) + math.ceil(n * code_bits(k) / 8)
 
 
 def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[tuple[str, BlockSpec]]:
@@ -72,26 +61,6 @@ def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[t
     if not out:
         raise ValueError("no layer to quantize: every Conv2d/Linear is excluded or too small")
     return out
-
-
-@torch.no_grad()
-def input_gram(model: nn.Module, layer: nn.Module, images: torch.Tensor, block_size: int, batch_size: int = 256) -> torch.Tensor:
-    """G = X^T X over the layer's input blocks, X taken from ``model`` on ``images``."""
-    device = next(model.parameters()).device
-    g = torch.zeros(block_size, block_size, dtype=torch.float64, device=device)
-
-    def hook(_m, inputs):
-        rows = input_rows(layer, inputs[0].detach(), block_size).double()
-        g.add_(rows.T @ rows)
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        model.eval()
-        for i in range(0, len(images), batch_size):
-            model(images[i:i + batch_size].to(device))
-    finally:
-        handle.remove()
-    return g.cpu()
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor) -> float:
@@ -144,8 +113,6 @@ def quantize_pq(
         teacher = copy.deepcopy(student)
     teacher.eval()
     if cfg.target_bytes is not None:
-        from .budget import plan_budget
-
         cfg, _ = plan_budget(teacher, cfg, calibration, codebook_dtype=codebook_dtype)
     todo = plan(teacher, cfg, codebook_dtype)
     stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")

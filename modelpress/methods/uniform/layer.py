@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...pack.codecs import EncodeOptions, register_layer_codec
+from ...pack.entries import affine_scale_dtype, encode_affine
 from ...walk import check_patterns, matches, named_layers, set_module
 from .config import UniformConfig
 
@@ -46,6 +48,21 @@ class UniformLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, shape={self.weight_shape}, bits={self.bits}"
+
+
+def _encode(m: UniformLayer, name: str, opts: EncodeOptions) -> list:
+    p, data = encode_affine(m.scale, m.offset, m.codes, m.bits, m.weight_shape, affine_scale_dtype(opts.codebook_dtype),
+                            opts.entropy)
+    return [(f"{name}.weight", "affine", p, data)]
+
+
+def _rebuild(layer: nn.Module, parts: dict) -> tuple[UniformLayer, dict]:
+    q = UniformLayer(layer, parts["bits"], parts["codes"], parts["scale"], parts["offset"])
+    return q, {"scale": parts["scale"], "offset": parts["offset"], "codes": parts["codes"]}
+
+
+# the packed file: a uniform layer is one "affine" entry
+register_layer_codec(UniformLayer, state_keys=("scale", "offset", "codes"), encode=_encode, kind="affine", rebuild=_rebuild)
 
 
 @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Codebooks and code widths: the one home of the storage dtypes of the packed file.
+
+A codebook (``k`` x ``d``) is stored ``f32``/``f16`` raw, or as an integer codebook ``iB``
+(B = 8, 6, 5 or 4 bits): ``d`` f16 column scales, then the ``k`` x ``d`` values q in
+[-(2^(B-1) - 1), 2^(B-1) - 1], the centroid being ``q * scale``; ``i8`` stores q as int8,
+the others bit-pack q + 2^(B-1) - 1 with B bits each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .bits import pack_bits, unpack_bits
+from .errors import PackedFormatError
+
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}  # raw float storage
+INT_BITS = {"i8": 8, "i6": 6, "i5": 5, "i4": 4}  # integer codebooks: bits per value
+_DTYPES, _INT_BITS = FLOAT_DTYPES, INT_BITS  # the names format.py used
+CODEBOOK_DTYPES = (*FLOAT_DTYPES, *INT_BITS)
+
+
+def float_nbytes(count: int, dtype: str) -> int:
+    """Bytes of ``count`` raw values stored as ``dtype`` (f32 or f16)."""
+    if dtype not in FLOAT_DTYPES:
+        raise PackedFormatError(f"unknown float dtype {dtype!r}")
+    return count * np.dtype(FLOAT_DTYPES[dtype]).itemsize
+
+
+def is_int_codebook(dtype: str) -> bool:
+    return dtype in INT_BITS
+
+
+def code_bits(k: int) -> int:
+    """Bits of one code indexing ``k`` centroids (at least 1)."""
+    return max(1, int(k - 1).bit_length())
+
+
+def codebook_nbytes(k: int, d: int, dtype: str) -> int:
+    """Bytes of a (k, d) codebook stored as ``dtype`` (f32, f16, or i8/i6/i5/i4 with d f16 scales)."""
+    if dtype in INT_BITS:
+        return -(-k * d * INT_BITS[dtype] // 8) + float_nbytes(d, "f16")
+    if dtype not in FLOAT_DTYPES:
+        raise PackedFormatError(f"unknown codebook dtype {dtype!r}")
+    return float_nbytes(k * d, dtype)
+
+
+def _int_codebook(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales (d,) float32, each exactly an f16 value; values (k, d) int64 in [-qmax, qmax]):
+    symmetric, one scale per column. Runs on the codebook's device."""
+    qmax = 2 ** (bits - 1) - 1
+    c = c.detach().float()
+    scale = (c.abs().amax(0) / qmax).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, (c / scale).round().clamp(-qmax, qmax).long()
+
+
+def round_codebook(c: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The codebook as it will be stored (and loaded): rounding it first makes the model in
+    memory and the model read from the file the same."""
+    if dtype in INT_BITS:
+        scale, q = _int_codebook(c, INT_BITS[dtype])
+        return q.float() * scale
+    return c.detach().half().float() if dtype == "f16" else c.detach().float()
+
+
+def encode_float(t: torch.Tensor, dtype: str) -> bytes:
+    """A tensor's values, flat, as raw ``dtype`` (f32/f16)."""
+    return t.detach().cpu().float().numpy().astype(FLOAT_DTYPES[dtype]).tobytes()
+
+
+def decode_float(buf: bytes, dtype: str) -> np.ndarray:
+    """Raw ``dtype`` values as float32 (a copy: writable)."""
+    return np.frombuffer(buf, FLOAT_DTYPES[dtype]).astype(np.float32)
+
+
+def encode_codebook(c: torch.Tensor, dtype: str) -> bytes:
+    if dtype in INT_BITS:
+        bits = INT_BITS[dtype]
+        scale, q = _int_codebook(c, bits)
+        head = scale.cpu().numpy().astype(np.float16).tobytes()
+        q = q.cpu().numpy().reshape(-1)
+        return head + (q.astype(np.int8).tobytes() if bits == 8 else pack_bits(q + 2 ** (bits - 1) - 1, bits))
+    return encode_float(c, dtype)
+
+
+def decode_codebook(buf: bytes, k: int, d: int, dtype: str) -> torch.Tensor:
+    """The (k, d) float32 codebook at the start of ``buf`` (which may go on with the codes)."""
+    n = codebook_nbytes(k, d, dtype)
+    if len(buf) < n:
+        raise PackedFormatError(f"corrupted entry: {len(buf)} bytes, shorter than its codebook")
+    if dtype in INT_BITS:
+        bits = INT_BITS[dtype]
+        head = float_nbytes(d, "f16")
+        scale = decode_float(buf[:head], "f16")
+        if bits == 8:
+            q = np.frombuffer(buf[head:n], np.int8).astype(np.float32)
+        else:
+            q = unpack_bits(buf[head:n], bits, k * d).astype(np.float32) - (2 ** (bits - 1) - 1)
+        return torch.from_numpy(q.reshape(k, d) * scale)
+    return torch.from_numpy(decode_float(buf[:n], dtype).reshape(k, d))

@@ -1,0 +1,116 @@
+"""Models <-> entries: encode a (partly) compressed model's state, size it, write it, and
+rebuild the nn.Module from a packed file. Compressed layer types are handled through the
+codec registry (codecs.py), which the methods fill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..walk import set_module
+from .arch import arch_spec, build_arch, check_against_architecture
+from .codecs import EncodeOptions, codec_for, rebuild_codec
+from .container import Packed, file_chunks, read_packed, write_packed
+from .entries import decode_entry, encode_dense, encode_sparse
+from .errors import PackedFormatError
+
+__all__ = ["arch_spec", "build_from_packed", "load_packed", "model_entries", "pack_model", "packed_nbytes"]
+
+
+def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16",
+                  entropy: bool = True) -> list[tuple[str, str, dict, bytes]]:
+    """Encode a (partly) compressed model's state: each registered layer type (PQ layers as
+    codes + codebook, uniform layers as affine codes, ...) by its codec, the rest dense in
+    ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored.
+    An integer ``codebook_dtype`` (i8, ...) applies to PQ codebooks; uniform layers' scales then stay f16.
+    ``entropy``: range-code each layer's codes where that makes it smaller (lossless)."""
+    opts = EncodeOptions(float_dtype, codebook_dtype, entropy)
+    coded = {n: (m, c) for n, m in model.named_modules() if (c := codec_for(m)) is not None}
+    done: set[str] = set()
+    entries = []
+    for key, t in model.state_dict().items():
+        mod, _, attr = key.rpartition(".")
+        if mod in coded and attr in coded[mod][1].state_keys:
+            if mod not in done:  # the layer's entries go where its first own tensor is
+                done.add(mod)
+                m, codec = coded[mod]
+                entries.extend(codec.encode(m, mod, opts))
+            continue
+        if not t.is_floating_point():
+            continue
+        entries.append((key, *_dense_or_sparse(t, float_dtype)))
+    return entries
+
+
+def _dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
+    """A weight matrix with enough zeros (a pruned layer) is smaller as positions + values."""
+    p, data = encode_dense(t, dtype)
+    if t.dim() >= 2 and (t == 0).float().mean() > 0.05:
+        sp, sdata = encode_sparse(t, dtype)
+        if len(sdata) < len(data):
+            return "sparse", sp, sdata
+    return "dense", p, data
+
+
+def packed_nbytes(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16", arch: dict | None = None,
+                  meta: dict | None = None, entropy: bool = True) -> int:
+    """The size in bytes of the file ``pack_model`` would write, without writing it."""
+    chunks = file_chunks(arch or {"name": type(model).__name__}, meta or {},
+                         model_entries(model, float_dtype, codebook_dtype, entropy))
+    return sum(len(c) for c in chunks)
+
+
+def pack_model(
+    model: nn.Module, path: str | Path, arch: dict, meta: dict | None = None,
+    float_dtype: str = "f16", codebook_dtype: str = "f16", entropy: bool = True,
+) -> int:
+    """Write ``model`` to ``path``; returns the file's size in bytes. ``entropy=False`` keeps
+    every code array bit-packed (by default each is range coded where that is smaller)."""
+    return write_packed(path, arch, meta or {}, model_entries(model, float_dtype, codebook_dtype, entropy))
+
+
+def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
+    """Rebuild the nn.Module. ``materialize=True`` decodes compressed weights into ordinary
+    dense layers (fastest inference); ``False`` keeps the compressed layer types (PQLayers
+    with trainable codebooks, ...), as registered in codecs.py.
+
+    The file's tensors are checked against the architecture (built on the meta device, its
+    arguments bounded) before the model is built or anything decoded."""
+    check_against_architecture(packed.arch, [(n, p["shape"]) for n, _, p, _ in packed.entries])
+    model = build_arch(packed.arch)
+    state: dict[str, torch.Tensor] = {}
+    for name, enc, p, buf in packed.entries:
+        dec = decode_entry(name, enc, p, buf)
+        if dec.kind == "affine":
+            codes = dec.parts["codes"]
+            if codes.numel() and int(codes.max()) >= 2 ** p["bits"]:
+                raise PackedFormatError(f"tensor {name!r} ({enc}): corrupted codes: beyond the number of levels")
+        if materialize or dec.kind == "dense":
+            state[name] = dec.weight()
+            continue
+        mod = name.rpartition(".")[0]
+        codec = rebuild_codec(dec.kind)
+        try:
+            layer, own = codec.rebuild(model.get_submodule(mod), dec.parts)
+        except (ValueError, TypeError, AttributeError, RuntimeError) as e:
+            raise PackedFormatError(f"tensor {name!r} ({enc}): cannot rebuild its layer: {e}") from None
+        set_module(model, mod, layer)
+        state.update({f"{mod}.{k}": v for k, v in own.items()})
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and own[k].is_floating_point()]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise PackedFormatError(f"file does not match architecture {packed.arch['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise PackedFormatError(f"tensor {k}: shape {tuple(t.shape)} in file, {tuple(own[k].shape)} in architecture")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def load_packed(path: str | Path, materialize: bool = True) -> tuple[nn.Module, dict]:
+    """Load a packed file: returns (model in eval mode, metadata)."""
+    packed = read_packed(path)
+    return build_from_packed(packed, materialize), packed.meta
