@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ...pack import packed_nbytes
 from ...progress import log
 from ...train import distill_loss, fit, reseed
 from .config import PruneConfig
@@ -29,8 +30,6 @@ CycleCallback = Callable[[int, nn.Module, dict], None]
 
 def default_size(model: nn.Module) -> int:
     """Bytes of the packed file the model would make (fp16 storage)."""
-    from ...pack.format import packed_nbytes
-
     return packed_nbytes(model)
 
 
