@@ -1,4 +1,4 @@
-"""check -> fetch -> teacher -> [prune cycles] -> compress -> fine-tune -> pack -> evaluate ->
+"""check -> fetch -> teacher -> [method steps] -> compress -> fine-tune -> pack -> evaluate ->
 version (DVC) -> register.
 
 The flow takes the one parameter schema (modelpress.recipe.Recipe); the Prefect UI renders
@@ -12,6 +12,7 @@ import time
 
 from prefect import flow
 
+from modelpress.methods import REGISTRY
 from modelpress.recipe import Recipe
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import (
@@ -20,9 +21,9 @@ from modelpress.tasks.steps import (
     evaluate_packed,
     fetch_dataset,
     finetune_model,
+    method_step,
     pack_model,
     prepare_teacher,
-    prune_cycle,
     publish_summary,
 )
 from modelpress.tasks.versioning import version_outputs
@@ -43,13 +44,14 @@ def compress_flow(recipe: Recipe = Recipe()) -> dict:
     check_recipe(recipe)
     data_dir = timed("fetch", fetch_dataset, recipe)
     teacher = timed("teacher", prepare_teacher, recipe, data_dir)
-    if recipe.prune_settings() is not None:
-        # One task per cycle: each is retried on its own and checkpoints its result, so a run
-        # killed in cycle 7 resumes at cycle 7. The number of cycles follows from the goal.
-        t0, cycle = time.perf_counter(), 1
-        while not prune_cycle(recipe, teacher, cycle)["done"]:
-            cycle += 1
-        timings["prune_cycles"] = round(time.perf_counter() - t0, 1)
+    steps = REGISTRY[recipe.method.name].steps
+    if steps is not None:
+        # An iterative method (pruning cycles): one task per step, each retried on its own and
+        # checkpointed, so a run killed in step 7 resumes at step 7. The goal sets the number.
+        t0, step = time.perf_counter(), 1
+        while not method_step(recipe, teacher, step, steps.label)["done"]:
+            step += 1
+        timings["steps"] = round(time.perf_counter() - t0, 1)
     compressed = timed("compress", compress_model, recipe, teacher)
     finetuned = timed("finetune", finetune_model, recipe, compressed)
     packed = timed("pack", pack_model, recipe, finetuned)

@@ -6,6 +6,7 @@ The core library's commands (no Prefect, MLflow or DVC)::
     modelpress evaluate FILE [--params ...]                             top-1 of a packed file
     modelpress inspect FILE                                             what a packed file holds
     modelpress schema                                                   the parameter schema (JSON)
+    modelpress dvc-yaml                                                 dvc.yaml, from the stages' declarations
 
 and those the pipeline adds through the ``modelpress.commands`` entry point group
 (``modelpress.flows.cli``): ``run``, ``sweep``, ``models``, ``reproduce``.
@@ -23,7 +24,9 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-STAGES = ("fetch", "teacher", "compress", "finetune", "pack", "evaluate", "point")
+from .stages.declare import STAGES as DECLARED
+
+STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of one sweep point
 
 
 def _recipe(args):
@@ -108,6 +111,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_dvc_yaml(_args) -> int:
+    from .stages import dvc_yaml
+
+    print(dvc_yaml(), end="")
+    return 0
+
+
 def cmd_schema(_args) -> int:
     from .recipe import Recipe
 
@@ -139,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("file")
     ins.set_defaults(fn=cmd_inspect)
     sub.add_parser("schema", help="print the parameter schema").set_defaults(fn=cmd_schema)
+    sub.add_parser("dvc-yaml", help="print dvc.yaml, generated from the stages' declarations").set_defaults(fn=cmd_dvc_yaml)
     for ep in entry_points(group="modelpress.commands"):  # the pipeline's run, sweep, models, reproduce
         ep.load()(sub, with_params)
     return ap

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data.datasets import DATASET_INFO
 from .methods import METHOD_NAMES, MethodConfig
 from .methods.pq.config import PQConfig
-from .methods.prune.config import PruneConfig
 
 _FMNIST = DATASET_INFO["fashion-mnist"]
 
@@ -242,16 +241,6 @@ class Recipe(_Section):
         """Stable hash of some sections (and extra inputs): the cache key of a stage."""
         blob = json.dumps([self.model_dump(include=set(sections), mode="json"), extra], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def prune_settings(self) -> PruneConfig | None:
-        """The pruning settings of a prune/prune_pq recipe, with the original training schedule
-        (epochs, LR, weight decay, batch size) filled in from the teacher's where left empty."""
-        cfg = {"prune": self.method, "prune_pq": getattr(self.method, "prune", None)}.get(self.method.name)
-        if cfg is None:
-            return None
-        t = self.teacher
-        defaults = {"epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
-        return cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
     def registered_name(self) -> str:
         arch = self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-")

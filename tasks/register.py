@@ -90,7 +90,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
     src = recipe.finetune.distill_from  # the model the final fine-tuning imitated, when not the teacher
     if src is not None:
         tags["distilled_from"] = f"{src.arch}:{src.weights}"
-        tags["distilled_from_sha256"] = stages.weights_content(src.weights) or ""
+        tags["distilled_from_sha256"] = stages.file_content(src.weights) or ""
     return {T + k: str(v) for k, v in tags.items()}
 
 
@@ -104,7 +104,7 @@ def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
     from modelpress.report import plot_cycles
 
     cycles = (stages.read_json(stages.paths(recipe)["cycles_log"]) or {}).get("cycles", [])
-    if recipe.prune_settings() is None or not cycles:
+    if stages.method(recipe).steps is None or not cycles:
         return
     for c in cycles:
         mlflow.log_metrics({"cycle_sparsity": c["sparsity"], "cycle_top1": c["top1"],

@@ -32,7 +32,7 @@ def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
     log_device(recipe.run.device)
     with gpu_slot(), ui_progress("teacher"):
         path = stages.teacher(recipe, resolve_teacher_weights(recipe.teacher.weights))
-    info = stages.read_json(stages.paths(recipe)["teacher_info"])
+    info = stages.read_teacher(recipe).model_dump()
     create_table_artifact([{k: info[k] for k in ("arch", "top1", "params", "fp32_bytes", "source")}],
                           key="teacher", description="Teacher model")
     return str(path)
@@ -44,17 +44,18 @@ def check_recipe(recipe: Recipe) -> None:
     stages.preflight(recipe)
 
 
-@task(name="prune-cycle", task_run_name="prune-cycle-{cycle}", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
-def prune_cycle(recipe: Recipe, teacher_path: str, cycle: int) -> dict:
-    """One pruning cycle (1-based): prune, retrain, evaluate, checkpoint. A retry restarts
-    this cycle from the previous cycle's checkpoint; finished cycles are never redone."""
+@task(name="method-step", task_run_name="{label}-{step}", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+def method_step(recipe: Recipe, teacher_path: str, step: int, label: str = "step") -> dict:
+    """One step (1-based) of an iterative method (a pruning cycle): run it, evaluate,
+    checkpoint. A retry restarts this step from the previous one's checkpoint; finished steps
+    are never redone."""
     log_device(recipe.run.device)
-    with gpu_slot(), ui_progress(f"prune-cycle-{cycle}"):
-        record = stages.prune_cycle_stage(recipe, cycle - 1)
+    with gpu_slot(), ui_progress(f"{label}-{step}"):
+        record = stages.method_step(recipe, step - 1)
     if not record.get("skipped"):
-        keys = ("cycle", "target_sparsity", "sparsity", "top1", "packed_bytes", "retrain", "seconds")
-        create_table_artifact([{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k in keys}],
-                              key=f"prune-cycle-{cycle}", description=f"Pruning cycle {cycle}")
+        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+               if isinstance(v, (int, float, str)) and k != "done"}
+        create_table_artifact([row], key=f"{label}-{step}", description=f"{recipe.method.name}: {label} {step}")
     return record
 
 

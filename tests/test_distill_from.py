@@ -38,16 +38,16 @@ def test_distilling_from_another_model_uses_it(workdir, tmp_path):
         "arch": "fmnist_cnn", "weights": str(random_model),
         "weights_sha256": hashlib.sha256(random_model.read_bytes()).hexdigest()}})
     stages.preflight(other)
-    assert stages.finetune_key(other) != stages.finetune_key(own)
+    assert stages.stage_key(other, "finetune") != stages.stage_key(own, "finetune")
     top1_other = _top1(other)
     assert top1_other < top1_own - 10, (top1_own, top1_other)  # it imitated the untrained model
 
-    key = stages.finetune_key(other)
+    key = stages.stage_key(other, "finetune")
     torch.manual_seed(7)
     torch.save(build_model("fmnist_cnn", num_classes=10, in_channels=1).state_dict(), random_model)
     unpinned = tiny_recipe(workdir, method=METHOD, finetune={**FINETUNE, "distill_from": {
         "arch": "fmnist_cnn", "weights": str(random_model)}})
-    other_unpinned_key = stages.finetune_key(unpinned)
+    other_unpinned_key = stages.stage_key(unpinned, "finetune")
     assert other_unpinned_key != key  # the file's content is in the key, not only its path
     with pytest.raises(stages.StageError, match="finetune.distill_from weights .*sha256 does not match "
                                                 "finetune.distill_from.weights_sha256"):

@@ -36,9 +36,9 @@ def test_teacher_from_checkpoint_is_loaded_not_trained(workdir, tmp_path):
     reference = stages.read_json(workdir / "teacher" / "teacher.json")
     assert info["top1"] == pytest.approx(reference["top1"])
     # Another file at the same path changes the key: the stage is no longer up to date.
-    key = stages.teacher_key(recipe)
+    key = stages.stage_key(recipe, "teacher")
     torch.save({k: v * 0 for k, v in trained.state_dict().items()}, ckpt)
-    assert stages.teacher_key(recipe) != key
+    assert stages.stage_key(recipe, "teacher") != key
 
 
 def test_unsafe_or_mismatched_weights_are_refused(workdir, tmp_path):

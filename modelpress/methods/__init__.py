@@ -1,53 +1,66 @@
 """Compression methods behind one verb: ``compress(model, config, ...)``.
 
-The handler is looked up by the config's type, as torchao's ``quantize_`` does; adding a
-method means adding a subpackage and one line here. ``data`` carries what methods need;
-each takes what it uses:
+The method is looked up by the config's type, as torchao's ``quantize_`` does. A method is a
+subpackage exposing ``METHOD`` (the contract: ``base.py``) plus one line in ``REGISTRY``
+below; the names, the parameter union of params.yaml and the pipeline's dispatch all derive
+from it. ``data`` (keyword arguments) fills a :class:`base.Context`:
 
 - ``calibration``: in-domain images (PQ's activation-weighted objective);
 - ``train_batches``: a DataLoader of (image, label) batches (fine-tuning, retraining);
-- ``teacher``: the dense model (distillation); ``on_layer`` / ``on_cycle``: callbacks.
+- ``teacher``: the dense model (distillation); ``on_layer``: a per-layer callback; ...
+
+A keyword that is not a Context field is refused (a misspelt ``calibraton=`` fails).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Callable, Union
+from typing import Annotated, Union
 
 import torch.nn as nn
-from pydantic import Field
+from pydantic import BaseModel, Field
 
+from . import kmeans, pq, prune, uniform
+from .base import Context, Method
 from .kmeans import KMeansConfig, quantize_kmeans
 from .pq import PQConfig, quantize_pq
 from .prune import PruneConfig, PrunePQConfig, prune_imp, prune_pq
 from .uniform import UniformConfig, quantize_uniform
 
-_HANDLERS: dict[type, Callable] = {
-    PQConfig: quantize_pq, PruneConfig: prune_imp, PrunePQConfig: prune_pq,
-    # baselines, packed and measured the same way
-    KMeansConfig: quantize_kmeans, UniformConfig: quantize_uniform,
-}
-METHOD_NAMES = ("pq", "prune", "prune_pq", "kmeans", "uniform")
-
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    pq.METHOD,
+    prune.METHOD,
+    prune.PQ_METHOD,
+    kmeans.METHOD,  # baselines, packed and measured the same way
+    uniform.METHOD,
+)}
+METHOD_NAMES = tuple(REGISTRY)
+_BY_CONFIG = {m.config: m for m in REGISTRY.values()}
 
 # Discriminated by ``name``: the JSON schema (Prefect's UI form, the API's validation) shows
 # the method as a choice and names a bad field inside the chosen method. A mapping without
 # ``name`` means PQ (``Recipe`` fills it in before validation).
-MethodConfig = Annotated[
-    Union[PQConfig, PruneConfig, PrunePQConfig, KMeansConfig, UniformConfig],
-    Field(discriminator="name"),
-]
+MethodConfig = Annotated[Union[tuple(m.config for m in REGISTRY.values())], Field(discriminator="name")]  # type: ignore[valid-type]
 
 
-def compress(model: nn.Module, config, **data) -> tuple[nn.Module, list[dict]]:
+def method_of(config: BaseModel) -> Method:
+    """The registered method a config belongs to."""
+    try:
+        return _BY_CONFIG[type(config)]
+    except KeyError:
+        raise TypeError(f"no compression method for {type(config).__name__}") from None
+
+
+def compress(model: nn.Module, config: BaseModel, **data) -> tuple[nn.Module, list[dict]]:
     """Compress ``model`` in place with the method ``config`` describes.
 
     Returns the compressed model and per-layer (or per-cycle) statistics.
     """
-    try:
-        handler = _HANDLERS[type(config)]
-    except KeyError:
-        raise TypeError(f"no compression method for {type(config).__name__}") from None
-    accepted = inspect.signature(handler).parameters
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-    return handler(model, config, **{k: v for k, v in data.items() if takes_all or k in accepted})
+    method = method_of(config)
+    return model, method.run(model, config, Context.of(**data))
+
+
+__all__ = [
+    "METHOD_NAMES", "REGISTRY", "Context", "KMeansConfig", "Method", "MethodConfig", "PQConfig", "PruneConfig",
+    "PrunePQConfig", "UniformConfig", "compress", "method_of", "prune_imp", "prune_pq", "quantize_kmeans",
+    "quantize_pq", "quantize_uniform",
+]

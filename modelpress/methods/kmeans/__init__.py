@@ -14,8 +14,10 @@ from typing import Literal
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..pq import PQConfig, quantize_pq
+from ..base import Method, codebooks
+from ..pq import PQConfig, PQLayer, quantize_pq
 from ..pq.config import BlockSpec
+from ..pq.method import check as pq_check
 
 
 class KMeansConfig(BaseModel):
@@ -44,4 +46,13 @@ def quantize_kmeans(model: nn.Module, cfg: KMeansConfig, **data) -> tuple[nn.Mod
     return quantize_pq(model, cfg.as_pq(), **data)
 
 
-__all__ = ["KMeansConfig", "quantize_kmeans"]
+METHOD = Method(
+    name="kmeans", config=KMeansConfig, summary="baseline: scalar k-means weight sharing per layer (Han et al. 2016)",
+    check=lambda model, cfg, ctx: pq_check(model, cfg.as_pq(), ctx),
+    apply=lambda model, cfg, ctx: quantize_pq(model, cfg.as_pq(), ctx.calibration, ctx.train_batches, ctx.teacher,
+                                              ctx.on_layer, ctx.codebook_dtype)[1],
+    calibration=lambda cfg: (cfg.as_pq().calibration_images, cfg.seed),
+    trainable=codebooks, layers=(PQLayer,),
+)
+
+__all__ = ["METHOD", "KMeansConfig", "quantize_kmeans"]

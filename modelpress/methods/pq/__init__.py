@@ -3,6 +3,7 @@
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
 from .layer import PQLayer
+from .method import METHOD
 from .quantize import plan, quantize_pq
 
-__all__ = ["BlockSpec", "PQConfig", "PQLayer", "gram_kmeans", "plan", "quantize_pq"]
+__all__ = ["METHOD", "BlockSpec", "PQConfig", "PQLayer", "gram_kmeans", "plan", "quantize_pq"]

@@ -131,31 +131,3 @@ def prune_cycle(
         "retrain": cfg.retrain, "retrain_epochs": epochs, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def prune_imp(
-    model: nn.Module,
-    cfg: PruneConfig,
-    train_batches: DataLoader,
-    teacher: nn.Module | None = None,
-    on_cycle: CycleCallback | None = None,
-    size_fn: SizeFn = default_size,
-    device: torch.device | None = None,
-    rewind_state: dict[str, torch.Tensor] | None = None,
-) -> tuple[nn.Module, list[dict]]:
-    """Prune ``model`` in place, cycle after cycle, until the goal is met. A model that is
-    already partly pruned continues from its current sparsity (resume from a checkpoint).
-    ``on_cycle(index, model, stats)`` runs after each cycle (checkpoint, evaluate, log)."""
-    require_schedule(cfg)
-    prunable(model, cfg.exclude)
-    check_budget(model, cfg, size_fn)
-    stats: list[dict] = []
-    index = 0
-    while (target := next_sparsity(model, cfg, size_fn)) is not None:
-        s = prune_cycle(model, cfg, index, target, train_batches, teacher, device, rewind_state)
-        log.info("prune: cycle %d done, sparsity %.2f%%", s["cycle"], 100 * s["sparsity"])
-        stats.append(s)
-        if on_cycle:
-            on_cycle(index, model, s)
-        index += 1
-    return model, stats

@@ -16,8 +16,7 @@ from ...train import distill, reseed
 from ...walk import set_module
 from ..pq.kmeans import gram_kmeans
 from ..pq.layer import PQLayer
-from .config import PrunePQConfig, ValueQuantConfig
-from .imp import prune_imp
+from .config import ValueQuantConfig
 from .magnitude import prunable
 
 
@@ -56,21 +55,3 @@ def tune_codebooks(
     torch.manual_seed(seed)
     codebooks = [m.codebook for m in model.modules() if isinstance(m, PQLayer)]
     distill(model, teacher, batches, codebooks, epochs, lr, stage="tune codebooks", device=device)
-
-
-def prune_pq(
-    model: nn.Module,
-    cfg: PrunePQConfig,
-    train_batches: DataLoader,
-    teacher: nn.Module | None = None,
-    device: torch.device | None = None,
-    on_cycle=None,
-) -> tuple[nn.Module, list[dict]]:
-    """Iterative magnitude pruning, then quantization of the survivors (notebook entry point)."""
-    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
-    prune_imp(model, cfg.prune, train_batches, teacher=teacher, device=device, on_cycle=on_cycle)
-    stats = quantize_survivors(model, cfg.quantize, cfg.prune.exclude)
-    tune_codebooks(model, teacher, train_batches, cfg.quantize.finetune_epochs, cfg.quantize.finetune_lr,
-                   cfg.quantize.seed, device)
-    log.info("prune_pq: %d layers quantized", len(stats))
-    return model, stats

@@ -1,0 +1,160 @@
+"""The contract every compression method fulfils, and the one loop iterative methods share.
+
+A method is a subpackage that exposes ``METHOD = Method(...)``, plus one line in
+``modelpress/methods/__init__.py``'s registry. The pipeline (``modelpress.stages``) knows
+methods only through this contract:
+
+- ``config``: the pydantic settings (its ``name`` literal is the method's name in params.yaml);
+- ``check(model, cfg, ctx)``: refuse settings the architecture cannot take, in seconds, before
+  any data is fetched or teacher trained (ValueError naming the problem);
+- ``plan(model, cfg, ctx) -> (cfg, rows)``: settings resolved from the teacher and data before
+  the work (PQ's byte budget allocation) and a table describing them; the pipeline keeps the
+  result, so a resumed run reuses it;
+- ``calibration(cfg) -> (images, seed) | None``: how many in-domain inputs ``apply`` needs;
+- ``apply(model, cfg, ctx) -> stats``: compress ``model`` in place, per-layer statistics;
+- ``steps``: for iterative methods (pruning cycles), one step at a time, so that the pipeline
+  checkpoints after each and a killed run resumes at the step it was in;
+- ``trainable(model, cfg)`` / ``held_zero(model, cfg)``: what the shared fine-tuning trains
+  besides biases and BatchNorm, and which weights it must hold at zero;
+- ``defaults(cfg, schedule)``: settings left empty filled from the teacher's training schedule
+  (``epochs``, ``lr``, ``weight_decay``, ``batch_size``); ``rewind_point(cfg)``: the fraction
+  of the teacher's training whose weights the method needs (``ctx.rewind_state``), if any;
+- ``layers``: the module types it puts in the model (each registers its packed-file codec).
+
+``Context`` carries what methods need; each reads what it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel
+from torch.utils.data import DataLoader
+
+SizeFn = Callable[[nn.Module], int]
+LayerCallback = Callable[[str, nn.Module, dict], None]
+
+
+@dataclass
+class Context:
+    """What the pipeline (or a notebook) hands a method."""
+
+    calibration: torch.Tensor | None = None  # in-domain inputs, no labels (PQ's activation statistics)
+    train_batches: DataLoader | None = None  # (input, label) batches: fine-tuning, retraining
+    teacher: nn.Module | None = None  # the dense model (distillation)
+    on_layer: LayerCallback | None = None  # called after each layer (the pipeline checkpoints there)
+    device: torch.device | None = None
+    float_dtype: str = "f16"  # how the packed file stores tensors that are not compressed
+    codebook_dtype: str = "f16"  # how it stores codebooks (f16, f32, i8, i6, i5, i4)
+    size_fn: SizeFn | None = None  # bytes of the packed file a model would make
+    rewind_state: dict[str, torch.Tensor] | None = None  # weights of the original training to rewind to
+    snapshots: list[float] | None = None  # fractions of the teacher's training kept (None: teacher not trained here)
+    cache: Callable[[str, Any, Callable[[], Any]], Any] | None = None  # cache(name, key, compute): results reused across runs
+    arch: dict | None = None  # the packed file's architecture and metadata (exact sizes of what is not compressed)
+    meta: dict | None = None
+
+    @classmethod
+    def of(cls, **data: Any) -> Context:
+        """A context from keyword arguments; a name that is not a field is refused (a misspelt
+        ``calibraton=`` fails instead of vanishing)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {', '.join(unknown)}; a method takes {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _nothing(*_args: Any) -> None:
+    return None
+
+
+def _unchanged(_model: nn.Module, cfg: BaseModel, _ctx: Context) -> tuple[BaseModel, list[dict]]:
+    return cfg, []
+
+
+def _no_params(_model: nn.Module, _cfg: BaseModel) -> list[nn.Parameter]:
+    return []
+
+
+def _no_masks(_model: nn.Module, _cfg: BaseModel) -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Steps:
+    """An iterative method, one checkpointed step at a time.
+
+    ``identity(cfg, index, ctx)``: what step ``index`` depends on besides the teacher (steps of
+    an earlier run with the same identities are reused); None when the plan has no such step.
+    ``count(cfg)``: the number of steps when known in advance, else None.
+    ``run(model, cfg, index, ctx)``: do step ``index`` in place; returns its record, with
+    ``done`` (no further step), or None when the goal was met before it.
+    ``prepare(model, cfg, ctx)``: checks on the starting model before step 0.
+    ``finish(model, cfg, ctx) -> stats``: after the last step (e.g. quantize the survivors).
+    """
+
+    identity: Callable[[BaseModel, int, Context], Any]
+    count: Callable[[BaseModel], int | None]  # how many steps, when known in advance (None: until the goal is met)
+    run: Callable[[nn.Module, BaseModel, int, Context], dict | None]
+    prepare: Callable[[nn.Module, BaseModel, Context], None] = _nothing
+    finish: Callable[[nn.Module, BaseModel, Context], list[dict]] = lambda _m, _c, _x: []
+    batch_size: Callable[[BaseModel], int] | None = None  # the steps' own batch size (None: the pipeline's)
+    label: str = "step"  # what a step is called (task names: <label>-<n>)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[BaseModel]
+    summary: str
+    apply: Callable[[nn.Module, BaseModel, Context], list[dict]] | None = None
+    check: Callable[[nn.Module, BaseModel, Context], None] = _nothing
+    plan: Callable[[nn.Module, BaseModel, Context], tuple[BaseModel, list[dict]]] = _unchanged
+    calibration: Callable[[BaseModel], tuple[int, int] | None] = lambda _cfg: None
+    steps: Steps | None = None
+    trainable: Callable[[nn.Module, BaseModel], list[nn.Parameter]] = _no_params
+    held_zero: Callable[[nn.Module, BaseModel], dict[str, torch.Tensor]] = _no_masks
+    defaults: Callable[[BaseModel, dict[str, Any]], BaseModel] = lambda cfg, _schedule: cfg
+    rewind_point: Callable[[BaseModel], float | None] = lambda _cfg: None
+    layers: tuple[type[nn.Module], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if (self.apply is None) == (self.steps is None):
+            raise TypeError(f"method {self.name}: give either apply or steps")
+
+    def run(self, model: nn.Module, cfg: BaseModel, ctx: Context) -> list[dict]:
+        """Compress ``model`` in place: ``apply``, or every step then ``finish``."""
+        cfg, _ = self.plan(model, cfg, ctx)
+        if self.apply is not None:
+            return self.apply(model, cfg, ctx)
+        run_steps(self.steps, model, cfg, ctx)
+        return self.steps.finish(model, cfg, ctx)
+
+
+StepCallback = Callable[[int, nn.Module, dict], None]
+
+
+def run_steps(steps: Steps, model: nn.Module, cfg: BaseModel, ctx: Context, start: int = 0,
+              on_step: StepCallback | None = None) -> list[dict]:
+    """The loop of an iterative method: steps ``start``, ``start + 1``, ... until one reports
+    ``done`` (or none is needed). ``on_step(index, model, record)`` after each (checkpoint)."""
+    if start == 0:
+        steps.prepare(model, cfg, ctx)
+    records, index = [], start
+    while (record := steps.run(model, cfg, index, ctx)) is not None:
+        records.append(record)
+        if on_step:
+            on_step(index, model, record)
+        if record["done"]:
+            break
+        index += 1
+    return records
+
+
+def codebooks(model: nn.Module, _cfg: BaseModel | None = None) -> list[nn.Parameter]:
+    """Every trainable codebook in the model (the layers that have one)."""
+    return [m.codebook for m in model.modules() if isinstance(getattr(m, "codebook", None), nn.Parameter)]

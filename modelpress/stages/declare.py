@@ -1,0 +1,179 @@
+"""The pipeline's stages, declared once: what each reads (parameters, earlier stages, files,
+library code) and what it writes. From these declarations come
+
+- each stage's **key** (a hash of its parameters, the keys of the stages it reads and the
+  content of the files it names): a stage whose record holds the current key is skipped, so a
+  re-run resumes where the last one stopped;
+- **dvc.yaml** (``modelpress dvc-yaml``; a test checks the committed file is this output), so the
+  flow's keys and DVC's dependencies cannot drift apart.
+
+Library code is a DVC dependency (``dvc repro`` reruns a stage whose code changed) but not part
+of the key, so a nightly run after a code change resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..data import sha256_file
+from ..progress import log
+from ..recipe import DataConfig, Recipe, RunConfig
+from .layout import paths, read_json, write_json
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    params: tuple[str, ...]  # recipe fields it reads (a section stands for all its fields)
+    deps: tuple[str, ...] = ()  # earlier stages whose outputs it reads
+    files: tuple[str, ...] = ()  # recipe fields naming input files: their content is in the key
+    code: tuple[str, ...] = ()  # library code it runs (DVC dependencies)
+    outs: tuple[str, ...] = ()  # layout names (stages.layout.paths) of its outputs
+    result: str | None = None  # layout name of the output the stage returns
+    resumable: bool = False  # skipped when its record holds the current key (else it always runs)
+    identity: tuple[str, ...] | None = None  # the params that identify its outputs for later stages (default: params)
+    persist: bool = False  # DVC keeps the outputs before re-running (in-stage checkpoints survive)
+    metrics: tuple[str, ...] = ()  # layout names of metrics files (DVC, not cached)
+    note: str = ""
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("fetch", params=("data.name", "data.sources", "data.files"), code=("modelpress/data",),
+              outs=("data",), result="data", identity=("data.name", "data.files"),
+              note="sources only say where to get the same files: they do not change what later stages read"),
+    StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size"), deps=("fetch",), files=("teacher.weights",),
+              code=("modelpress/models", "modelpress/train.py"), outs=("teacher_dir",), result="teacher", resumable=True),
+    StageSpec("compress", params=("method", "pack", "finetune.batch_size", "teacher.epochs", "teacher.lr",
+                                  "teacher.weight_decay", "teacher.batch_size"),
+              deps=("teacher",), code=("modelpress/methods", "modelpress/pack", "modelpress/train.py"),
+              outs=("compress_dir",), result="compressed", resumable=True, persist=True,
+              note="pruning replays the teacher's schedule where its own is left empty; a byte budget sizes with pack"),
+    StageSpec("finetune", params=("finetune", "pack.codebook_dtype", "run.seed", "data.batch_size"), deps=("compress",),
+              files=("finetune.distill_from.weights",), code=("modelpress/methods", "modelpress/train.py"),
+              outs=("finetune_dir",), result="finetuned", resumable=True),
+    StageSpec("pack", params=("pack",), deps=("finetune",), code=("modelpress/pack",), outs=("packed",), result="packed"),
+    StageSpec("evaluate", params=(), deps=("pack",), code=("modelpress/pack", "modelpress/models"), metrics=("metrics",),
+              result="metrics"),
+)
+SPECS = {s.name: s for s in STAGES}
+
+
+def _value(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def file_content(path: str | None) -> str | None:
+    """sha256 of a local file (None for a URI or no file): keys include it, so replacing the
+    file at the same path invalidates what was made from it."""
+    return sha256_file(path) if path and Path(path).is_file() else None
+
+
+def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
+    """The hash of everything stage ``name`` depends on (its declaration says what)."""
+    spec = SPECS[name]
+    dump = recipe.model_dump(mode="json") if _dump is None else _dump
+    blob = [
+        name,
+        {p: _value(dump, p) for p in spec.params},
+        {f: file_content(_value(dump, f)) for f in spec.files},
+        [identity_key(recipe, d, dump) for d in spec.deps],
+    ]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
+    """What a later stage sees of stage ``name``: its key, or for a stage whose outputs are
+    fixed by fewer parameters (fetch: the files' names and checksums) the hash of those."""
+    spec = SPECS[name]
+    if spec.identity is None:
+        return stage_key(recipe, name, _dump)
+    dump = recipe.model_dump(mode="json") if _dump is None else _dump
+    blob = [name, {p: _value(dump, p) for p in spec.identity}, [identity_key(recipe, d, dump) for d in spec.deps]]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_path(recipe: Recipe, name: str) -> Path:
+    """A resumable stage's record (key, seconds), written after all its outputs."""
+    return paths(recipe)[SPECS[name].outs[0]] / "stage.json"
+
+
+def is_current(recipe: Recipe, name: str) -> bool:
+    spec = SPECS[name]
+    rec = read_json(record_path(recipe, name))
+    return bool(rec) and rec.get("key") == stage_key(recipe, name) and paths(recipe)[spec.result].exists()
+
+
+def stage(name: str) -> Callable:
+    """Run a stage function ``fn(recipe, key, *args)`` under its declaration: a resumable stage
+    whose record holds the current key returns its result without running; otherwise it runs
+    and, once its outputs are written (each atomically), its record is written."""
+    spec = SPECS[name]
+
+    def wrap(fn: Callable[..., Path]) -> Callable[..., Path]:
+        @functools.wraps(fn)
+        def run(recipe: Recipe, *args: Any, **kwargs: Any) -> Path:
+            key = stage_key(recipe, name)
+            result = paths(recipe)[spec.result]
+            if spec.resumable:
+                rec = read_json(record_path(recipe, name))
+                if rec and rec.get("key") == key and result.exists():
+                    log.info("%s: up to date", name)
+                    return result
+            t0 = time.perf_counter()
+            out = fn(recipe, key, *args, **kwargs)
+            if spec.resumable:
+                write_json(record_path(recipe, name), {"key": key, "seconds": round(time.perf_counter() - t0, 3)})
+            return out
+
+        run.spec = spec  # type: ignore[attr-defined]
+        return run
+
+    return wrap
+
+
+def _template() -> dict[str, str]:
+    """Layout names as DVC path templates (``${run.workdir}``, ``${data.name}``)."""
+    placeholder = Recipe.model_construct(run=RunConfig.model_construct(workdir="${run.workdir}"),
+                                         data=DataConfig.model_construct(name="${data.name}"))
+    return {k: str(v) for k, v in paths(placeholder).items()}
+
+
+def dvc_yaml() -> str:
+    """dvc.yaml, generated from STAGES."""
+    where = _template()
+    lines = [
+        "# Generated from modelpress/stages/declare.py by `modelpress dvc-yaml > dvc.yaml`; do not edit by hand.",
+        "# The same pipeline as flows/compress.py, stage by stage: each stage calls the same library function as",
+        "# the Prefect task (`modelpress stage NAME`) and lists what it reads, so a change reruns only what it",
+        "# affects. Paths come from params.yaml. A weights file named in params (teacher.weights,",
+        "# finetune.distill_from.weights) is part of the stage's own key, not a DVC dependency (it may be",
+        "# empty): after replacing one at the same path, `dvc repro -f -s teacher`.",
+        "stages:",
+    ]
+    for s in STAGES:
+        lines += [f"  {s.name}:", f"    cmd: modelpress stage {s.name}"]
+        if s.note:
+            lines.append(f"    # {s.note}")
+        deps = [where[o] for d in s.deps for o in SPECS[d].outs] + list(s.code)
+        if deps:
+            lines += ["    deps:"] + [f"      - {d}" for d in deps]
+        if s.params:
+            lines.append(f"    params: [{', '.join(s.params)}]")
+        if s.outs:
+            lines.append("    outs:")
+            for o in s.outs:
+                lines.append(f"      - {where[o]}:\n          persist: true" if s.persist else f"      - {where[o]}")
+        if s.metrics:
+            lines.append("    metrics:")
+            lines += [f"      - {where[m]}:\n          cache: false" for m in s.metrics]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,566 @@
+"""The pipeline's stage functions: file in, file out, under their declarations (declare.py).
+
+Prefect tasks (modelpress.tasks) and DVC stages (``modelpress stage NAME``) both call these, so
+the logic exists once. Methods are reached only through their contract (methods/base.py):
+nothing here names a method.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import fetch_files, load_dataset, sha256_file
+from ..data.datasets import DATASET_INFO
+from ..methods import REGISTRY, Context, Method
+from ..methods.pq.layer import PQLayer
+from ..methods.prune import keep_masks
+from ..methods.uniform import UniformLayer
+from ..models import build_model, parameter_bytes
+from ..pack import arch_spec, load_packed, pack_model, read_packed
+from ..pack.format import build_from_packed, packed_nbytes, round_codebook
+from ..progress import log
+from ..recipe import Recipe
+from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
+from .declare import file_content, stage, stage_key
+from .layout import StageError, paths, read_json, write_json
+from .records import Summary, TeacherInfo
+
+# ---- what every stage needs -------------------------------------------------------------------
+
+
+def method(recipe: Recipe) -> Method:
+    return REGISTRY[recipe.method.name]
+
+
+def method_config(recipe: Recipe) -> BaseModel:
+    """The recipe's method settings, with what it leaves to the teacher's schedule filled in."""
+    t = recipe.teacher
+    schedule = {"epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
+    return method(recipe).defaults(recipe.method, schedule)
+
+
+def _device(recipe: Recipe) -> torch.device:
+    device = resolve_device(recipe.run.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StageError("run.device is 'cuda' but no CUDA device is available")
+    return device
+
+
+def _datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
+    return load_dataset(recipe.data.name, paths(recipe)["data"])
+
+
+def _input_meta(recipe: Recipe) -> dict:
+    info = DATASET_INFO[recipe.data.name]
+    return {
+        "dataset": recipe.data.name,
+        "shape": list(info["input_shape"]),
+        "mean": list(info["mean"]),
+        "std": list(info["std"]),
+        "classes": list(info["classes"]),
+    }
+
+
+def calibration_images(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images chosen by a seeded permutation (in-domain, no labels used)."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    batch = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=len(idx))
+    return next(iter(batch))[0]
+
+
+def _arch_kwargs(recipe: Recipe, arch: str | None = None) -> dict:
+    info = DATASET_INFO[recipe.data.name]
+    kwargs = {"num_classes": info["num_classes"]}
+    if not (arch or recipe.teacher.arch).startswith("torchvision:"):
+        kwargs["in_channels"] = info["input_shape"][0]
+    return kwargs
+
+
+def _arch(recipe: Recipe) -> dict:
+    return arch_spec(recipe.teacher.arch, **_arch_kwargs(recipe))
+
+
+def _size_fn(recipe: Recipe):
+    arch, meta = _arch(recipe), {"input": _input_meta(recipe)}
+    return lambda model: packed_nbytes(model, recipe.pack.float_dtype, recipe.pack.codebook_dtype, arch, meta)
+
+
+def _context(recipe: Recipe, **more: Any) -> Context:
+    """What the method gets from the pipeline (the rest is added where it is loaded)."""
+    return Context(float_dtype=recipe.pack.float_dtype, codebook_dtype=recipe.pack.codebook_dtype,
+                   size_fn=_size_fn(recipe), arch=_arch(recipe), meta={"input": _input_meta(recipe)},
+                   snapshots=None if recipe.teacher.weights else list(recipe.teacher.snapshots), **more)
+
+
+def read_teacher(recipe: Recipe) -> TeacherInfo | None:
+    raw = read_json(paths(recipe)["teacher_info"])
+    return TeacherInfo.model_validate(raw) if raw else None
+
+
+# ---- checks before any work ----------------------------------------------------------------
+
+def preflight(recipe: Recipe) -> None:
+    """Check what can be checked from the recipe and the architecture alone (layer names,
+    block sizes, prunable layers, byte budgets), so a bad setting fails in seconds, before a
+    teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
+    model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    src = recipe.finetune.distill_from
+    if src is not None:
+        build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture
+        if not Path(src.weights).is_file():
+            raise ValueError(f"finetune.distill_from.weights {src.weights}: no such file")
+    method(recipe).check(model, method_config(recipe), _context(recipe))
+
+
+# ---- fetch, teacher ------------------------------------------------------------------------------
+
+@stage("fetch")
+def fetch(recipe: Recipe, _key: str) -> Path:
+    """Fetch the dataset files into the cache, verified by sha256."""
+    out = paths(recipe)["data"]
+    fetch_files(recipe.data.sources, recipe.data.files, out, log=log.info)
+    return out
+
+
+def load_weights(model: nn.Module, path: Path, expected_sha: str | None, what: str = "teacher") -> None:
+    """Load a checkpoint (``weights_only=True``: no code runs) or a packed file into ``model``."""
+    if not path.is_file():
+        raise StageError(f"{what} weights {path}: no such file")
+    if expected_sha and sha256_file(path) != expected_sha.lower():
+        raise StageError(f"{what} weights {path}: sha256 does not match {what}.weights_sha256")
+    if path.suffix == ".mpk":
+        state = build_from_packed(read_packed(path)).state_dict()
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StageError(f"{what} weights {path}: cannot be loaded safely (weights_only=True): {first}") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise StageError(f"{what} weights {path}: expected a state dict, got {type(state).__name__}")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise StageError(f"{what} weights {path} do not fit {type(model).__name__}: {lines[1] if len(lines) > 1 else lines[0]}") from None
+
+
+@stage("teacher")
+def teacher(recipe: Recipe, _key: str, weights_path: str | None = None) -> Path:
+    """Load (or train) the teacher, evaluate it, store it as an fp32 packed file.
+
+    ``weights_path`` is a local file already resolved from ``teacher.weights`` (callers
+    resolve MLflow URIs; the library knows nothing of MLflow).
+    """
+    p = paths(recipe)
+    device = _device(recipe)
+    log.info("teacher: device %s", device)
+    torch.manual_seed(recipe.run.seed)  # before building: the initial weights come from it
+    model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    train, test = _datasets(recipe)
+    t0 = time.perf_counter()
+    source = weights_path or recipe.teacher.weights
+    if source:
+        load_weights(model, Path(source), recipe.teacher.weights_sha256)
+        model.to(device)
+    else:
+        model.to(device)
+        log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
+        train_classifier(
+            model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
+            recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
+            stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model),
+        )
+    top1 = evaluate(model, loader(test, recipe.data.batch_size, False), device)
+    log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(test))
+    pack_model(model, p["teacher"], _arch(recipe), {"input": _input_meta(recipe)}, float_dtype="f32")
+    info = TeacherInfo(
+        arch=recipe.teacher.arch, top1=top1, params=sum(q.numel() for q in model.parameters()),
+        fp32_bytes=parameter_bytes(model), source=source or "trained", trained=not source,
+        seconds=time.perf_counter() - t0, num_classes=DATASET_INFO[recipe.data.name]["num_classes"],
+        sha256=sha256_file(p["teacher"]),
+    )
+    write_json(p["teacher_info"], info.model_dump(mode="json"))
+    return p["teacher"]
+
+
+def snapshot_path(recipe: Recipe, fraction: float) -> Path:
+    return paths(recipe)["snapshots"] / f"at-{fraction:.4f}.mpk"
+
+
+def _snapshot_keeper(recipe: Recipe, model: nn.Module):
+    """Keep the teacher's weights at the fractions of its schedule in teacher.snapshots
+    (what weight rewinding rewinds to)."""
+    fractions = recipe.teacher.snapshots
+    meta = {"input": _input_meta(recipe)}
+    if 0.0 in fractions:
+        pack_model(model, snapshot_path(recipe, 0.0), _arch(recipe), {**meta, "fraction": 0.0}, "f32")
+
+    def on_step(step: int, total: int) -> None:
+        for f in fractions:
+            if f > 0 and step == max(1, round(f * total)):
+                pack_model(model, snapshot_path(recipe, f), _arch(recipe), {**meta, "fraction": f}, "f32")
+
+    return on_step
+
+
+def _load_teacher(recipe: Recipe, device: torch.device) -> nn.Module:
+    model, _ = load_packed(paths(recipe)["teacher"])
+    return model.to(device).eval()
+
+
+def _distill_source(recipe: Recipe, device: torch.device) -> nn.Module:
+    """What the final fine-tuning distils from: finetune.distill_from, else the teacher."""
+    src = recipe.finetune.distill_from
+    if src is None:
+        return _load_teacher(recipe, device)
+    model = build_model(src.arch, **_arch_kwargs(recipe, src.arch))
+    load_weights(model, Path(src.weights), src.weights_sha256, what="finetune.distill_from")
+    log.info("finetune: distilling from %s (%s)", src.arch, src.weights)
+    return model.to(device).eval()
+
+
+# ---- compress: steps of iterative methods ---------------------------------------------------------
+
+def step_key(recipe: Recipe, index: int) -> str | None:
+    """Identity of step ``index`` of an iterative method (the method says what it depends on,
+    besides the teacher); None when its plan has no such step."""
+    m = method(recipe)
+    ident = m.steps.identity(method_config(recipe), index, _context(recipe))
+    return None if ident is None else recipe.section_hash(extra=[ident, stage_key(recipe, "teacher")])
+
+
+def cycle_path(recipe: Recipe, index: int) -> Path:
+    return paths(recipe)["cycles"] / f"cycle-{index + 1:02d}.mpk"
+
+
+def _step_done(recipe: Recipe, index: int) -> dict | None:
+    """The record of step ``index`` if its checkpoint is there and current."""
+    path = cycle_path(recipe, index)
+    if not path.is_file():
+        return None
+    meta = read_packed(path).meta
+    key = step_key(recipe, index)
+    if key is None or meta.get("key") != key:
+        return None
+    n = method(recipe).steps.count(method_config(recipe))  # a step reused from a run with another goal: is it our last?
+    return meta["cycle"] if n is None else {**meta["cycle"], "done": index == n - 1}
+
+
+def _step_start(recipe: Recipe, index: int, device: torch.device) -> nn.Module:
+    """The model step ``index`` starts from: the previous step's checkpoint, or the teacher."""
+    if index == 0:
+        return _load_teacher(recipe, device)
+    if _step_done(recipe, index - 1) is None:
+        raise StageError(f"step {index + 1} needs step {index} first (no current checkpoint {cycle_path(recipe, index - 1)})")
+    return build_from_packed(read_packed(cycle_path(recipe, index - 1))).to(device)
+
+
+def method_step(recipe: Recipe, index: int) -> dict:
+    """Step ``index`` (0-based) of an iterative method (a pruning cycle): start from step
+    index-1's checkpoint, run the step, evaluate, checkpoint. A current checkpoint is returned
+    as is, so a re-run skips finished steps. The record's ``done`` says whether the goal is met."""
+    done = _step_done(recipe, index)
+    if done is not None:
+        log.info("compress: step %d up to date", index + 1)
+        return done
+    m, cfg = method(recipe), method_config(recipe)
+    device = _device(recipe)
+    model = _step_start(recipe, index, device)
+    train, test = _datasets(recipe)
+    batch = m.steps.batch_size(cfg) if m.steps.batch_size else recipe.finetune.batch_size
+    rewind = None
+    point = m.rewind_point(cfg)
+    if point is not None:
+        snap = snapshot_path(recipe, point)
+        if not snap.is_file():
+            raise StageError(f"weight rewinding: no teacher snapshot {snap} (add it to teacher.snapshots)")
+        rewind = build_from_packed(read_packed(snap)).to(device).state_dict()
+    ctx = _context(recipe, train_batches=loader(train, batch, True, getattr(cfg, "seed", 0)),
+                   teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind)
+    if index == 0:
+        m.steps.prepare(model, cfg, ctx)
+    record = m.steps.run(model, cfg, index, ctx)
+    if record is None:
+        return {"cycle": index + 1, "done": True, "skipped": True}
+    record["top1"] = evaluate(model, loader(test, recipe.data.batch_size, False), device)
+    record["packed_bytes"] = ctx.size_fn(model)
+    log.info("compress: step %d: top-1 %.2f%%, %d bytes packed%s", index + 1, record["top1"], record["packed_bytes"],
+             " (goal reached)" if record["done"] else "")
+    pack_model(model, cycle_path(recipe, index), _arch(recipe),
+               {"key": step_key(recipe, index), "cycle": record, "input": _input_meta(recipe)}, "f32", "f32")
+    _log_steps(recipe)
+    return record
+
+
+def _log_steps(recipe: Recipe) -> list[dict]:
+    """cycles.json: every finished step's record (what MLflow logs as steps)."""
+    records, index = [], 0
+    while (rec := _step_done(recipe, index)) is not None:
+        records.append(rec)
+        index += 1
+    write_json(paths(recipe)["cycles_log"], {"key": stage_key(recipe, "compress"), "cycles": records})
+    return records
+
+
+def run_method_steps(recipe: Recipe) -> int | None:
+    """Every step (or its checkpoint); the index of the last step that ran, None if none was needed."""
+    index, last = 0, None
+    while True:
+        rec = method_step(recipe, index)
+        if rec.get("skipped"):
+            return last
+        last = index
+        if rec["done"]:
+            return last
+        index += 1
+
+
+# ---- compress ----------------------------------------------------------------------------------
+
+@stage("compress")
+def compress_stage(recipe: Recipe, key: str) -> Path:
+    """Compress the teacher with the recipe's method: layer by layer with a checkpoint after
+    each layer, or step by step (each step checkpointed). A retry continues where it stopped."""
+    p, m, cfg = paths(recipe), method(recipe), method_config(recipe)
+    device = _device(recipe)
+    teacher_model = _load_teacher(recipe, device)
+    train, _ = _datasets(recipe)
+    meta = {"key": key, "input": _input_meta(recipe)}
+    if m.steps is not None:
+        last = run_method_steps(recipe)
+        student = teacher_model if last is None else build_from_packed(read_packed(cycle_path(recipe, last))).to(device)
+        ctx = _context(recipe, teacher=_load_teacher(recipe, device), device=device,
+                       train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)))
+        stats = m.steps.finish(student, cfg, ctx)
+        pack_model(student, p["compressed"], _arch(recipe), meta, "f32", "f32")
+        write_json(p["layers"], {"key": key, "layers": _weight_rows(p["compressed"], stats), "cycles": _log_steps(recipe)})
+        return p["compressed"]
+    stats: list[dict] = []
+    ckpt = read_packed(p["checkpoint"]) if p["checkpoint"].is_file() else None
+    if ckpt is not None and ckpt.meta.get("key") == key:
+        student = build_from_packed(ckpt, materialize=False).to(device)
+        stats = ckpt.meta["layers"]
+        log.info("compress: resuming after %d finished layers (%s)", len(stats), ", ".join(s["layer"] for s in stats))
+    else:
+        student = copy.deepcopy(teacher_model)
+    n, seed = m.calibration(cfg) or (16, recipe.run.seed)
+    ctx = _context(recipe, calibration=calibration_images(train, n, seed), teacher=teacher_model, device=device,
+                   train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)))
+    cfg = _planned(recipe, m, cfg, teacher_model, ctx, key)
+    ctx.meta = {"input": _input_meta(recipe)}
+
+    def checkpoint(_name: str, model: nn.Module, layer_stats: dict) -> None:
+        stats.append(layer_stats)
+        pack_model(model, p["checkpoint"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
+
+    ctx.on_layer = checkpoint
+    all_stats = m.apply(student, cfg, ctx)
+    stats = stats or all_stats  # methods without per-layer callbacks report at the end
+    pack_model(student, p["compressed"], _arch(recipe), {**meta, "layers": stats}, "f32", "f32")
+    write_json(p["layers"], {"key": key, "layers": stats})
+    p["checkpoint"].unlink(missing_ok=True)
+    return p["compressed"]
+
+
+def _planned(recipe: Recipe, m: Method, cfg: BaseModel, teacher_model: nn.Module, ctx: Context, key: str) -> BaseModel:
+    """The method's settings resolved before the work (a byte budget's allocation), computed
+    once and kept beside the checkpoint (a resumed run uses the same plan)."""
+    path = paths(recipe)["allocation"]
+    saved = read_json(path)
+    if saved and saved.get("key") == key:
+        return type(cfg).model_validate(saved["config"])
+    ctx.cache, ctx.meta = _cache(recipe), _final_meta(recipe)  # the final file's header counts against a budget
+    planned, rows = m.plan(teacher_model, cfg, ctx)
+    if planned is not cfg or rows:
+        write_json(path, {"key": key, "config": planned.model_dump(mode="json"), "layers": rows})
+    return planned
+
+
+def _cache(recipe: Recipe):
+    """``cache(name, key, compute)``: results a method reuses across the runs of one workdir
+    (the points of a sweep), keyed by the teacher, data and seed besides the method's key;
+    runs started together: one computes, the others wait and read."""
+    def cached(name: str, method_key: Any, compute):
+        k = hashlib.sha256(json.dumps([stage_key(recipe, "teacher"), recipe.section_hash("data"), recipe.run.seed,
+                                       method_key], sort_keys=True).encode()).hexdigest()[:16]
+        path = paths(recipe)["cache"] / f"{name}-{k}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            value = read_json(path)
+            if value is None:
+                value = compute()
+                write_json(path, value)
+            else:
+                log.info("%s: computed before (%s)", name, path)
+        return value
+
+    return cached
+
+
+def _weight_rows(path: Path, stats: list[dict]) -> list[dict]:
+    """Per-layer table of a pruned model: weights, kept, sparsity (+ clustering stats)."""
+    extra = {s["layer"]: s for s in stats}
+    rows = []
+    for r in read_packed(path).summary():
+        if "sparsity" not in r:
+            continue
+        layer = r["tensor"].removesuffix(".weight")
+        n = 1
+        for dim in r["shape"].split("x"):
+            n *= int(dim)
+        rows.append({"layer": layer, "weights": n, "kept": round(n * (1 - r["sparsity"])), "sparsity": r["sparsity"],
+                     **{k: v for k, v in extra.get(layer, {}).items() if k in ("block_size", "k", "weight_rel_error", "kmeans_s")}})
+    return rows
+
+
+# ---- fine-tune, pack, evaluate ---------------------------------------------------------------------
+
+@stage("finetune")
+def finetune_stage(recipe: Recipe, key: str) -> Path:
+    """Distil what the method made trainable (codebooks, surviving weights) and, by default,
+    biases, BatchNorm and dense layers from the teacher (no labels); re-estimate BatchNorm."""
+    p, cfg, m = paths(recipe), recipe.finetune, method(recipe)
+    device = _device(recipe)
+    teacher_model = _distill_source(recipe, device)
+    student = build_from_packed(read_packed(p["compressed"]), materialize=False).to(device)
+    train, _ = _datasets(recipe)
+    torch.manual_seed(recipe.run.seed)
+    if cfg.epochs > 0:
+        mcfg = method_config(recipe)
+        params = m.trainable(student, mcfg)
+        if recipe.pack.codebook_dtype.startswith("i"):  # train against the integer codebooks the file will hold
+            for layer in student.modules():
+                if isinstance(layer, PQLayer):
+                    layer.storage = recipe.pack.codebook_dtype
+        masks = m.held_zero(student, mcfg)
+        if cfg.train_other:
+            params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and _is_small(n, student)]
+            params += [w for w in _dense_weights(student) if all(w is not q for q in params)]
+        with keep_masks(student, masks):
+            distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
+                    cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
+                    seed=recipe.run.seed)
+    _round_codebooks(student, recipe.pack.codebook_dtype)  # before BatchNorm sees the weights it will run with
+    if cfg.bn_batches > 0:
+        recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
+    pack_model(student, p["finetuned"], _arch(recipe), {"key": key, "input": _input_meta(recipe)}, "f32", "f32")
+    return p["finetuned"]
+
+
+def _is_small(name: str, model: nn.Module) -> bool:
+    """Biases and BatchNorm parameters (not dense weights of layers left unquantized)."""
+    mod = model.get_submodule(name.rpartition(".")[0])
+    return name.endswith(".bias") or isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
+def _dense_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Weights of the Conv2d/Linear layers the method left dense (stored as floats, e.g. a first
+    conv or a classifier kept fp16): tuning them costs no bytes."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(m.weight, nn.Parameter)]
+
+
+def _round_codebooks(model: nn.Module, dtype: str) -> None:
+    """Round codebooks to their storage precision so memory and file hold the same weights
+    (uniform layers' scales and offsets: f16 unless f32)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PQLayer):
+                m.codebook.copy_(round_codebook(m.codebook, dtype))
+            elif isinstance(m, UniformLayer) and dtype != "f32":
+                for t in (m.scale, m.offset):
+                    t.copy_(t.half().float())
+
+
+def _final_meta(recipe: Recipe) -> dict:
+    """Metadata of the final packed file (its size counts against a byte budget)."""
+    info = read_json(paths(recipe)["teacher_info"]) or {}
+    return {
+        "input": _input_meta(recipe),
+        "method": recipe.method.name,
+        "teacher": {k: info.get(k) for k in ("arch", "top1", "fp32_bytes", "sha256", "source")},
+        "recipe_key": stage_key(recipe, "finetune"),
+    }
+
+
+@stage("pack")
+def pack_stage(recipe: Recipe, _key: str) -> Path:
+    """Write the final compact file; its size on disk is the size we report."""
+    p = paths(recipe)
+    student = build_from_packed(read_packed(p["finetuned"]), materialize=False)
+    meta = _final_meta(recipe)
+    budget = getattr(recipe.method, "target_bytes", None)
+    if budget is not None:
+        size = packed_nbytes(student, recipe.pack.float_dtype, recipe.pack.codebook_dtype, _arch(recipe), meta)
+        if size > budget:
+            raise StageError(f"packed file would be {size} bytes, over method.target_bytes={budget}")
+    size = pack_model(student, p["packed"], _arch(recipe), meta, recipe.pack.float_dtype, recipe.pack.codebook_dtype)
+    log.info("pack: %s, %d bytes", p["packed"], size)
+    return p["packed"]
+
+
+def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -> dict:
+    """Top-1 of the model *as loaded from the packed file*, on the full test set."""
+    device = _device(recipe)
+    t0 = time.perf_counter()
+    model, _meta = load_packed(packed_path)
+    load_s = time.perf_counter() - t0
+    _, test = _datasets(recipe)
+    if limit:
+        test = torch.utils.data.Subset(test, range(min(limit, len(test))))
+    top1 = evaluate(model.to(device), loader(test, recipe.data.batch_size, False), device)
+    return {"top1": top1, "test_images": len(test), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
+            "sha256": sha256_file(packed_path)}
+
+
+def summarize(recipe: Recipe, evaluation: dict) -> dict:
+    """The run's summary (metrics.json): what a person or DVC compares between runs."""
+    p = paths(recipe)
+    t = read_teacher(recipe)
+    layers = (read_json(p["layers"]) or {}).get("layers", [])
+    summary = Summary(
+        teacher_top1=t.top1 if t else None,
+        compressed_top1=evaluation["top1"],
+        top1_drop=None if t is None else t.top1 - evaluation["top1"],
+        packed_bytes=evaluation["packed_bytes"],
+        teacher_fp32_bytes=t.fp32_bytes if t else None,
+        compression_ratio=(t.fp32_bytes if t else 0) / evaluation["packed_bytes"],
+        test_images=evaluation["test_images"],
+        layers_quantized=len(layers),
+        method=recipe.method.name,
+        packed_sha256=evaluation["sha256"],
+        device=str(_device(recipe)),
+        host=platform.node(),
+    )
+    if layers and all("kept" in r for r in layers):
+        summary.sparsity = 1 - sum(r["kept"] for r in layers) / sum(r["weights"] for r in layers)
+    out = summary.model_dump(mode="json")
+    if summary.sparsity is None:
+        out.pop("sparsity")
+    write_json(p["metrics"], out)
+    return out
+
+
+__all__ = [
+    "calibration_images", "compress_stage", "cycle_path", "evaluate_file", "fetch", "file_content", "finetune_stage",
+    "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher",
+    "snapshot_path", "step_key", "summarize", "teacher",
+]

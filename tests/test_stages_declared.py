@@ -1,0 +1,83 @@
+"""Stages are declared once (modelpress/stages/declare.py): the committed dvc.yaml is generated
+from the declarations, and each stage's key follows exactly the parameters it declares."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from helpers import REPO
+from modelpress import stages
+from modelpress.methods import REGISTRY, compress
+from modelpress.methods.base import Context
+from modelpress.recipe import Recipe
+from modelpress.stages.declare import SPECS, _value
+
+pytestmark = pytest.mark.unit
+
+
+def test_committed_dvc_yaml_is_generated_from_the_declarations():
+    assert (REPO / "dvc.yaml").read_text() == stages.dvc_yaml(), "run: modelpress dvc-yaml > dvc.yaml"
+    parsed = yaml.safe_load(stages.dvc_yaml())["stages"]
+    assert list(parsed) == [s.name for s in stages.STAGES]
+    assert parsed["compress"]["params"] == list(SPECS["compress"].params)
+
+
+def _change(recipe: Recipe, dotted: str) -> Recipe | None:
+    """A valid recipe differing from ``recipe`` in one field under ``dotted``, or None."""
+    candidates = {
+        "data.batch_size": 128, "data.sources": ["/elsewhere"], "run.seed": 7, "teacher.epochs": 2.0, "teacher.lr": 0.1,
+        "teacher.weight_decay": 0.0, "teacher.batch_size": 64, "finetune.batch_size": 64, "finetune.epochs": 2.0,
+        "pack.codebook_dtype": "i8", "pack.float_dtype": "f32", "method.kmeans_iters": 3, "teacher.snapshots": [0.5],
+    }
+    for key, value in candidates.items():
+        if key == dotted or key.startswith(dotted + "."):
+            return recipe.with_overrides({key: value})
+    return None
+
+
+@pytest.mark.parametrize("name", ["teacher", "compress", "finetune", "pack"])
+def test_a_stage_key_changes_with_each_declared_parameter_and_nothing_else(name):
+    base = Recipe()
+    dump = base.model_dump(mode="json")
+    spec = SPECS[name]
+    for field in ("data.batch_size", "run.seed", "teacher.epochs", "finetune.epochs", "pack.float_dtype",
+                  "pack.codebook_dtype", "method.kmeans_iters", "data.sources"):
+        other = _change(base, field)
+        declared = any(field == p or field.startswith(p + ".") for p in spec.params)
+        upstream = stages.stage_key(other, name) != stages.stage_key(base, name)
+        reads = declared or any(
+            (field == p or field.startswith(p + ".")) and _value(dump, field) is not None
+            for d in _upstream(name) for p in (SPECS[d].identity or SPECS[d].params))
+        assert upstream == reads, f"{name}: key {'changed' if upstream else 'unchanged'} by {field}"
+
+
+def _upstream(name: str) -> set[str]:
+    out, todo = set(), list(SPECS[name].deps)
+    while todo:
+        d = todo.pop()
+        out.add(d)
+        todo += SPECS[d].deps
+    return out
+
+
+def test_byte_budget_key_covers_the_float_storage():
+    """A byte budget costs dense layers in pack.float_dtype: the compress key must follow it."""
+    base = Recipe.parse({"method": {"target_bytes": 40000}})
+    assert stages.stage_key(base, "compress") != stages.stage_key(base.with_overrides({"pack.float_dtype": "f32"}), "compress")
+
+
+def test_every_registered_method_fulfils_the_contract():
+    for name, m in REGISTRY.items():
+        assert m.name == name
+        assert m.config.model_fields["name"].default == name
+        assert (m.apply is None) != (m.steps is None)
+
+
+def test_compress_refuses_an_argument_no_method_takes():
+    from modelpress.methods import UniformConfig
+    from modelpress.models import build_model
+
+    with pytest.raises(TypeError, match="calibraton"):
+        compress(build_model("fmnist_cnn"), UniformConfig(), calibraton=None)
+    assert Context.of(calibration=None).calibration is None
