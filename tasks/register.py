@@ -106,9 +106,12 @@ def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
     cycles = (stages.read_json(stages.paths(recipe)["cycles_log"]) or {}).get("cycles", [])
     if stages.method(recipe).steps is None or not cycles:
         return
-    for c in cycles:
-        mlflow.log_metrics({"cycle_sparsity": c["sparsity"], "cycle_top1": c["top1"],
-                            "cycle_packed_bytes": c["packed_bytes"]}, step=c["cycle"])
+    for step, c in enumerate(cycles, 1):  # every figure of every step (pruning: sparsity, top1, packed_bytes, ...)
+        mlflow.log_metrics({f"cycle_{k}": float(v) for k, v in c.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "cycle"}, step=step)
+    if not all("sparsity" in c for c in cycles):
+        mlflow.log_dict({"cycles": cycles}, "cycles.json")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_cycles(cycles, Path(tmp) / "accuracy_vs_sparsity.png", summary.get("teacher_top1"), recipe.run.name)
         mlflow.log_artifact(str(png))

@@ -54,7 +54,7 @@ def method_step(recipe: Recipe, teacher_path: str, step: int, label: str = "step
         record = stages.method_step(recipe, step - 1)
     if not record.get("skipped"):
         row = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
-               if isinstance(v, (int, float, str)) and k != "done"}
+               if isinstance(v, (int, float, str)) and k not in ("done", "state")}
         create_table_artifact([row], key=f"{label}-{step}", description=f"{recipe.method.name}: {label} {step}")
     return record
 

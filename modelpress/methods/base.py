@@ -54,6 +54,7 @@ class Context:
     rewind_state: dict[str, torch.Tensor] | None = None  # weights of the original training to rewind to
     snapshots: list[float] | None = None  # fractions of the teacher's training kept (None: teacher not trained here)
     cache: Callable[[str, Any, Callable[[], Any]], Any] | None = None  # cache(name, key, compute): results reused across runs
+    previous: dict | None = None  # the record of the step before this one (its "state" carries a method's own state)
     arch: dict | None = None  # the packed file's architecture and metadata (exact sizes of what is not compressed)
     meta: dict | None = None
 
@@ -92,7 +93,9 @@ class Steps:
     an earlier run with the same identities are reused); None when the plan has no such step.
     ``count(cfg)``: the number of steps when known in advance, else None.
     ``run(model, cfg, index, ctx)``: do step ``index`` in place; returns its record, with
-    ``done`` (no further step), or None when the goal was met before it.
+    ``done`` (no further step), or None when the goal was met before it. A record's ``state``
+    (JSON, e.g. which weights are fixed) is kept in the step's checkpoint and handed to the next
+    step as ``ctx.previous["state"]``; it is left out of logs and tables.
     ``prepare(model, cfg, ctx)``: checks on the starting model before step 0.
     ``finish(model, cfg, ctx) -> stats``: after the last step (e.g. quantize the survivors).
     """
@@ -147,6 +150,7 @@ def run_steps(steps: Steps, model: nn.Module, cfg: BaseModel, ctx: Context, star
     records, index = [], start
     while (record := steps.run(model, cfg, index, ctx)) is not None:
         records.append(record)
+        ctx.previous = record
         if on_step:
             on_step(index, model, record)
         if record["done"]:

@@ -293,7 +293,8 @@ def method_step(recipe: Recipe, index: int) -> dict:
             raise StageError(f"weight rewinding: no teacher snapshot {snap} (add it to teacher.snapshots)")
         rewind = build_from_packed(read_packed(snap)).to(device).state_dict()
     ctx = _context(recipe, train_batches=loader(train, batch, True, getattr(cfg, "seed", 0)),
-                   teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind)
+                   teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind,
+                   previous=None if index == 0 else read_packed(cycle_path(recipe, index - 1)).meta["cycle"])
     if index == 0:
         m.steps.prepare(model, cfg, ctx)
     record = m.steps.run(model, cfg, index, ctx)
@@ -313,7 +314,7 @@ def _log_steps(recipe: Recipe) -> list[dict]:
     """cycles.json: every finished step's record (what MLflow logs as steps)."""
     records, index = [], 0
     while (rec := _step_done(recipe, index)) is not None:
-        records.append(rec)
+        records.append({k: v for k, v in rec.items() if k != "state"})
         index += 1
     write_json(paths(recipe)["cycles_log"], {"key": stage_key(recipe, "compress"), "cycles": records})
     return records
@@ -347,7 +348,8 @@ def compress_stage(recipe: Recipe, key: str) -> Path:
         last = run_method_steps(recipe)
         student = teacher_model if last is None else build_from_packed(read_packed(cycle_path(recipe, last))).to(device)
         ctx = _context(recipe, teacher=_load_teacher(recipe, device), device=device,
-                       train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)))
+                       train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)),
+                       previous=None if last is None else read_packed(cycle_path(recipe, last)).meta["cycle"])
         stats = m.steps.finish(student, cfg, ctx)
         pack_model(student, p["compressed"], _arch(recipe), meta, "f32", "f32")
         write_json(p["layers"], {"key": key, "layers": _weight_rows(p["compressed"], stats), "cycles": _log_steps(recipe)})
