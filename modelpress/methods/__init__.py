@@ -19,7 +19,7 @@ from typing import Annotated, Union
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
-from . import kmeans, pq, prune, uniform
+from . import kmeans, pq, prune, uniform, wfn
 from .base import Context, Method
 from .kmeans import KMeansConfig, quantize_kmeans
 from .pq import PQConfig, quantize_pq
@@ -32,6 +32,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     prune.PQ_METHOD,
     kmeans.METHOD,  # baselines, packed and measured the same way
     uniform.METHOD,
+    wfn.METHOD,
 )}
 METHOD_NAMES = tuple(REGISTRY)
 _BY_CONFIG = {m.config: m for m in REGISTRY.values()}
