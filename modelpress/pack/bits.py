@@ -15,6 +15,7 @@ from .errors import PackedFormatError
 MAX_CODE_BITS = 16  # widest code pack_bits/unpack_bits handle
 MAX_DECODE_SYMBOLS = 2 ** 28  # most codes one call of the range decoder may produce
 _CHUNK = 2 ** 16  # codes unpacked at a time (a multiple of 8: each chunk starts on a byte)
+_DECODE_CHUNK = 2 ** 20  # codes range-decoded at a time: the native decoder aborts the process when its output cannot be allocated
 
 
 def packed_nbytes(count: int, bits: int) -> int:
@@ -130,9 +131,14 @@ def decode_codes(p: dict, buf: bytes, k: int, count: int) -> np.ndarray:
             raise PackedFormatError("corrupted entry: entropy-coded codes do not match their count")
         try:
             decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, "<u4").astype(np.uint32))
-            codes = np.asarray(decoder.decode(_categorical(counts), count), np.int64)
-        except (ValueError, RuntimeError, TypeError, OverflowError) as e:
-            raise PackedFormatError(f"corrupted entry: entropy-coded codes do not decode ({e})") from None
+            model, codes = _categorical(counts), np.empty(count, np.int64)
+            for start in range(0, count, _DECODE_CHUNK):  # the decoder allocates only a chunk's output at a time
+                stop = min(count, start + _DECODE_CHUNK)
+                codes[start:stop] = decoder.decode(model, stop - start)
+        except BaseException as e:  # constriction: AssertionError on invalid data, a Rust panic as PanicException (a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PackedFormatError(f"corrupted entry: entropy-coded codes do not decode ({type(e).__name__}: {e})") from None
         if codes.shape != (count,) or not np.array_equal(np.bincount(codes, minlength=k)[:k], counts):
             raise PackedFormatError("corrupted entry: entropy-coded codes do not match their histogram")
     else:

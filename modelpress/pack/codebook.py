@@ -97,5 +97,6 @@ def decode_codebook(buf: bytes, k: int, d: int, dtype: str) -> torch.Tensor:
             q = np.frombuffer(buf[head:n], np.int8).astype(np.float32)
         else:
             q = unpack_bits(buf[head:n], bits, k * d).astype(np.float32) - (2 ** (bits - 1) - 1)
-        return torch.from_numpy(q.reshape(k, d) * scale)
+        with np.errstate(invalid="ignore", over="ignore"):  # a scale may be inf/nan: the file says so
+            return torch.from_numpy(q.reshape(k, d) * scale)
     return torch.from_numpy(decode_float(buf[:n], dtype).reshape(k, d))
