@@ -13,6 +13,8 @@ import time
 from prefect import flow
 
 from modelpress.methods import REGISTRY
+from modelpress.methods.base import until_done
+from modelpress.stages import unless_skipped
 from modelpress.recipe import Recipe
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import (
@@ -48,9 +50,8 @@ def compress_flow(recipe: Recipe = Recipe()) -> dict:
     if steps is not None:
         # An iterative method (pruning cycles): one task per step, each retried on its own and
         # checkpointed, so a run killed in step 7 resumes at step 7. The goal sets the number.
-        t0, step = time.perf_counter(), 1
-        while not method_step(recipe, teacher, step, steps.label)["done"]:
-            step += 1
+        t0 = time.perf_counter()
+        until_done(lambda index: unless_skipped(method_step(recipe, teacher, index + 1, steps.label)))
         timings["steps"] = round(time.perf_counter() - t0, 1)
     compressed = timed("compress", compress_model, recipe, teacher)
     finetuned = timed("finetune", finetune_model, recipe, compressed)

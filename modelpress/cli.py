@@ -37,13 +37,9 @@ def _recipe(args):
 
 
 def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "(empty)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line([cell(r.get(c)) for c in cols]) for r in rows])
+    from .report import text_table
+
+    return text_table(rows)
 
 
 def _summary_rows(summary: dict) -> list[dict]:

@@ -82,7 +82,19 @@ def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = 
     return _save(fig, path)
 
 
+def text_table(rows: list[dict]) -> str:
+    """Rows as an aligned plain-text table (the command line's)."""
+    if not rows:
+        return "(empty)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line([cell(r.get(c)) for c in cols]) for r in rows])
+
+
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """Rows as a Markdown table (Prefect artifacts, front.md)."""
     def cell(v):
         if isinstance(v, bool):
             return "yes" if v else ""

@@ -12,6 +12,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from modelpress import stages
+from modelpress.report import markdown_table
 from modelpress.recipe import Recipe
 
 from .common import GPU_TAG, gpu_slot, log_device, retry_transient, ui_progress
@@ -100,9 +101,9 @@ def evaluate_packed(recipe: Recipe, packed_path: str) -> dict:
 
 
 def layer_rows(layers: list[dict]) -> list[dict]:
-    keys = ("layer", "weights", "kept", "sparsity", "block_size", "k", "bytes", "weight_rel_error", "output_rel_error",
-            "output_rel_error_tuned", "kmeans_s")
-    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k in keys} for s in layers]
+    """Every scalar figure of each layer's statistics (whatever the method reports)."""
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+             if isinstance(v, (int, float, str)) and k != "index"} for s in layers]
 
 
 def summary_markdown(summary: dict) -> str:
@@ -114,7 +115,7 @@ def summary_markdown(summary: dict) -> str:
         ("teacher fp32 weights", f"{summary['teacher_fp32_bytes']:,} bytes"),
         ("compression ratio", f"{summary['compression_ratio']:.1f}x"),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return markdown_table([{"": a, " ": b} for a, b in rows], ["", " "])
 
 
 @task(name="summarize", **RETRY)

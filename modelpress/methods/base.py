@@ -141,22 +141,35 @@ class Method:
 StepCallback = Callable[[int, nn.Module, dict], None]
 
 
+def until_done(step: Callable[[int], dict | None], start: int = 0) -> list[dict]:
+    """The one loop of iterative methods: ``step(index)`` for index = start, start + 1, ...
+    until a step reports ``done`` (or returns None: no further step was needed). The library
+    (``run_steps``), the DVC stage and the Prefect flow (one task per step) all loop with it."""
+    records, index = [], start
+    while (record := step(index)) is not None:
+        records.append(record)
+        if record["done"]:
+            break
+        index += 1
+    return records
+
+
 def run_steps(steps: Steps, model: nn.Module, cfg: BaseModel, ctx: Context, start: int = 0,
               on_step: StepCallback | None = None) -> list[dict]:
     """The loop of an iterative method: steps ``start``, ``start + 1``, ... until one reports
     ``done`` (or none is needed). ``on_step(index, model, record)`` after each (checkpoint)."""
     if start == 0:
         steps.prepare(model, cfg, ctx)
-    records, index = [], start
-    while (record := steps.run(model, cfg, index, ctx)) is not None:
-        records.append(record)
-        ctx.previous = record
-        if on_step:
-            on_step(index, model, record)
-        if record["done"]:
-            break
-        index += 1
-    return records
+
+    def one(index: int) -> dict | None:
+        record = steps.run(model, cfg, index, ctx)
+        if record is not None:
+            ctx.previous = record
+            if on_step:
+                on_step(index, model, record)
+        return record
+
+    return until_done(one, start)
 
 
 def codebooks(model: nn.Module, _cfg: BaseModel | None = None) -> list[nn.Parameter]:

@@ -11,6 +11,7 @@ import copy
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import fetch_files, load_dataset, sha256_file
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
+from ..methods.base import until_done
 from ..methods.pq.layer import PQLayer
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
@@ -322,15 +324,13 @@ def _log_steps(recipe: Recipe) -> list[dict]:
 
 def run_method_steps(recipe: Recipe) -> int | None:
     """Every step (or its checkpoint); the index of the last step that ran, None if none was needed."""
-    index, last = 0, None
-    while True:
-        rec = method_step(recipe, index)
-        if rec.get("skipped"):
-            return last
-        last = index
-        if rec["done"]:
-            return last
-        index += 1
+    records = until_done(lambda index: unless_skipped(method_step(recipe, index)))
+    return len(records) - 1 if records else None
+
+
+def unless_skipped(record: dict) -> dict | None:
+    """A step that found the goal met before it (``skipped``) ends the loop as no step."""
+    return None if record.get("skipped") else record
 
 
 # ---- compress ----------------------------------------------------------------------------------
@@ -420,14 +420,14 @@ def _cache(recipe: Recipe):
 def _weight_rows(path: Path, stats: list[dict]) -> list[dict]:
     """Per-layer table of a pruned model: weights, kept, sparsity (+ clustering stats)."""
     extra = {s["layer"]: s for s in stats}
+    packed = read_packed(path)
+    shapes = {name: p["shape"] for name, _enc, p, _buf in packed.entries}
     rows = []
-    for r in read_packed(path).summary():
+    for r in packed.summary():
         if "sparsity" not in r:
             continue
         layer = r["tensor"].removesuffix(".weight")
-        n = 1
-        for dim in r["shape"].split("x"):
-            n *= int(dim)
+        n = math.prod(shapes[r["tensor"]])
         rows.append({"layer": layer, "weights": n, "kept": round(n * (1 - r["sparsity"])), "sparsity": r["sparsity"],
                      **{k: v for k, v in extra.get(layer, {}).items() if k in ("block_size", "k", "weight_rel_error", "kmeans_s")}})
     return rows
@@ -563,6 +563,7 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
 
 __all__ = [
     "calibration_images", "compress_stage", "cycle_path", "evaluate_file", "fetch", "file_content", "finetune_stage",
+    "unless_skipped",
     "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher",
     "snapshot_path", "step_key", "summarize", "teacher",
 ]
