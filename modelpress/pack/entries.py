@@ -1,22 +1,34 @@
 """Tensor codecs of the packed file: one entry ``(name, encoding, params, data)`` per tensor.
 
-Encodings (``params["n"]`` is always the entry's byte count):
+``params["n"]`` is always the entry's byte count in the payload. Encodings:
 
 - ``dense``: raw values, ``dtype`` f32/f16, ``shape``.
-- ``pq``: a codebook (``k`` x ``d``, dtype ``cb``, see codebook.py) then the codes with
-  ``bits`` bits each; the weight is ``codebook[codes].reshape(shape)``.
-- ``sparse``: ``count`` non-zeros: their positions (``pos_n`` bytes: a ``bitmask``, or
-  ``delta`` gap codes) then their values, ``values`` = ``f16``/``f32`` raw or ``pq``.
-- ``affine``: ``scale`` then ``offset`` (one per output channel, dtype ``cb``) then
-  ``bits``-bit codes; the weight is ``offset[c] + code * scale[c]``.
+- ``pq``: a codebook (``k`` x ``d``, dtype ``cb``: f32/f16 raw or an integer codebook
+  i8/i6/i5/i4, see codebook.py) then the codes, ``bits`` bits each (LSB first); the weight is
+  ``codebook[codes].reshape(shape)``.
+- ``sparse``: a weight with ``count`` non-zeros (a pruned layer). First their positions
+  (``pos_n`` bytes), then their values in row-major order. Positions are whichever is smaller
+  for the layer: ``bitmask`` (one bit per weight) or ``delta``: ``tokens`` gap codes of
+  ``pos_bits`` bits, where a code t < E = 2**pos_bits - 1 means "skip t zeros, then a
+  non-zero" and E means "skip E zeros" (long gaps). Values are ``values`` = ``f16``/``f32``
+  raw, or ``pq``: a codebook (``k`` x ``d``, ``cb``) and ``bits``-bit codes over the values
+  cut into sub-vectors of ``d`` (the last one zero-padded).
+- ``affine``: per-output-channel uniform quantization: ``scale`` then ``offset`` (one value
+  per output channel each, dtype ``cb``) then ``bits``-bit codes, one per weight; the weight
+  is ``offset[c] + code * scale[c]``.
 
-Codes are bit-packed or range coded (``coder: "range"``, ``hist_n``), see bits.py.
+Codes (of ``pq``, ``sparse`` with PQ values and ``affine``) are bit-packed, or, where that is
+smaller for the entry, entropy coded (``coder: "range"``): the code histogram (``k`` counts as
+LEB128 varints, ``hist_n`` bytes) then the output of ``constriction``'s range coder (a
+sequence of little-endian 32-bit words) with the categorical model of those counts
+(``perfect=False``), so the loader rebuilds the same model and decodes the same codes (bits.py).
 
 Each encoding has ONE size function (``dense_nbytes``, ``pq_nbytes``, ``affine_nbytes``,
 ``sparse_nbytes``): the writer's layout, the reader's checks and the PQ byte budget all use it.
-:func:`check_entry` validates an entry's params (types, bounds, byte count) before anything
-is decoded; :func:`decode_entry` decodes a checked entry, every failure a PackedFormatError
-naming the entry.
+:func:`check_entry` validates an entry's params (types, bounds, ``n`` equal to the bytes the
+encoding needs) before anything is decoded: an entry decodes to at most MAX_ENTRY_ELEMENTS
+values, and beyond FREE_ELEMENTS to at most MAX_RATIO values per byte it holds.
+:func:`decode_entry` decodes a checked entry, every failure a PackedFormatError naming it.
 """
 
 from __future__ import annotations
