@@ -108,7 +108,7 @@ def main() -> int:
             bad += 1
             print(f"worker {r['worker']}: DIED rc={r['rc']} on {r['last_case']}\n{r['stderr']}")
             continue
-        print(f"worker {r['worker']}: {r['files']} files in {r['seconds']} s, peak RSS {r['peak_rss_mib']} MiB, "
+        print(f"worker {r['worker']}: {r['files']} files in {r['seconds']} s, peak RSS {r['peak_rss_mib']} MiB ({r['rss_before_mib']} MiB before the loop), "
               f"RLIMIT_AS {r['limit_as_mib']} MiB (+{r['extra_as_mib']} MiB over torch's import), "
               f"slowest file {r['slowest_s']} s ({r['slowest']})")
         for o in r["others"]:

@@ -16,20 +16,19 @@ import torch.nn as nn
 
 from modelpress.methods.pq import BlockSpec, PQConfig, PQLayer, quantize_pq
 from modelpress.models import build_model, parameter_bytes
-from modelpress.pack import PackedFormatError, arch_spec, load_packed, pack_model, read_packed
-from modelpress.pack.format import (
+from modelpress.pack import (
     MAGIC,
-    decode_codes,
-    decode_sparse,
-    encode_codes,
-    encode_pq,
-    encode_sparse_pq,
+    PackedFormatError,
+    arch_spec,
+    load_packed,
     model_entries,
-    pack_bits,
+    pack_model,
+    read_packed,
     round_codebook,
-    unpack_bits,
     write_packed,
 )
+from modelpress.pack.bits import decode_codes, encode_codes, pack_bits, unpack_bits
+from modelpress.pack.entries import decode_sparse, encode_pq, encode_sparse_pq
 from modelpress.stages import calibration_images
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -455,3 +454,38 @@ def test_corrupted_entropy_coded_codes_are_rejected():
     bad[p["hist_n"] + 5] ^= 0xFF  # a flipped bit inside the coded stream
     with pytest.raises(PackedFormatError, match="corrupted entry"):
         decode_codes(p, bytes(bad), 8, len(codes))
+
+
+# ---- 7. one size function per encoding; pack never imports the methods ----------------------
+
+@pytest.mark.parametrize("cb", ["f16", "f32", "i8", "i6", "i5", "i4"])
+def test_budget_byte_costs_are_the_packed_entry_sizes(cb):
+    """The PQ byte budget prices a layer with the packed file's own size function."""
+    from modelpress.methods.pq.budget import layer_bytes, pq_bytes
+    from modelpress.pack.entries import encode_dense
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, d, k in [((64, 32, 3, 3), 9, 256), ((10, 256), 8, 100), ((16, 8), 4, 3), ((7, 4), 4, 64), ((256, 3136), 16, 512)]:
+        numel = math.prod(shape)
+        spec = BlockSpec(block_size=d, k=k)
+        kk = min(k, numel // d)
+        _, data = encode_pq(torch.randn(kk, d, generator=gen), torch.randint(kk, (numel // d,), generator=gen), shape, cb,
+                            entropy=False)
+        assert pq_bytes(numel, spec, cb) == layer_bytes(numel, spec, "f16", cb) == len(data), (shape, d, k)
+        for fd in ("f16", "f32"):
+            assert layer_bytes(numel, None, fd, cb) == len(encode_dense(torch.zeros(shape), fd)[1])
+
+
+def test_pack_never_imports_the_methods():
+    """methods -> pack only: a method registers its layer type in pack.codecs."""
+    import ast
+    from pathlib import Path
+
+    import modelpress.pack
+
+    for path in Path(modelpress.pack.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "methods" not in (node.module or ""), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any("methods" in a.name for a in node.names), path.name

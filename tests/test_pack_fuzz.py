@@ -410,6 +410,7 @@ def child(seed: int, count: int, extra_as: int, workdir: Path, seconds: float | 
         load_packed(load_packed_bytes)
     import torchvision  # noqa: F401  (mapped before the limit: an architecture edit may name a torchvision model)
 
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
     limit = _vm_bytes() + extra_as
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     rng = random.Random(seed)
@@ -449,7 +450,7 @@ def child(seed: int, count: int, extra_as: int, workdir: Path, seconds: float | 
     return {"files": done, "outcomes": outcomes, "others": others, "seconds": round(time.perf_counter() - start, 2),
             "slowest_s": round(slowest[0], 3), "slowest": slowest[1][:200], "corpus": len(corpus),
             "limit_as_mib": limit >> 20, "extra_as_mib": extra_as >> 20,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}
+            "rss_before_mib": rss_before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}
 
 
 def run_campaign(seed: int, count: int, workers: int = 2, extra_as: int = EXTRA_AS, timeout: float = 600,

@@ -196,6 +196,8 @@ def read_packed(path: str | Path) -> Packed:
         raise PackedFormatError(f"{path}: no such packed file") from None
     except IsADirectoryError:
         raise PackedFormatError(f"{path}: is a directory, not a packed file") from None
+    except OSError as e:
+        raise PackedFormatError(f"{path}: cannot read the packed file: {e.strerror or e}") from None
     if len(payload) != expected:
         raise PackedFormatError(f"{path}: truncated: payload has {len(payload)} bytes, header says {expected}")
     if hashlib.sha256(payload).hexdigest() != header["sha256"]:
