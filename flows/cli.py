@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from modelpress.cli import _recipe, _summary_rows, _table
@@ -47,7 +49,7 @@ def cmd_run(args) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
     # The temporary Prefect server gets 90 s to start (Prefect's 20 s is missed on a loaded 2-core machine).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    return _supervised(args.argv, lambda: _run_flow(recipe))
+    return _supervised(args.argv, lambda: _run_flow(recipe), Path(recipe.run.workdir) / "logs")
 
 
 def _run_flow(recipe) -> int:
@@ -83,7 +85,7 @@ def cmd_sweep(args) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MODELPRESS_DVC", "off")
-    return _supervised(args.argv, lambda: _run_sweep(sweep))
+    return _supervised(args.argv, lambda: _run_sweep(sweep), sweep.root() / "logs")
 
 
 def _run_sweep(sweep) -> int:
@@ -157,7 +159,42 @@ def _stop_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
 CHILD_ENV = "MODELPRESS_SUPERVISED_CHILD"
 
 
-def _supervised(argv: list[str], work) -> int:
+class TracebackFilter:
+    """Drops Python tracebacks from a stream of lines: the terminal gets the one-line errors,
+    the log file everything (``--debug`` / ``MODELPRESS_DEBUG=1``: the terminal too)."""
+
+    CHAIN = ("The above exception was the direct cause", "During handling of the above exception")
+
+    def __init__(self) -> None:
+        self.skipping = False
+        self.after = False  # just past a traceback: drop blank and chaining lines
+
+    def keep(self, line: str) -> bool:
+        s = line.rstrip("\r\n")
+        if s.startswith(("Traceback (most recent call last):", "Exception Group Traceback")):
+            self.skipping, self.after = True, False
+            return False
+        if self.skipping:
+            if not s or s[0] in " \t|+^~":
+                return False
+            self.skipping, self.after = False, True  # the exception's own line: the error line says it
+            return False
+        if self.after and (not s.strip() or s.startswith(self.CHAIN)):
+            return False
+        self.after = False
+        return True
+
+
+def _relay(stream, log, out, keep) -> None:
+    for raw in iter(stream.readline, b""):
+        log.write(raw)
+        log.flush()
+        if keep(raw.decode(errors="replace")):
+            out.write(raw)
+            out.flush()
+
+
+def _supervised(argv: list[str], work, log_dir: Path) -> int:
     """Run ``work`` (a flow) in a child process running this same command, and wait for it.
     SIGTERM or SIGINT (Ctrl-C) to this process stops the child and all its descendants within
     seconds and exits 143/130: nothing keeps running, and since every stage checkpoints and
@@ -168,7 +205,16 @@ def _supervised(argv: list[str], work) -> int:
         return work()
     sys.stdout.flush()
     sys.stderr.flush()
-    child = subprocess.Popen([sys.executable, "-m", "modelpress", *argv], env={**os.environ, CHILD_ENV: "1"})
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = next(a for a in argv if not a.startswith("-"))
+    log_path = log_dir / f"{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - open while the child runs
+    child = subprocess.Popen([sys.executable, "-m", "modelpress", *argv], env={**os.environ, CHILD_ENV: "1"},
+                             stderr=subprocess.PIPE)
+    debug = bool(os.environ.get("MODELPRESS_DEBUG"))
+    relay = threading.Thread(target=_relay, daemon=True,
+                             args=(child.stderr, log, sys.stderr.buffer, (lambda _l: True) if debug else TracebackFilter().keep))
+    relay.start()
 
     def stop(signum, _frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -180,4 +226,9 @@ def _supervised(argv: list[str], work) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return child.wait()
+    code = child.wait()
+    relay.join(timeout=10)
+    log.close()
+    if code not in (0, 130, 143):
+        print(f"modelpress: full log (with tracebacks): {log_path}", file=sys.stderr, flush=True)
+    return code

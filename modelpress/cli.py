@@ -123,6 +123,7 @@ def cmd_schema(_args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="modelpress", description="Compress PyTorch models into small packed files.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks (by default they go to the log file only)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_params(p):
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     args.argv = argv
+    if args.debug:
+        os.environ["MODELPRESS_DEBUG"] = "1"
     if not getattr(args, "own_logging", False):  # run and sweep: Prefect's logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     return _one_line_errors(lambda: args.fn(args))
