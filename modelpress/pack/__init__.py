@@ -9,6 +9,7 @@ types in codecs.py):
 - ``entries``: tensor codecs (dense, pq, sparse, affine), one size function each, validation
   of an entry's params before decoding, decoding.
 - ``container``: magic, header schema, ``write_packed`` / ``read_packed``, ``Packed``.
+- ``errors``: ``PackedFormatError``, the one error every reader raises.
 - ``arch``: the architecture a file names, its arguments' bounds, the meta-device check of the
   file's tensors against it.
 - ``codecs``: the registry of compressed layer types (encode / rebuild).
