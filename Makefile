@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml setup.py | sha256sum | cut -c1-12)
 
-.PHONY: setup run test test-fast repro lock bench clean
+.PHONY: setup run lint test test-fast repro lock bench clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 # NO_APT=1: no root for apt-get; the run then fetches the data set from params.yaml's other sources.
@@ -30,8 +30,23 @@ $(FMNIST):
 run: setup
 	$(VENV)/bin/modelpress run --params params.yaml $(ARGS)
 
-# Every tier, the unit tier first so that a broken core fails in about a minute.
-test: setup
+# Static checks, all three even when one fails: ruff ([tool.ruff] in pyproject.toml), mypy on
+# modelpress/ ([tool.mypy]) and the import contracts ([tool.importlinter]). lint-imports reads the
+# files under modelpress/ and does not follow setup.py's package-dir, so it checks a temporary copy
+# shaped like the installed package: flows/ and tasks/ as modelpress/flows and modelpress/tasks.
+lint: setup
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	tree=$$(mktemp -d); \
+	cp -r modelpress pyproject.toml $$tree/ && cp -r flows $$tree/modelpress/flows && cp -r tasks $$tree/modelpress/tasks \
+	  && (cd $$tree && $(abspath $(VENV))/bin/lint-imports --no-logo --no-cache) || status=1; \
+	rm -rf $$tree; \
+	exit $$status
+
+# The static checks (seconds; ~40 s with mypy's cache empty), then every tier, the unit tier first
+# so that a broken core fails in about a minute. .ci/run runs the same three steps.
+test: lint
 	$(PY) -m pytest -q --tier unit
 	$(PY) -m pytest -q --tier pipeline --tier services
 

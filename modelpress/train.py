@@ -79,6 +79,7 @@ def fit(
     """
     device = device or next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
+    opt: torch.optim.Optimizer
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     elif optimizer == "adamw":
@@ -100,7 +101,7 @@ def fit(
             sched.step()
             losses.append(loss.item())
             step += 1
-            prog.update(loss=sum(losses[-20:]) / len(losses[-20:]), lr=sched.get_last_lr()[0])
+            prog.update(loss=sum(losses[-20:]) / len(losses[-20:]), lr=float(sched.get_last_lr()[0]))
             if on_step is not None:
                 on_step(step, total)
             if step >= total:

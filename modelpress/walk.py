@@ -12,7 +12,7 @@ COMPRESSIBLE = (nn.Conv2d, nn.Linear)
 
 def named_layers(
     model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None
-) -> Iterator[tuple[str, nn.Module]]:
+) -> Iterator[tuple[str, nn.Conv2d | nn.Linear]]:
     """Yield (fqn, module) for Conv2d/Linear layers in registration order."""
     for name, module in model.named_modules():
         if isinstance(module, COMPRESSIBLE) and (filter_fn is None or filter_fn(name, module)):

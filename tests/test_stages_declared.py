@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helpers import REPO
 from modelpress import stages
 from modelpress.methods import REGISTRY, compress
 from modelpress.methods.base import Context
 from modelpress.recipe import Recipe
 from modelpress.stages.declare import SPECS, _value
+
+from helpers import REPO
 
 pytestmark = pytest.mark.unit
 

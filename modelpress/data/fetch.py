@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 CHUNK_SIZE = 1 << 20
 PROGRESS_MIN_BYTES = 8 << 20  # files at least this big get progress lines
@@ -232,8 +232,8 @@ def _copy(stream: _Stream, out, progress: Callable[[int, int], None]) -> tuple[s
     Calls ``progress(done, total)`` about every 25% for big files of known size.
     """
     digest, done = hashlib.sha256(), 0
-    total = stream.total
-    report = total is not None and total >= PROGRESS_MIN_BYTES
+    # progress only for big files of known size
+    total = stream.total if stream.total is not None and stream.total >= PROGRESS_MIN_BYTES else None
     next_mark = 1
     while True:
         try:
@@ -245,7 +245,7 @@ def _copy(stream: _Stream, out, progress: Callable[[int, int], None]) -> tuple[s
         out.write(chunk)
         digest.update(chunk)
         done += len(chunk)
-        if report and done * 4 >= next_mark * total:
+        if total is not None and done * 4 >= next_mark * total:
             progress(done, total)
             next_mark = done * 4 // total + 1
 
@@ -276,7 +276,7 @@ def _open_http(url: str, timeout: float) -> Iterator[_Stream]:
 
 
 @contextlib.contextmanager
-def _open_s3(client: Callable[[], object], bucket: str, key: str) -> Iterator[_Stream]:
+def _open_s3(client: Callable[[], Any], bucket: str, key: str) -> Iterator[_Stream]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
