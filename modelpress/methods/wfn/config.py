@@ -31,9 +31,9 @@ class WFNConfig(BaseModel):
                     "value is the power of two just below it.",
     )
     regularisation_ratio: float = Field(
-        0.1, ge=0,
-        description="Weight of the term pulling free weights toward the value they would be fixed to, as a ratio of "
-                    "the task loss (0 = no regularisation).",
+        1.0, ge=0,
+        description="Weight of the term pulling free weights toward the nearest value already in use, as a ratio "
+                    "of the task loss at each step (the reference code's default: 1; 0 = no regularisation).",
     )
     epochs_per_iteration: float = Field(
         1.0, ge=0, le=1000, description="Epochs of retraining of the free weights after each iteration but the last.",

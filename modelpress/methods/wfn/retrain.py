@@ -55,18 +55,16 @@ def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.nda
         free = ~mask.to(w.device)
         if not free.any():
             continue
-        flat = w.detach().reshape(-1)[free.reshape(-1)].cpu().double().numpy()
-        target = torch.from_numpy(values[nearest(values, flat)]).to(w.device, w.dtype)
-        parts.append((w, free.reshape(-1), target))
+        flat = w.detach().cpu().double().reshape(-1).numpy()
+        target = torch.from_numpy(values[nearest(values, flat)]).reshape(w.shape).to(w.device, w.dtype)
+        parts.append((w, free.to(w.dtype), target))  # dense tensors: cheaper than indexing the free weights
     n = sum(int(f.sum()) for _, f, _ in parts)
     if n == 0:
         return None
 
     def term() -> torch.Tensor:
-        total = 0.0
-        for w, free, target in parts:
-            x = w.reshape(-1)[free]
-            total = total + (((x - target) / x.detach().abs().clamp_min(zero_distance)) ** 2).sum()
+        total = sum(((w - target) * free / w.detach().abs().clamp_min(zero_distance)).square().sum()
+                    for w, free, target in parts)
         return total / n
 
     return term
