@@ -14,7 +14,7 @@ class WFNConfig(BaseModel):
     set of powers of two (and sums of two), retraining the weights still free in between."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["wfn"] = "wfn"
+    name: Literal["wfn"] = Field("wfn", description="Weight Fixing Networks (Subia-Waud & Dasmahapatra, ECCV 2022).")
     distance_allowed: float = Field(
         0.01, gt=0, le=0.5,
         description="delta: a free weight w may be fixed to a value c when its relative distance |w - c| / |w| is at "
