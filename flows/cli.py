@@ -185,11 +185,15 @@ class TracebackFilter:
         return True
 
 
-def _relay(stream, log, out, keep) -> None:
+def _relay(stream, log, out, keep, held: list[bytes]) -> None:
+    """Child's stderr to the log (all) and the terminal (``keep``); the child's error line is
+    held back and written last, after whatever shutdown logs follow it."""
     for raw in iter(stream.readline, b""):
         log.write(raw)
         log.flush()
-        if keep(raw.decode(errors="replace")):
+        if raw.startswith(b"modelpress: error: "):
+            held.append(raw)
+        elif keep(raw.decode(errors="replace")):
             out.write(raw)
             out.flush()
 
@@ -209,11 +213,13 @@ def _supervised(argv: list[str], work, log_dir: Path) -> int:
     command = next(a for a in argv if not a.startswith("-"))
     log_path = log_dir / f"{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - open while the child runs
+    print(f"modelpress: log (with tracebacks): {log_path}", file=sys.stderr, flush=True)
     child = subprocess.Popen([sys.executable, "-m", "modelpress", *argv], env={**os.environ, CHILD_ENV: "1"},
                              stderr=subprocess.PIPE)
     debug = bool(os.environ.get("MODELPRESS_DEBUG"))
-    relay = threading.Thread(target=_relay, daemon=True,
-                             args=(child.stderr, log, sys.stderr.buffer, (lambda _l: True) if debug else TracebackFilter().keep))
+    held: list[bytes] = []
+    relay = threading.Thread(target=_relay, daemon=True, args=(child.stderr, log, sys.stderr.buffer,
+                                                               (lambda _l: True) if debug else TracebackFilter().keep, held))
     relay.start()
 
     def stop(signum, _frame):
@@ -229,6 +235,7 @@ def _supervised(argv: list[str], work, log_dir: Path) -> int:
     code = child.wait()
     relay.join(timeout=10)
     log.close()
-    if code not in (0, 130, 143):
-        print(f"modelpress: full log (with tracebacks): {log_path}", file=sys.stderr, flush=True)
+    for line in held:
+        sys.stderr.buffer.write(line)
+    sys.stderr.flush()
     return code

@@ -61,6 +61,21 @@ def test_invalid_params_file(tmp_path):
     _one_line_error(run_cli("run", "--params", str(bad)), "method.kmeans_iters")
 
 
+def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_path):
+    """A bad checkpoint fails inside the teacher task: the terminal shows the one-line error
+    and no traceback, the run's log file has the traceback, nothing is retried."""
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    work = tmp_path / "w"
+    proc = run_cli("run", "-S", f"run.workdir={work}", "-S", f"teacher.weights={empty}", "-S", "registry.enabled=false",
+                   "-S", f"data.sources=[{FMNIST}]")
+    _one_line_error(proc, "empty.pt", "cannot be loaded")
+    assert "Traceback" not in proc.stderr and "Retry" not in proc.stderr
+    logs = list((work / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"log (with tracebacks): {logs[0]}" in proc.stderr
+    assert "Traceback (most recent call last)" in logs[0].read_text()
+
+
 def test_wrong_checksum(tmp_path):
     files = "{" + ", ".join(f"{f}: {'ab' * 32 if f.startswith('t10k-labels') else sha256_file(FMNIST / f)}" for f in FILES) + "}"
     proc = run_cli("stage", "fetch", "-S", f"run.workdir={tmp_path}", "-S", f"data.sources=[{FMNIST}]", "-S", f"data.files={files}")
