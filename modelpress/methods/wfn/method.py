@@ -25,11 +25,11 @@ from ...walk import check_patterns, matches, named_layers, set_module
 from ..base import Context, Method, Steps, run_steps
 from ..pq import PQLayer
 from .config import WFNConfig
-from .retrain import retrain
+from .retrain import layer_weight, retrain
 from .values import candidate_levels, choose, decode_mask, encode_mask, value_stats
 
 
-def fixable(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+def fixable(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     """Every Conv2d/Linear whose weight is fixed (biases and BatchNorm never are). Raises
     ValueError for an exclusion that names no layer, a grouped convolution (not supported by
     the packed layer: exclude it), or nothing left to fix."""
@@ -68,7 +68,7 @@ def fixed_masks(model: nn.Module, cfg: WFNConfig, ctx: Context, index: int) -> d
 
 
 def _fixed_values(model: nn.Module, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([model.get_submodule(n).weight.detach().cpu()[mask] for n, mask in masks.items()])
+    return torch.cat([layer_weight(model, n).detach().cpu()[mask] for n, mask in masks.items()])
 
 
 def identity(cfg: WFNConfig, index: int, _ctx: Context) -> list | None:
@@ -92,7 +92,7 @@ def fix_to(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], fra
     """Fix more weights, network-wide, until ``fraction`` of them are fixed (the rule:
     values.choose). Updates ``masks`` and the weights in place; returns what it did."""
     names = list(masks)
-    weights = [model.get_submodule(n).weight for n in names]
+    weights = [layer_weight(model, n) for n in names]
     flat = torch.cat([w.detach().reshape(-1).cpu().double() for w in weights]).numpy()
     fixed = torch.cat([masks[n].reshape(-1) for n in names]).numpy()
     total = flat.size
@@ -150,7 +150,7 @@ def finish(model: nn.Module, cfg: WFNConfig, ctx: Context) -> list[dict]:
     if is_int_codebook(ctx.codebook_dtype):
         raise ValueError(f"wfn: pack.codebook_dtype {ctx.codebook_dtype} cannot hold the fixed values exactly; use f16 or f32")
     state = (ctx.previous or {}).get("state") or {}
-    stats = []
+    stats, everything = [], []
     for name, layer in fixable(model, cfg.exclude):
         w = layer.weight.detach()
         text = state.get("fixed", {}).get(name)
@@ -159,12 +159,12 @@ def finish(model: nn.Module, cfg: WFNConfig, ctx: Context) -> list[dict]:
         values, codes = torch.unique(w.cpu().float().reshape(-1), return_inverse=True)
         pq = PQLayer(layer, values[:, None], codes, block_size=1)
         set_module(model, name, pq)
-        _, data = encode_pq(pq.codebook, pq.codes, pq.weight_shape, ctx.codebook_dtype)
+        _, data = encode_pq(values[:, None], codes, pq.weight_shape, ctx.codebook_dtype)
         unique, entropy = value_stats(values[codes])
         stats.append({"layer": name, "weights": w.numel(), "unique_values": unique, "entropy_bits": entropy,
                       "bytes": len(data), "bits_per_weight": 8 * len(data) / w.numel(), "k": unique, "block_size": 1})
-    everything = torch.cat([m.codebook.detach().reshape(-1)[m.codes] for n, m in model.named_modules() if isinstance(m, PQLayer)])
-    unique, entropy = value_stats(everything)
+        everything.append(values[codes])
+    unique, entropy = value_stats(torch.cat(everything))
     log.info("wfn: %d layers packed, %d values network-wide, %.3f bits/weight entropy", len(stats), unique, entropy)
     return stats
 

@@ -18,6 +18,14 @@ from .config import WFNConfig
 from .values import nearest
 
 
+def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the Conv2d/Linear at ``name``."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"wfn: {name} is a {type(layer).__name__}, not a Conv2d/Linear")
+    return layer.weight
+
+
 @contextlib.contextmanager
 def hold_fixed(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[Callable[..., None]]:
     """Fixed weights (mask True) get no gradient, so momentum and Adam moments never move them;
@@ -25,7 +33,7 @@ def hold_fixed(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[Cal
     value exactly: call it after each optimizer step (``fit(on_step=...)``). Also done on exit."""
     held, handles = [], []
     for name, mask in masks.items():
-        w = model.get_submodule(name).weight
+        w = layer_weight(model, name)
         m = mask.to(w.device, torch.bool)
         held.append((w, m, w.detach().clone()))
         free = (~m).to(w.dtype)
@@ -51,7 +59,7 @@ def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.nda
     retraining. None when no weight is free."""
     parts = []
     for name, mask in masks.items():
-        w = model.get_submodule(name).weight
+        w = layer_weight(model, name)
         free = ~mask.to(w.device)
         if not free.any():
             continue
@@ -63,15 +71,15 @@ def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.nda
         return None
 
     def term() -> torch.Tensor:
-        total = sum(((w - target) * free / w.detach().abs().clamp_min(zero_distance)).square().sum()
-                    for w, free, target in parts)
+        total = torch.stack([((w - target) * free / w.detach().abs().clamp_min(zero_distance)).square().sum()
+                             for w, free, target in parts]).sum()
         return total / n
 
     return term
 
 
 def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], values: np.ndarray, index: int,
-            batches: DataLoader, teacher: nn.Module | None, device: torch.device | None) -> list[float]:
+            batches: DataLoader | None, teacher: nn.Module | None, device: torch.device | None) -> list[float]:
     """``cfg.epochs_per_iteration`` epochs on every parameter but the fixed weights (biases and
     BatchNorm included), seeded by the iteration (a re-run gives the same weights).
 
@@ -79,6 +87,7 @@ def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], va
     each step to ``regularisation_ratio`` times the task loss (as the reference code's alpha)."""
     if cfg.loss == "distill" and teacher is None:
         raise ValueError("wfn: loss='distill' needs the teacher (teacher=...)")
+    source = teacher
     if batches is None:
         raise ValueError("wfn: retraining needs training batches (train_batches=...)")
     torch.manual_seed(cfg.seed + index)
@@ -92,8 +101,9 @@ def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], va
         if cfg.loss == "labels":
             task = F.cross_entropy(out, y)
         else:
+            assert source is not None
             with torch.no_grad():
-                t = teacher(x)
+                t = source(x)
             task = distill_loss(out, t, 1.0)
         if reg is None:
             return task

@@ -48,17 +48,18 @@ def candidate_levels(max_order: int, zero_distance: float, max_abs: float) -> li
     exps = np.arange(lo, hi + 1)
     terms = [np.ldexp(1.0, exps)]
     if max_order >= 2:
-        a, b = np.meshgrid(np.arange(lo, hi + 1), np.arange(-SPAN, 0), indexing="ij")
-        b = a + b
-        ok = b >= F16_MIN_EXP
-        base, small = np.ldexp(1.0, a[ok]), np.ldexp(1.0, b[ok])
+        a2, d2 = (g.reshape(-1) for g in np.meshgrid(np.arange(lo, hi + 1), np.arange(-SPAN, 0), indexing="ij"))
+        b2 = a2 + d2
+        ok = b2 >= F16_MIN_EXP
+        base, small = np.ldexp(1.0, a2[ok]), np.ldexp(1.0, b2[ok])
         terms.append(np.concatenate([base + small, base - small]))
     if max_order >= 3:
-        a, b, c = np.meshgrid(np.arange(lo, hi + 1), np.arange(-SPAN, 0), np.arange(-SPAN, 0), indexing="ij")
-        keep = (b > c)
-        a, b, c = a[keep], a[keep] + b[keep], a[keep] + c[keep]
-        ok = c >= F16_MIN_EXP
-        base, mid, small = np.ldexp(1.0, a[ok]), np.ldexp(1.0, b[ok]), np.ldexp(1.0, c[ok])
+        grid = np.meshgrid(np.arange(lo, hi + 1), np.arange(-SPAN, 0), np.arange(-SPAN, 0), indexing="ij")
+        a3, db, dc = (g.reshape(-1) for g in grid)
+        keep = db > dc
+        a3, b3, c3 = a3[keep], a3[keep] + db[keep], a3[keep] + dc[keep]
+        ok = c3 >= F16_MIN_EXP
+        base, mid, small = np.ldexp(1.0, a3[ok]), np.ldexp(1.0, b3[ok]), np.ldexp(1.0, c3[ok])
         terms.append(np.concatenate([base + mid + small, base + mid - small, base - mid + small, base - mid - small]))
     levels, acc = [], np.zeros(0)
     top = 2.0 ** hi
