@@ -21,13 +21,25 @@ from pathlib import Path
 from modelpress.cli import _recipe, _summary_rows, _table
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_commands(sub, with_params) -> None:
     """Add this module's subcommands to the ``modelpress`` parser."""
     run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     run.set_defaults(fn=cmd_run, own_logging=True)
     sw = with_params(sub.add_parser("sweep", help="compress at many points; the accuracy-vs-bytes front"))
     sw.add_argument("sweep", help="sweep file (YAML): name, points, budgets, concurrency, runner")
-    sw.add_argument("--concurrency", type=int, default=None, help="points computed at once (overrides the file)")
+    sw.add_argument("--concurrency", type=_positive, default=None, help="points computed at once (overrides the file)")
     sw.set_defaults(fn=cmd_sweep, own_logging=True)
     mo = sub.add_parser("models", help="registered models: list, or show NAME[@ALIAS]")
     mo.add_argument("action", choices=("list", "show"))

@@ -25,14 +25,38 @@ class RecipeError(ValueError):
     """params.yaml (or a parameter override) is invalid; the message names the field."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently, so a duplicated section would quietly lose half its settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_mapping(path: Path, what: str) -> dict:
     """A YAML (or JSON) file holding a mapping; RecipeError naming the file otherwise."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory, not a {what}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a {what} is YAML or JSON)") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raise RecipeError(f"{path}: empty {what} (no parameters); the defaults are `modelpress schema`'s")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping, got {type(raw).__name__}")
     return raw
@@ -74,11 +98,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Names that become file names, MLflow names or URL parts: letters, digits, '.', '_', '-'.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class RunConfig(_Section):
-    name: str = Field("fmnist-cnn-pq", description="Run name, used for the MLflow run and output names.")
+    name: str = Field("fmnist-cnn-pq", pattern=SAFE_NAME,
+                      description="Run name, used for the MLflow run and output names (letters, digits, '.', '_', '-').")
     seed: int = Field(0, description="Seed of every random choice (shuffles, k-means, calibration images).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else the CPU.")
-    workdir: str = Field("data", description="Where every stage writes its outputs (tracked by DVC).")
+    workdir: str = Field("data", min_length=1, description="Where every stage writes its outputs (tracked by DVC).")
     version_outputs: bool = Field(True, description="Record the outputs in dvc.lock and push them to the DVC remote "
                                                     "(off for a sweep's points: experiments, not the pipeline's state).")
 
@@ -164,11 +193,20 @@ class PackConfig(_Section):
 
 class RegistryConfig(_Section):
     enabled: bool = Field(True, description="Register the packed model in the MLflow model registry.")
-    model_name: str | None = Field(None, description="Registered model name; default '<teacher arch>-<method>'.")
-    experiment: str = Field("modelpress", description="MLflow experiment of the run.")
+    model_name: str | None = Field(None, pattern=SAFE_NAME,
+                                   description="Registered model name (letters, digits, '.', '_', '-'); default '<teacher arch>-<method>'.")
+    experiment: str = Field("modelpress", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,199}$",
+                            description="MLflow experiment of the run (letters, digits, ' ._/-'; no '..').")
     max_top1_drop: float = Field(
         1.0, ge=0, description="Promotion rule: 'champion' goes to the smallest version losing at most this many top-1 points."
     )
+
+    @field_validator("experiment")
+    @classmethod
+    def _no_parent(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError(f"must not contain '..' (got {v!r})")
+        return v
 
 
 def _method_schema(schema: dict) -> None:
@@ -216,7 +254,10 @@ class Recipe(_Section):
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"override {item!r} must look like section.key=value")
-            items.append((key, yaml.safe_load(value)))
+            try:
+                items.append((key, load_yaml(value)))
+            except yaml.YAMLError as e:
+                raise RecipeError(f"override {item!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
         return cls.parse(apply_overrides(raw, items), source=str(path))
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Recipe:

@@ -118,6 +118,8 @@ def preflight(recipe: Recipe) -> None:
     """Check what can be checked from the recipe and the architecture alone (layer names,
     block sizes, prunable layers, byte budgets), so a bad setting fails in seconds, before a
     teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
+    if recipe.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but this machine has no CUDA device (use auto or cpu)")
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
     src = recipe.finetune.distill_from
     if src is not None:

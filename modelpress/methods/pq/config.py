@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class BlockSpec(BaseModel):
@@ -29,7 +29,8 @@ class PQConfig(BaseModel):
         None, ge=1, description="Byte budget of the packed file: each layer's block size and k (or fp16) are chosen "
                                 "to fit it with the least damage; conv/pointwise/linear/overrides are then ignored.",
     )
-    budget_k: list[int] = Field([16, 32, 64, 128, 256], description="Centroid counts the byte budget chooses from.")
+    budget_k: list[int] = Field([16, 32, 64, 128, 256], min_length=1,
+                                description="Centroid counts the byte budget chooses from (each 2..65536).")
     budget_images: int = Field(256, ge=16, description="Calibration images on which each candidate's damage is measured.")
     activation_weighted: bool = Field(True, description="Minimise ||X(W - W_hat)||^2 on in-domain inputs instead of ||W - W_hat||^2.")
     calibration_images: int = Field(1024, ge=16, description="In-domain images whose activations define each layer's objective.")
@@ -41,6 +42,14 @@ class PQConfig(BaseModel):
     layer_finetune_lr: float = Field(1e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     seed: int = 0
+
+    @field_validator("budget_k")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if not 2 <= k <= 65536]
+        if bad:
+            raise ValueError(f"every k must be in 2..65536, got {bad}")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _linear_init_scalar(self) -> "PQConfig":

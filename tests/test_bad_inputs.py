@@ -1,0 +1,93 @@
+"""Bad input refused up front, by the one schema (what the CLI, the Prefect form and DVC read):
+each case fails with a RecipeError (the CLI prints it as one line) naming the field or file."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelpress.recipe import Recipe, RecipeError
+
+pytestmark = pytest.mark.unit
+
+BAD_FIELDS = [
+    ({"run": {"name": "../../x y/z"}}, "run.name"),
+    ({"run": {"name": ""}}, "run.name"),
+    ({"run": {"workdir": ""}}, "run.workdir"),
+    ({"run": {"device": "tpu"}}, "run.device"),
+    ({"run": {"seed": "zero"}}, "run.seed"),
+    ({"registry": {"model_name": "my model v1"}}, "registry.model_name"),
+    ({"registry": {"model_name": "team/model"}}, "registry.model_name"),
+    ({"registry": {"experiment": "../../evil-exp"}}, "registry.experiment"),
+    ({"registry": {"experiment": "a/../b"}}, "registry.experiment"),
+    ({"registry": {"max_top1_drop": -1}}, "registry.max_top1_drop"),
+    ({"method": {"budget_k": []}}, "method.budget_k"),
+    ({"method": {"budget_k": [0]}}, "method.budget_k"),
+    ({"method": {"budget_k": [70000]}}, "method.budget_k"),
+    ({"method": {"target_bytes": 0}}, "method.target_bytes"),
+    ({"method": {"name": "nope"}}, "method"),
+    ({"method": {"name": "prune", "target_sparsity": 1.0}}, "method.target_sparsity"),
+    ({"method": {"name": "kmeans", "bits": 9}}, "method.bits"),
+    ({"method": {"name": "uniform", "bits": 0}}, "method.bits"),
+    ({"data": {"files": {}}}, "data.files"),
+    ({"data": {"files": {"a.gz": "xyz"}}}, "data.files"),
+    ({"data": {"sources": []}}, "data.sources"),
+    ({"data": {"name": "imagenet"}}, "data.name"),
+    ({"teacher": {"arch": "resnet9000"}}, "teacher.arch"),
+    ({"teacher": {"epochs": 0}}, "teacher.epochs"),
+    ({"teacher": {"snapshots": [1.5]}}, "teacher.snapshots"),
+    ({"finetune": {"epochs": -1}}, "finetune.epochs"),
+    ({"pack": {"codebook_dtype": "i3"}}, "pack.codebook_dtype"),
+    ({"unknown_section": {}}, "unknown_section"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), BAD_FIELDS, ids=[f for _, f in BAD_FIELDS])
+def test_bad_field_names_itself(raw, field):
+    with pytest.raises(RecipeError) as e:
+        Recipe.parse(raw)
+    assert f": {field}" in str(e.value) and "\n" not in str(e.value)
+
+
+BAD_FILES = [
+    ("", "empty"),
+    ("run:\n  name: a\nrun:\n  seed: 1\n", "given twice"),
+    ("method:\n  kmeans_iters: 3\n  kmeans_iters: 4\n", "given twice"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("run: [unclosed\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "needle"), BAD_FILES)
+def test_bad_params_file_names_the_file(tmp_path, text, needle):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=needle) as e:
+        Recipe.from_yaml(path)
+    assert str(path) in str(e.value)
+
+
+def test_binary_params_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(RecipeError, match="not a text file"):
+        Recipe.from_yaml(path)
+
+
+def test_bad_override_value_names_the_override(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("run:\n  seed: 1\n")
+    with pytest.raises(RecipeError, match="method.budget_k=\\[16"):
+        Recipe.from_yaml(path, ["method.budget_k=[16, 32"])
+    with pytest.raises(RecipeError, match="section.key=value"):
+        Recipe.from_yaml(path, ["no-equals-sign"])
+
+
+def test_cuda_on_a_machine_without_one_fails_up_front():
+    import torch
+
+    from modelpress.stages import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        preflight(Recipe.parse({"run": {"device": "cuda"}}))
