@@ -5,8 +5,8 @@ disk and the ratio to the fp32 teacher; then pruning followed by quantization of
     python bench/prune_bench.py                        # all rows (about 40 min on 2 CPU cores)
     python bench/prune_bench.py --retrain lr_rewind --targets 0.5 0.9
 
-Each row is a real pipeline run (modelpress.stages: compress -> finetune -> pack, then the
-packed file is loaded and evaluated on the full test set). One chain of pruning cycles per
+Each row is a real pipeline run (``modelpress.sweep.run_point``: compress -> finetune -> pack,
+then the packed file is loaded and evaluated on the full test set). One chain of pruning cycles per
 retraining mode serves every sparsity: a run to 90 % with milestones at 50 and 80 % reuses the
 cycles of the run to 95 % (same schedule prefix), so nothing is trained twice. The teacher is
 trained once with params.yaml's settings (3 epochs) and shared.
@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,16 +42,12 @@ def base_pq() -> dict:
 
 
 def run_row(recipe) -> dict:
-    from modelpress import stages
+    """One row: the sweep's point runner, in this process (compress -> finetune -> pack ->
+    evaluate the packed file); its summary with the row's seconds."""
+    from modelpress.sweep import run_point
 
-    t0 = time.perf_counter()
-    stages.compress_stage(recipe)
-    stages.finetune_stage(recipe)
-    stages.pack_stage(recipe)
-    ev = stages.evaluate_file(stages.paths(recipe)["packed"], recipe)
-    summary = stages.summarize(recipe, ev)
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
+    rec = run_point(recipe)
+    return {**rec["summary"], "seconds": rec["seconds"]["total"]}
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from modelpress import stages
 from modelpress.sweep import SweepConfig
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import fetch_dataset, prepare_teacher
-from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, run_point, start_parent_run
+from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, start_parent_run, sweep_point_task
 
 
 @flow(name="modelpress-sweep", log_prints=True)
@@ -29,7 +29,7 @@ def sweep_flow(sweep: SweepConfig) -> dict:
         shared = sweep.shared_recipe()
         prepare_teacher(shared, fetch_dataset(shared))
     t0 = time.perf_counter()
-    futures = {name: run_point.submit(sweep, name, recipe) for name, recipe in points}
+    futures = {name: sweep_point_task.submit(sweep, name, recipe) for name, recipe in points}
     results, failed = {}, {}
     for name, future in futures.items():
         try:

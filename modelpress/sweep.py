@@ -2,9 +2,14 @@
 
 A sweep is a base recipe plus named points, each a set of ``section.key: value`` overrides
 (any method and its knobs, or just a byte budget). Every point is an ordinary compression run
-in its own folder; they share the sweep's dataset and teacher. Plain library code: the
-Prefect flow (flows/sweep.py) fans the points out, this module defines them, runs one, and
-writes the results.
+in its own folder; they share the sweep's dataset and teacher. Plain library code: this
+module defines the points, runs one (:func:`sweep_point`, the one point runner: reuse a
+finished point, else compute it in its own process) and writes the results. The Prefect flow
+(flows/sweep.py) fans the points out through it; :func:`run_local` runs a whole sweep with the
+library alone (no Prefect, MLflow or DVC), for a machine with PyTorch and little else::
+
+    python -m modelpress.sweep SWEEP.yaml --params P.yaml [-S k=v] [--only a,b] [--concurrency N]
+        [--threads N] [--workdir DIR] [--deadline-s N] [--out results.json]
 
 Folder of a sweep (``workdir``, default ``<run.workdir>/sweeps/<name>``)::
 
@@ -18,6 +23,8 @@ Folder of a sweep (``workdir``, default ``<run.workdir>/sweeps/<name>``)::
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import ctypes
 import io
@@ -30,6 +37,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -168,9 +177,9 @@ def link_shared(recipe: Recipe, root: Path) -> None:
 
 
 def point_key(recipe: Recipe) -> str:
-    from .stages import finetune_key
+    from .stages import stage_key
 
-    return recipe.section_hash("pack", "data", extra=finetune_key(recipe))
+    return recipe.section_hash("pack", "data", extra=stage_key(recipe, "finetune"))
 
 
 def point_path(recipe: Recipe) -> Path:
@@ -190,7 +199,8 @@ def finished_point(recipe: Recipe) -> dict | None:
 
 
 def run_point(recipe: Recipe) -> dict:
-    """Compress, fine-tune, pack and evaluate one point (the teacher must be there). The
+    """Compress, fine-tune, pack and evaluate one point in this process (the teacher must be
+    there): what :func:`sweep_point`'s child process runs (``modelpress stage point``). The
     result is written to point.json last, so a killed point leaves no result and is redone,
     continuing from its own checkpoints."""
     from . import stages
@@ -236,9 +246,15 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             timed_out = threading.Event()
-            watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill())) if timeout_s else None
+
+            def kill() -> None:
+                timed_out.set()
+                proc.kill()
+
+            watchdog = threading.Timer(timeout_s, kill) if timeout_s else None
             if watchdog:
                 watchdog.start()
+            assert proc.stderr is not None  # stderr=PIPE
             try:
                 for line in proc.stderr:
                     line = line.rstrip()
@@ -261,19 +277,45 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def compute_point(sweep: SweepConfig, name: str, recipe: Recipe, timeout_s: float | None = None,
-                  log: Callable[[str], None] | None = None, threads: int | None = None,
-                  timeout_why: str = "sweep point_timeout_h") -> dict:
-    """One local point of ``sweep`` in its own process (:func:`run_point_process`), with the
-    sweep's shared dataset, teacher and cache; its point.json gets the wall time seen here."""
-    link_shared(recipe, sweep.root())
-    t0 = time.perf_counter()
-    rec = run_point_process(recipe, threads or sweep.point_threads(), timeout_s, name=name, log=log, timeout_why=timeout_why)
-    rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    from .stages import write_json
+class NotStarted(RuntimeError):
+    """A point left unstarted because the run's deadline had passed."""
 
-    write_json(point_path(recipe), rec)
-    return rec
+
+def sweep_point(sweep: SweepConfig, name: str, recipe: Recipe, timeout_s: float | None = None,
+                log: Callable[[str], None] | None = None, threads: int | None = None,
+                timeout_why: str = "sweep point_timeout_h", gate: contextlib.AbstractContextManager | None = None,
+                deadline: float | None = None, note: Callable[[str], None] | None = None) -> dict:
+    """One local point of ``sweep``: what every sweep runner calls (the Prefect task, :func:`run_local`).
+
+    A point that already finished with these settings (:func:`finished_point`) is returned as
+    it is, ``reused: True``. Otherwise, once ``gate`` (a concurrency limit) lets it, it is
+    computed in its own process (:func:`run_point_process`) with the sweep's shared dataset,
+    teacher and cache, killed after ``timeout_s`` (or at ``deadline``, a ``time.perf_counter()``
+    instant: :class:`NotStarted` if that has passed before it starts); its point.json gets the
+    wall time seen here, ``reused: False``. ``log`` gets the point process's lines, ``note``
+    this function's own (finished before, starting)."""
+    done = finished_point(recipe)
+    if done is not None:
+        if note:
+            note(f"point {name}: finished before ({done['summary']['packed_bytes']} bytes, "
+                 f"top-1 {done['summary']['compressed_top1']:.2f}%), not recomputed")
+        return {**done, "reused": True}
+    threads = threads or sweep.point_threads()
+    with gate if gate is not None else contextlib.nullcontext():
+        if deadline is not None:
+            timeout_s = deadline - time.perf_counter()
+            if timeout_s <= 0:
+                raise NotStarted("not started (deadline)")
+        if note:
+            note(f"point {name}: starting ({recipe.method.key_params()}, {threads} CPU threads)")
+        link_shared(recipe, sweep.root())
+        t0 = time.perf_counter()
+        rec = run_point_process(recipe, threads, timeout_s, name=name, log=log, timeout_why=timeout_why)
+        rec["wall_s"] = round(time.perf_counter() - t0, 1)
+        from .stages import write_json
+
+        write_json(point_path(recipe), rec)
+    return {**rec, "reused": False}
 
 
 # ---- results ------------------------------------------------------------------------------
@@ -315,3 +357,115 @@ def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: d
     atomic_write(root / "front.csv", [buf.getvalue().encode()])
     plot_front(rows, root / "front.png", teacher.get("top1"), f"{sweep.name}: top-1 vs packed bytes")
     return record
+
+
+# ---- a sweep with the library alone ---------------------------------------------------------
+
+LOCAL_COLUMNS = ["point", "series", "key_params", "packed_bytes", "ratio", "top1", "drop", "seconds"]
+
+
+def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int | None = None,
+              deadline_s: float | None = None, progress_s: float = 60,
+              print_: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict:
+    """Run ``names`` (default: every point) of ``sweep`` with the library alone: no Prefect,
+    no MLflow, no DVC, no registration and no front files; the same point folders and
+    point.json files as ``modelpress sweep``, each point in its own process (:func:`sweep_point`),
+    ``sweep.concurrency`` at a time, finished points not recomputed. Points still running
+    ``deadline_s`` after the start are killed, those not started by then are not started;
+    either is reported in ``failed``. Every point is checked before any work (ValueError).
+    Returns ``{"teacher", "points": {name: record}, "failed": {name: why}}``."""
+    from . import stages
+    from .report import markdown_table
+
+    points = dict(sweep.expand())
+    names = names or list(points)
+    missing = [n for n in names if n not in points]
+    if missing:
+        raise ValueError(f"no such point in sweep {sweep.name}: {', '.join(missing)}")
+    for name in names:
+        stages.preflight(points[name])
+
+    t0 = time.perf_counter()
+    shared = sweep.shared_recipe()
+    stages.fetch(shared)
+    stages.teacher(shared, shared.teacher.weights)
+    teacher = stages.read_json(stages.paths(shared)["teacher_info"]) or {}
+    print_(f"teacher ready in {time.perf_counter() - t0:.0f} s: {teacher.get('top1')} %")
+
+    end = t0 + deadline_s if deadline_s else None
+    lock, results, failed = threading.Lock(), {}, {}
+
+    def one(name: str) -> None:
+        tail: deque[str] = deque(maxlen=30)
+        shown = [0.0]
+
+        def log(line: str) -> None:  # every line kept for a failure report, one every progress_s shown
+            tail.append(line)
+            if time.perf_counter() - shown[0] >= progress_s:
+                shown[0] = time.perf_counter()
+                with lock:
+                    print_(f"[{name}] {line}")
+
+        try:
+            rec = sweep_point(sweep, name, points[name], log=log, threads=threads, timeout_why="--deadline-s", deadline=end)
+        except NotStarted as e:
+            failed[name] = str(e)
+            return
+        except Exception as e:  # noqa: BLE001 - one failed point does not sink the others
+            failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            with lock:
+                print_(f"{name}: FAILED {failed[name]}\n  " + "\n  ".join(tail))
+            return
+        reused = rec.pop("reused")
+        results[name] = rec
+        if reused:
+            return
+        s = rec["summary"]
+        with lock:
+            print_(f"{name}: {s['compressed_top1']:.2f} % at {s['packed_bytes']:,} bytes in {rec['wall_s']:.0f} s "
+                   f"({', '.join(f'{k} {v:.0f}' for k, v in rec['seconds'].items())}) on {s['device']}")
+
+    with ThreadPoolExecutor(sweep.concurrency) as pool:
+        list(pool.map(one, names))
+    rows = [result_row(n, results[n], sweep.series_of(n)) for n in names if n in results]
+    print_("\n" + markdown_table(rows, LOCAL_COLUMNS))
+    print_(f"\nwall {time.perf_counter() - t0:.0f} s; failed: {failed or 'none'}")
+    return {"teacher": teacher, "points": {n: results[n] for n in names if n in results}, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modelpress.sweep``: :func:`run_local` from the command line; exit status 1
+    when a point failed or was not started."""
+    ap = argparse.ArgumentParser(prog="python -m modelpress.sweep",
+                                 description="Run a sweep's points with the library alone: no Prefect, no MLflow, no DVC. "
+                                             "The same point folders and point.json files as `modelpress sweep`, each point "
+                                             "in its own process; finished points are not recomputed.")
+    ap.add_argument("sweep")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("-S", "--set", action="append", default=[], help="override of the base recipe (KEY=VALUE)")
+    ap.add_argument("--only", default="", help="comma-separated point names, in this order (default: all)")
+    ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per point (default: cores / concurrency)")
+    ap.add_argument("--workdir", default=None, help="the sweep's folder (default: the sweep file's)")
+    ap.add_argument("--deadline-s", type=float, default=None, help="kill points still running after this many seconds")
+    ap.add_argument("--out", default=None, help="also write the results (JSON) here")
+    ap.add_argument("--progress-s", type=float, default=60, help="show one log line of each point this often")
+    args = ap.parse_args(argv)
+
+    sweep = SweepConfig.from_yaml(args.sweep, Recipe.from_yaml(args.params, args.set))
+    update = {k: v for k, v in (("concurrency", args.concurrency), ("workdir", args.workdir)) if v}
+    sweep = sweep.model_copy(update=update)
+    names = [n for n in args.only.split(",") if n]
+    missing = [n for n in names if n not in dict(sweep.expand())]
+    if missing:
+        sys.exit(f"no such point in {args.sweep}: {', '.join(missing)}")
+    result = run_local(sweep, names, args.threads, args.deadline_s, args.progress_s)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    from modelpress.sweep import main as _main  # the module's own copy, not __main__'s
+
+    sys.exit(_main())

@@ -22,9 +22,8 @@ from modelpress.report import markdown_table
 from modelpress.sweep import (
     COLUMNS,
     SweepConfig,
-    finished_point,
     result_row,
-    compute_point,
+    sweep_point,
     write_results,
 )
 
@@ -80,22 +79,16 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
 
 
 @task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def run_point(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
-    """One point of the sweep. A point that already finished with these settings is not
-    recomputed; one that failed transiently is retried once (it resumes from its own checkpoints)."""
-    logger = get_run_logger()
+def sweep_point_task(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
+    """One point of the sweep: a run of the compression deployment (``runner: deployment``),
+    else the library's point runner (:func:`modelpress.sweep.sweep_point`) in a worker process
+    here. A point that already finished with these settings is not recomputed; one that failed
+    transiently is retried once (it resumes from its own checkpoints)."""
     if sweep.runner == "deployment":
         return _on_deployment(sweep, name, recipe)
-    done = finished_point(recipe)
-    if done is not None:
-        logger.info("point %s: finished before (%d bytes, top-1 %.2f%%), not recomputed", name,
-                    done["summary"]["packed_bytes"], done["summary"]["compressed_top1"])
-        return {**done, "reused": True}
-    with _gate(sweep):
-        logger.info("point %s: starting (%s, %d CPU threads)", name, recipe.method.key_params(), sweep.point_threads())
-        rec = compute_point(sweep, name, recipe, sweep.point_timeout_h * 3600,
-                            log=lambda line: logger.info("[%s] %s", name, line))
-    return {**rec, "reused": False}
+    logger = get_run_logger()
+    return sweep_point(sweep, name, recipe, sweep.point_timeout_h * 3600, gate=_gate(sweep), note=logger.info,
+                       log=lambda line: logger.info("[%s] %s", name, line))
 
 
 @task(name="sweep-parent-run", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)

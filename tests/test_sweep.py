@@ -151,9 +151,9 @@ def test_a_failing_point_is_reported_not_retried_and_does_not_sink_the_sweep(tra
     assert "broken" in (root / "front.md").read_text()
 
 
-def test_sweep_local_runs_points_with_the_library_alone(trained_workdir, tmp_path):
-    """bench/sweep_local.py (for a GPU box with PyTorch and little else): same point folders and
-    results as the sweep command, no Prefect or MLflow imported, finished points not redone,
+def test_local_sweep_runs_points_with_the_library_alone(trained_workdir, tmp_path):
+    """python -m modelpress.sweep (for a GPU box with PyTorch and little else): same point folders
+    and results as the sweep command, no Prefect or MLflow imported, finished points not redone,
     a point past --deadline-s killed and reported."""
     root = tmp_path / "sweep"
     shutil.copytree(trained_workdir, root)
@@ -165,7 +165,7 @@ def test_sweep_local_runs_points_with_the_library_alone(trained_workdir, tmp_pat
         (blocked / mod).mkdir(parents=True)
         (blocked / mod / "__init__.py").write_text(f"raise ImportError('{mod} must not be imported here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
-    cmd = [sys.executable, str(REPO / "bench" / "sweep_local.py"), str(sweep), "--params", str(_params(tmp_path, tmp_path / "x")),
+    cmd = [sys.executable, "-m", "modelpress.sweep", str(sweep), "--params", str(_params(tmp_path, tmp_path / "x")),
            "--concurrency", "2", "--threads", "1", "--deadline-s", "75", "--out", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -177,7 +177,7 @@ def test_sweep_local_runs_points_with_the_library_alone(trained_workdir, tmp_pat
     assert summary["packed_bytes"] == (root / "points" / "uniform4" / "model.mpk").stat().st_size
     assert not (root / "points" / "slow" / "point.json").exists()
     stamp = (root / "points" / "uniform4" / "point.json").stat().st_mtime_ns
-    again = subprocess.run(cmd[:5] + ["--only", "uniform4"], cwd=REPO, env=env,
+    again = subprocess.run(cmd[:6] + ["--only", "uniform4"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (root / "points" / "uniform4" / "point.json").stat().st_mtime_ns == stamp  # not recomputed
