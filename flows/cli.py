@@ -57,6 +57,10 @@ def cmd_run(args) -> int:
 
     if not os.environ.get(CHILD_ENV):  # the supervising parent checked already
         preflight(recipe)  # so do layer names, block sizes and budgets the architecture cannot take
+        if recipe.registry.enabled:
+            from modelpress.tasks.registry import check_reachable
+
+            check_reachable()  # a tracking server that does not answer fails now, not after the run
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
     # The temporary Prefect server gets 90 s to start (Prefect's 20 s is missed on a loaded 2-core machine).

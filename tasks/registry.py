@@ -39,6 +39,33 @@ def configure_mlflow() -> str:
     return uri
 
 
+def check_reachable(deadline_s: float = 30.0) -> None:
+    """Fail in seconds, not after MLflow's long retry schedule, when an http(s) tracking server
+    does not answer: tried every few seconds for ``deadline_s``, then a RuntimeError naming it.
+    (A sqlite store is a file: nothing to reach.)"""
+    import time
+    import urllib.error
+    import urllib.request
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if not uri.startswith(("http://", "https://")):
+        return
+    url, end, last = uri.rstrip("/") + "/health", time.monotonic() + deadline_s, ""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - the configured tracking server
+                return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:  # it answers (a server without /health, or behind auth): reachable
+                return
+            last = f"HTTP {e.code}"
+        except (OSError, ValueError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() >= end:
+            raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({last}; tried for {deadline_s:.0f} s)")
+        time.sleep(3)
+
+
 def use_experiment(name: str) -> None:
     """Select (creating if needed) the experiment. With a sqlite store, artifacts live beside
     the database (``<db dir>/artifacts``) rather than in the current directory."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,14 @@ def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_p
     logs = list((work / "logs").glob("run-*.log"))
     assert len(logs) == 1 and f"log (with tracebacks): {logs[0]}" in proc.stderr
     assert "Traceback (most recent call last)" in logs[0].read_text()
+
+
+def test_unreachable_tracking_server_fails_within_a_minute(tmp_path):
+    t0 = time.monotonic()
+    proc = run_cli("run", "-S", f"run.workdir={tmp_path / 'w'}", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}"})
+    _one_line_error(proc, "MLflow tracking server", "unreachable")
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "w").exists()  # nothing started
 
 
 def test_wrong_checksum(tmp_path):
