@@ -61,6 +61,10 @@ def cmd_run(args) -> int:
             from modelpress.tasks.registry import check_reachable
 
             check_reachable()  # a tracking server that does not answer fails now, not after the run
+        from modelpress.tasks.common import workdir_lock
+
+        with workdir_lock(recipe.run.workdir, wait=False):  # another run there: one line now, not a wait
+            pass
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
     # The temporary Prefect server gets 90 s to start (Prefect's 20 s is missed on a loaded 2-core machine).

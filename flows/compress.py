@@ -16,6 +16,7 @@ from modelpress.methods import REGISTRY
 from modelpress.methods.base import until_done
 from modelpress.stages import unless_skipped
 from modelpress.recipe import Recipe
+from modelpress.tasks.common import workdir_lock
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import (
     check_recipe,
@@ -33,7 +34,13 @@ from modelpress.tasks.versioning import version_outputs
 
 @flow(name="modelpress-compress", log_prints=True)
 def compress_flow(recipe: Recipe = Recipe()) -> dict:
-    """Compress a model end to end and register the result. Returns the run summary."""
+    """Compress a model end to end and register the result. Returns the run summary. One run
+    at a time per work directory: a second one waits for the first."""
+    with workdir_lock(recipe.run.workdir):
+        return _compress(recipe)
+
+
+def _compress(recipe: Recipe) -> dict:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

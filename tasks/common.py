@@ -20,6 +20,44 @@ from .transient import retry_transient  # noqa: F401 - every task's retry condit
 logging.getLogger("modelpress").setLevel(logging.INFO)
 
 
+def _lock_holder(path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, wait: bool = True):
+    """One run at a time in a work directory (two would overwrite each other's stages): an
+    exclusive lock on ``<workdir>/.lock``, held for the run. ``wait=False``: refuse at once
+    with a RuntimeError naming the holder; else wait for it (logged)."""
+    import fcntl
+    from pathlib import Path
+
+    path = Path(workdir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            if not wait:
+                raise RuntimeError(f"run.workdir {workdir} is in use by another run ({holder}): wait for it to end, "
+                                   "or give this run another run.workdir") from None
+            logging.getLogger("modelpress").info("waiting for the run holding %s (%s)", workdir, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
 @contextlib.contextmanager
 def ui_progress(key: str, every_s: float = 2.0):
     """Mirror library progress events into a Prefect progress artifact (a bar in the UI)."""

@@ -1,0 +1,38 @@
+"""One run at a time per work directory: the CLI refuses a second run with one line naming the
+holder; the flow (a scheduled run) waits for the first to end."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from modelpress.tasks.common import workdir_lock
+
+pytestmark = pytest.mark.unit
+
+
+def test_second_run_is_refused_naming_the_holder(tmp_path):
+    with workdir_lock(tmp_path):
+        with pytest.raises(RuntimeError, match=f"run.workdir {tmp_path} is in use by another run \\(pid "):
+            with workdir_lock(tmp_path, wait=False):
+                pass
+    with workdir_lock(tmp_path, wait=False):  # free again once the first ends
+        pass
+
+
+def test_a_waiting_run_starts_when_the_first_ends(tmp_path):
+    order = []
+
+    def second():
+        with workdir_lock(tmp_path):
+            order.append("second")
+
+    with workdir_lock(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"]
