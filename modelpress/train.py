@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .progress import Progress
+from .progress import Progress, log
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -68,6 +68,8 @@ def fit(
     schedule: str = "cosine",
     schedule_epochs: float | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed).
     Returns the loss of each step.
@@ -76,6 +78,9 @@ def fit(
     length of an original schedule, >= ``epochs``) only its *last* ``epochs`` are replayed:
     learning-rate rewinding. ``schedule="constant"``: ``lr`` throughout (plain fine-tuning).
     ``on_step(step, total)`` runs after every optimizer step (e.g. to keep snapshots).
+    ``on_epoch(state)`` runs at every epoch boundary with everything a resumed run needs (model,
+    optimizer, schedule, step, losses, the loader's shuffle state); ``fit(..., resume=state)``
+    continues from it and ends with the same weights as a run that never stopped.
     """
     device = device or next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
@@ -91,7 +96,20 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(schedule, total, full, warmup_frac))
     model.train(train_mode)
     prog, losses, step = Progress(stage, total), [], 0
+    gen = getattr(batches, "generator", None)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["schedule"])
+        step, losses = int(resume["step"]), list(resume["losses"])
+        if gen is not None:
+            gen.set_state(resume["generator"])
+        log.info("%s: resuming at step %d of %d", stage, step, total)
     while step < total:
+        if on_epoch is not None and step > 0 and (resume is None or step != int(resume["step"])):
+            on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                      "step": step, "losses": losses, "generator": gen.get_state() if gen is not None else None})
+        resume = None
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(x, y)

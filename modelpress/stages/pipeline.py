@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import atomic_write
 from ..data import fetch_files, load_dataset, sha256_file
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
@@ -165,8 +167,29 @@ def load_weights(model: nn.Module, path: Path, expected_sha: str | None, what: s
         raise StageError(f"{what} weights {path} do not fit {type(model).__name__}: {lines[1] if len(lines) > 1 else lines[0]}") from None
 
 
+def _train_state(recipe: Recipe, key: str):
+    """Epoch-boundary checkpoints of the teacher's training (teacher/train-state.pt, our own
+    file, read back with weights_only=True): a killed training resumes at its last epoch."""
+    path = paths(recipe)["teacher_dir"] / "train-state.pt"
+    saved = None
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: start over
+            saved = None
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            saved = None
+
+    def save(state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"key": key, **state}, buf)
+        atomic_write(path, [buf.getvalue()])
+
+    return path, saved, save
+
+
 @stage("teacher")
-def teacher(recipe: Recipe, _key: str, weights_path: str | None = None) -> Path:
+def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     """Load (or train) the teacher, evaluate it, store it as an fp32 packed file.
 
     ``weights_path`` is a local file already resolved from ``teacher.weights`` (callers
@@ -186,11 +209,13 @@ def teacher(recipe: Recipe, _key: str, weights_path: str | None = None) -> Path:
     else:
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
+        state_path, resume, save = _train_state(recipe, key)
         train_classifier(
             model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
             recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
-            stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model),
+            stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model), on_epoch=save, resume=resume,
         )
+        state_path.unlink(missing_ok=True)
     top1 = evaluate(model, loader(test, recipe.data.batch_size, False), device)
     log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(test))
     pack_model(model, p["teacher"], _arch(recipe), {"input": _input_meta(recipe)}, float_dtype="f32")

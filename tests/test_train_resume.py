@@ -1,0 +1,62 @@
+"""A training killed mid-way resumes at its last epoch boundary and ends with exactly the
+weights of a training that never stopped (what the teacher stage relies on)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from modelpress.train import loader, train_classifier
+
+pytestmark = pytest.mark.unit
+
+
+def _setup():
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, loader(TensorDataset(x, y), 32, True, seed=5)
+
+
+class Killed(Exception):
+    pass
+
+
+def _train(on_step=None, on_epoch=None, resume=None, scramble=False):
+    model, batches = _setup()
+    if scramble:  # a resumed run must take every weight from the saved state
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+    train_classifier(model, batches, 3, 0.1, optimizer="sgd", weight_decay=5e-4, warmup_frac=0.05,
+                     on_step=on_step, on_epoch=on_epoch, resume=resume)
+    return model
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical():
+    reference = _train()
+    saved = []
+
+    def keep(state):  # what the teacher stage writes: through torch.save / weights_only=True
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        saved.append(buf.getvalue())
+
+    def kill(step, _total):
+        if step == 8 * 2 + 3:  # in the third epoch (8 batches an epoch)
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(on_step=kill, on_epoch=keep)
+    assert len(saved) == 2  # after epochs 1 and 2
+    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    assert state["step"] == 16
+    steps = []
+    resumed = _train(resume=state, scramble=True, on_step=lambda step, _t: steps.append(step))
+    assert steps == list(range(17, 25))  # only the third epoch ran again
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
