@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
+from modelpress import stages
 from modelpress.methods import REGISTRY, compress
 from modelpress.methods.base import Context, run_steps
 from modelpress.methods.pq import PQLayer
@@ -32,6 +34,8 @@ from modelpress.methods.wfn import (
 )
 from modelpress.pack import build_from_packed, load_packed, pack_model, read_packed
 from modelpress.train import evaluate, loader
+
+from helpers import tiny_recipe
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 ARCH = {"name": "fmnist_cnn", "kwargs": {}}
@@ -220,3 +224,34 @@ def test_check_refuses_what_the_model_cannot_take_before_any_work():
         Recipe.parse({"method": {"name": "wfn", "fractions": [0.5, 0.9]}})
     recipe = Recipe.parse({"method": {"name": "wfn", "distance_allowed": 0.0075}})
     assert recipe.method.distance_allowed == 0.0075 and "delta=0.0075" in recipe.method.key_params()
+
+
+@pytest.mark.pipeline
+def test_pipeline_resumes_at_the_unfinished_iteration_and_keeps_the_values_through_finetuning(trained_workdir, tmp_path):
+    """Through the pipeline's stages: a run stopped after iteration 1 (its checkpoint only)
+    resumes at iteration 2 and ends bit-identical to an uninterrupted run; the final
+    fine-tuning and packing leave every fixed value where it was."""
+    method = {"name": "wfn", "fractions": [0.6, 1.0], "epochs_per_iteration": 0.01}
+    ref, work = tmp_path / "ref", tmp_path / "resumed"
+    shutil.copytree(trained_workdir, ref)
+    shutil.copytree(trained_workdir, work)
+    stages.compress_stage(tiny_recipe(ref, method=method))
+    recipe = tiny_recipe(work, method=method)
+    first = stages.method_step(recipe, 0)
+    assert first["fraction_fixed"] == pytest.approx(0.6, abs=1e-6) and not first["done"]
+    assert not (work / "compress" / "cycles" / "cycle-02.mpk").exists()
+    stages.compress_stage(recipe)
+
+    def weights(path):
+        model = build_from_packed(read_packed(path))
+        return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+    a, b = weights(ref / "compress" / "compressed.mpk"), weights(work / "compress" / "compressed.mpk")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    cycles = stages.read_json(work / "compress" / "cycles.json")["cycles"]
+    assert [c["iteration"] for c in cycles] == [1, 2] and all("state" not in c and "top1" in c for c in cycles)
+    assert cycles[-1]["unique_values"] == len(torch.unique(torch.cat([w.reshape(-1) for w in b.values()])))
+    stages.finetune_stage(recipe)
+    stages.pack_stage(recipe)
+    final = weights(work / "model.mpk")
+    assert all(torch.equal(final[n], b[n]) for n in b)
