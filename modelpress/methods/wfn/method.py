@@ -115,7 +115,9 @@ def fix_to(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], fra
 
 def run_iteration(model: nn.Module, cfg: WFNConfig, index: int, ctx: Context) -> dict | None:
     """Iteration ``index``: fix up to ``fractions[index]``, then retrain the free weights
-    (except after the last iteration, which fixes them all)."""
+    (except after the last iteration, which fixes them all). The record's ``unique_values`` and
+    ``entropy_bits`` are those of the fixed weights, network-wide (after the last iteration: of
+    every weight); ``beyond_delta`` counts the weights fixed further than delta this time."""
     if index >= len(cfg.fractions):
         return None
     t0 = time.perf_counter()
