@@ -228,7 +228,7 @@ class Recipe(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
-    method: MethodConfig = Field(PQConfig(), description="Compression method by 'name': pq, prune, prune_pq; baselines kmeans, uniform.")
+    method: MethodConfig = Field(PQConfig(), description=f"Compression method by 'name': {', '.join(METHOD_NAMES)}.")
     finetune: FinetuneConfig = FinetuneConfig()
     pack: PackConfig = PackConfig()
     registry: RegistryConfig = RegistryConfig()
