@@ -499,6 +499,7 @@ def run_campaign(seed: int, count: int, workers: int = 2, extra_as: int = EXTRA_
 FILES = int(os.environ.get("MODELPRESS_FUZZ_FILES", "10000"))
 
 
+@pytest.mark.pipeline  # 10,000 files in child processes: 40-60 s, too long for the fast tier
 def test_mutated_packed_files_load_or_raise_packed_format_error():
     t0 = time.perf_counter()
     result = run_campaign(seed=22, count=FILES, workers=2, timeout=600)
@@ -515,6 +516,7 @@ def test_mutated_packed_files_load_or_raise_packed_format_error():
           f"({max(r['rss_before_mib'] for r in result['workers'])} MiB before the loop)")
 
 
+@pytest.mark.pipeline  # child processes
 def test_the_child_catches_an_abort_and_a_memory_blow_up(tmp_path):
     """The harness itself: a child that aborts or exceeds its address space fails, named."""
     code = ("import resource, os, sys\n"

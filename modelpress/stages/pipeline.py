@@ -33,8 +33,7 @@ from ..methods.pq.layer import PQLayer
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
-from ..pack import arch_spec, load_packed, pack_model, read_packed
-from ..pack.format import build_from_packed, packed_nbytes, round_codebook
+from ..pack import arch_spec, build_from_packed, load_packed, pack_model, packed_nbytes, read_packed, round_codebook
 from ..progress import log
 from ..recipe import Recipe
 from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
