@@ -1,4 +1,4 @@
-"""Fuzz the packed-file reader longer than the test does (issue #22).
+"""Fuzz the packed-file reader longer than the test does.
 
     .venv/bin/python bench/fuzz_bench.py                    # 50,000 mutated files, 2 workers
     .venv/bin/python bench/fuzz_bench.py --files 200000 --workers 2 --seed 7

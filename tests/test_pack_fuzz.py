@@ -1,4 +1,4 @@
-"""Fuzz test of the packed-file reader (issue #22): a seeded mutation corpus of real packed files.
+"""Fuzz test of the packed-file reader: a seeded mutation corpus of real packed files.
 
 The corpus: a tiny fmnist_cnn compressed every way the packed file can hold it (dense f16/f32;
 PQ with f16/f32/i8/i6/i5/i4 codebooks, bit-packed and range-coded codes; sparse weights with a
@@ -528,7 +528,7 @@ def test_the_child_catches_an_abort_and_a_memory_blow_up(tmp_path):
         assert proc.returncode != 0, what
 
 
-# ---- the cases of issue #22, one by one (in process: each is refused before any allocation) --
+# ---- crafted files seen in the wild, one by one (in process: each is refused before any allocation) --
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -626,7 +626,7 @@ def test_sparse_entry_claiming_a_4_gib_mask_fails_before_allocating(corpus, tmp_
 @pytest.mark.parametrize("kwargs", [{"width": 4096, "hidden": 65536}, {"num_classes": 10 ** 9}, {"in_channels": 10 ** 6},
                                     {"hidden": 2 ** 40}, {"depth": 3}, {"num_classes": "10"}, {"num_classes": [10]}])
 def test_architecture_arguments_are_bounded_and_checked_against_the_builder(corpus, tmp_path, kwargs):
-    """A crafted file cannot make the builder allocate (the 52 GB of issue #22): the arguments are
+    """A crafted file cannot make the builder allocate (a crafted file once asked for 52 GB): the arguments are
     bounded, checked against the builder's signature, and the model is first built on the meta device."""
 
     header, payload = split(corpus["dense/f16/f16/rc"])
