@@ -12,8 +12,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from modelpress import stages
-from modelpress.report import markdown_table
 from modelpress.recipe import Recipe
+from modelpress.report import markdown_table
 
 from .common import GPU_TAG, gpu_slot, log_device, retry_transient, ui_progress
 from .resolve import resolve_teacher_weights

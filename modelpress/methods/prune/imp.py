@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ...pack import packed_nbytes
-from ...progress import log
 from ...train import distill_loss, fit, reseed
 from .config import PruneConfig
-from .magnitude import keep_masks, prunable, prune_to, schedule, sparsity
+from .magnitude import keep_masks, prune_to, schedule, sparsity
 
 MAX_SPARSITY = 0.999
 SizeFn = Callable[[nn.Module], int]

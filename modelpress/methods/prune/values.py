@@ -4,14 +4,12 @@ then all codebooks are tuned together by distillation from the teacher."""
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ...progress import log
 from ...train import distill, reseed
 from ...walk import set_module
 from ..pq.kmeans import gram_kmeans
