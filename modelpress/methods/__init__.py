@@ -14,7 +14,7 @@ A keyword that is not a Context field is refused (a misspelt ``calibraton=`` fai
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 import torch.nn as nn
 from pydantic import BaseModel, Field
@@ -40,7 +40,10 @@ _BY_CONFIG = {m.config: m for m in REGISTRY.values()}
 # Discriminated by ``name``: the JSON schema (Prefect's UI form, the API's validation) shows
 # the method as a choice and names a bad field inside the chosen method. A mapping without
 # ``name`` means PQ (``Recipe`` fills it in before validation).
-MethodConfig = Annotated[Union[tuple(m.config for m in REGISTRY.values())], Field(discriminator="name")]  # type: ignore[valid-type]
+if TYPE_CHECKING:
+    MethodConfig = Any  # the registry's union, built at run time (a type checker cannot follow it)
+else:
+    MethodConfig = Annotated[Union[tuple(m.config for m in REGISTRY.values())], Field(discriminator="name")]
 
 
 def method_of(config: BaseModel) -> Method:

@@ -134,6 +134,7 @@ class Method:
         cfg, _ = self.plan(model, cfg, ctx)
         if self.apply is not None:
             return self.apply(model, cfg, ctx)
+        assert self.steps is not None  # __post_init__: one of the two
         run_steps(self.steps, model, cfg, ctx)
         return self.steps.finish(model, cfg, ctx)
 
@@ -174,4 +175,4 @@ def run_steps(steps: Steps, model: nn.Module, cfg: BaseModel, ctx: Context, star
 
 def codebooks(model: nn.Module, _cfg: BaseModel | None = None) -> list[nn.Parameter]:
     """Every trainable codebook in the model (the layers that have one)."""
-    return [m.codebook for m in model.modules() if isinstance(getattr(m, "codebook", None), nn.Parameter)]
+    return [p for m in model.modules() if isinstance(p := getattr(m, "codebook", None), nn.Parameter)]

@@ -35,7 +35,7 @@ class StageSpec:
     files: tuple[str, ...] = ()  # recipe fields naming input files: their content is in the key
     code: tuple[str, ...] = ()  # library code it runs (DVC dependencies)
     outs: tuple[str, ...] = ()  # layout names (stages.layout.paths) of its outputs
-    result: str | None = None  # layout name of the output the stage returns
+    result: str = ""  # layout name of the output the stage returns
     resumable: bool = False  # skipped when its record holds the current key (else it always runs)
     identity: tuple[str, ...] | None = None  # the params that identify its outputs for later stages (default: params)
     persist: bool = False  # DVC keeps the outputs before re-running (in-stage checkpoints survive)
@@ -110,7 +110,7 @@ def record_path(recipe: Recipe, name: str) -> Path:
 def is_current(recipe: Recipe, name: str) -> bool:
     spec = SPECS[name]
     rec = read_json(record_path(recipe, name))
-    return bool(rec) and rec.get("key") == stage_key(recipe, name) and paths(recipe)[spec.result].exists()
+    return rec is not None and rec.get("key") == stage_key(recipe, name) and paths(recipe)[spec.result].exists()
 
 
 def stage(name: str) -> Callable:
@@ -144,7 +144,7 @@ def stage(name: str) -> Callable:
 def _template() -> dict[str, str]:
     """Layout names as DVC path templates (``${run.workdir}``, ``${data.name}``)."""
     placeholder = Recipe.model_construct(run=RunConfig.model_construct(workdir="${run.workdir}"),
-                                         data=DataConfig.model_construct(name="${data.name}"))
+                                         data=DataConfig.model_construct(name="${data.name}"))  # type: ignore[arg-type]
     return {k: str(v) for k, v in paths(placeholder).items()}
 
 

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sized, cast
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from ..atomic import atomic_write
 from ..data import fetch_files, load_dataset, sha256_file
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
-from ..methods.base import until_done
+from ..methods.base import Steps, until_done
 from ..methods.pq.layer import PQLayer
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
@@ -46,6 +46,14 @@ from .records import Summary, TeacherInfo
 
 def method(recipe: Recipe) -> Method:
     return REGISTRY[recipe.method.name]
+
+
+def _steps(recipe: Recipe) -> Steps:
+    """The steps of the recipe's method (only iterative methods have steps)."""
+    steps = method(recipe).steps
+    if steps is None:
+        raise StageError(f"method {recipe.method.name} has no steps")
+    return steps
 
 
 def method_config(recipe: Recipe) -> BaseModel:
@@ -79,7 +87,7 @@ def _input_meta(recipe: Recipe) -> dict:
 
 def calibration_images(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
     """``n`` training images chosen by a seeded permutation (in-domain, no labels used)."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    idx = torch.randperm(len(cast(Sized, dataset)), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     batch = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=len(idx))
     return next(iter(batch))[0]
 
@@ -216,7 +224,7 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
         )
         state_path.unlink(missing_ok=True)
     top1 = evaluate(model, loader(test, recipe.data.batch_size, False), device)
-    log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(test))
+    log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(cast(Sized, test)))
     pack_model(model, p["teacher"], _arch(recipe), {"input": _input_meta(recipe)}, float_dtype="f32")
     info = TeacherInfo(
         arch=recipe.teacher.arch, top1=top1, params=sum(q.numel() for q in model.parameters()),
@@ -269,8 +277,7 @@ def _distill_source(recipe: Recipe, device: torch.device) -> nn.Module:
 def step_key(recipe: Recipe, index: int) -> str | None:
     """Identity of step ``index`` of an iterative method (the method says what it depends on,
     besides the teacher); None when its plan has no such step."""
-    m = method(recipe)
-    ident = m.steps.identity(method_config(recipe), index, _context(recipe))
+    ident = _steps(recipe).identity(method_config(recipe), index, _context(recipe))
     return None if ident is None else recipe.section_hash(extra=[ident, stage_key(recipe, "teacher")])
 
 
@@ -287,7 +294,7 @@ def _step_done(recipe: Recipe, index: int) -> dict | None:
     key = step_key(recipe, index)
     if key is None or meta.get("key") != key:
         return None
-    n = method(recipe).steps.count(method_config(recipe))  # a step reused from a run with another goal: is it our last?
+    n = _steps(recipe).count(method_config(recipe))  # a step reused from a run with another goal: is it our last?
     return meta["cycle"] if n is None else {**meta["cycle"], "done": index == n - 1}
 
 
@@ -308,11 +315,11 @@ def method_step(recipe: Recipe, index: int) -> dict:
     if done is not None:
         log.info("compress: step %d up to date", index + 1)
         return done
-    m, cfg = method(recipe), method_config(recipe)
+    m, steps, cfg = method(recipe), _steps(recipe), method_config(recipe)
     device = _device(recipe)
     model = _step_start(recipe, index, device)
     train, test = _datasets(recipe)
-    batch = m.steps.batch_size(cfg) if m.steps.batch_size else recipe.finetune.batch_size
+    batch = steps.batch_size(cfg) if steps.batch_size else recipe.finetune.batch_size
     rewind = None
     point = m.rewind_point(cfg)
     if point is not None:
@@ -324,12 +331,12 @@ def method_step(recipe: Recipe, index: int) -> dict:
                    teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind,
                    previous=None if index == 0 else read_packed(cycle_path(recipe, index - 1)).meta["cycle"])
     if index == 0:
-        m.steps.prepare(model, cfg, ctx)
-    record = m.steps.run(model, cfg, index, ctx)
+        steps.prepare(model, cfg, ctx)
+    record = steps.run(model, cfg, index, ctx)
     if record is None:
         return {"cycle": index + 1, "done": True, "skipped": True}
     record["top1"] = evaluate(model, loader(test, recipe.data.batch_size, False), device)
-    record["packed_bytes"] = ctx.size_fn(model)
+    record["packed_bytes"] = _size_fn(recipe)(model)
     log.info("compress: step %d: top-1 %.2f%%, %d bytes packed%s", index + 1, record["top1"], record["packed_bytes"],
              " (goal reached)" if record["done"] else "")
     pack_model(model, cycle_path(recipe, index), _arch(recipe),
@@ -376,10 +383,11 @@ def compress_stage(recipe: Recipe, key: str) -> Path:
         ctx = _context(recipe, teacher=_load_teacher(recipe, device), device=device,
                        train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)),
                        previous=None if last is None else read_packed(cycle_path(recipe, last)).meta["cycle"])
-        stats = m.steps.finish(student, cfg, ctx)
+        finished = m.steps.finish(student, cfg, ctx)
         pack_model(student, p["compressed"], _arch(recipe), meta, "f32", "f32")
-        write_json(p["layers"], {"key": key, "layers": _weight_rows(p["compressed"], stats), "cycles": _log_steps(recipe)})
+        write_json(p["layers"], {"key": key, "layers": _weight_rows(p["compressed"], finished), "cycles": _log_steps(recipe)})
         return p["compressed"]
+    assert m.apply is not None  # a method has apply or steps
     stats: list[dict] = []
     ckpt = read_packed(p["checkpoint"]) if p["checkpoint"].is_file() else None
     if ckpt is not None and ckpt.meta.get("key") == key:
@@ -553,9 +561,9 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
     load_s = time.perf_counter() - t0
     _, test = _datasets(recipe)
     if limit:
-        test = torch.utils.data.Subset(test, range(min(limit, len(test))))
+        test = torch.utils.data.Subset(test, range(min(limit, len(cast(Sized, test)))))
     top1 = evaluate(model.to(device), loader(test, recipe.data.batch_size, False), device)
-    return {"top1": top1, "test_images": len(test), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
+    return {"top1": top1, "test_images": len(cast(Sized, test)), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
             "sha256": sha256_file(packed_path)}
 
 
