@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modelpress import stages
+from modelpress.methods.pq import method as pq_method
 from modelpress.methods.pq.budget import BudgetError, allocate
 from modelpress.pack import load_packed, read_packed
 
@@ -83,7 +84,7 @@ def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
     _, plan = _budget_run(workdir)
     assert len(list((workdir / "cache").glob("budget-damage-*.json"))) == 1
 
-    monkeypatch.setattr(stages, "measure", _no_measuring)
+    monkeypatch.setattr(pq_method, "measure", _no_measuring)  # where the method measures damage
     budget = 45_000
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
     stages.compress_stage(recipe)
@@ -98,7 +99,7 @@ def test_int8_codebooks_buy_more_centroids_within_the_same_budget(workdir, monke
     """pack.codebook_dtype=i8: the same measured damages, costed at half the codebook bytes, buy
     more centroids; the file still fits, holds int8 codebooks, and loads as the tuned model."""
     _, f16_plan = _budget_run(workdir)
-    monkeypatch.setattr(stages, "measure", _no_measuring)
+    monkeypatch.setattr(pq_method, "measure", _no_measuring)  # where the method measures damage
     budget = 60_000
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]}, pack={"codebook_dtype": "i8"})
     stages.preflight(recipe)

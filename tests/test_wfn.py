@@ -103,6 +103,7 @@ def test_mask_state_round_trips_compactly():
         decode_mask(text, (10, 10))
 
 
+@pytest.mark.pipeline  # trains: seconds each, kept out of the fast tier
 def test_fixed_weights_stay_exact_through_retraining_with_momentum_and_weight_decay(trained, data):
     model = copy.deepcopy(trained)
     cfg = WFNConfig(optimizer="sgd", lr=0.05, weight_decay=5e-3, epochs_per_iteration=0.3, loss="labels",
@@ -125,6 +126,7 @@ def test_fixed_weights_stay_exact_through_retraining_with_momentum_and_weight_de
     assert moved > 0.9 * sum(int((~m).sum()) for m in masks.values())  # the free ones did train
 
 
+@pytest.mark.pipeline  # trains: seconds each, kept out of the fast tier
 def test_wfn_end_to_end_packs_bit_exact_and_small(trained, data, tmp_path):
     batches, test = _subsets(data)
     teacher_top1 = evaluate(trained, test)
@@ -157,6 +159,7 @@ def test_wfn_end_to_end_packs_bit_exact_and_small(trained, data, tmp_path):
           f"{os.path.getsize(tmp_path / 'wfn-f16.mpk')} bytes vs {dense_bytes} fp16 dense")
 
 
+@pytest.mark.pipeline  # trains: seconds each, kept out of the fast tier
 def test_a_resumed_run_equals_an_uninterrupted_one(trained, data):
     """Each step from a checkpoint (the model packed in f32, the record through JSON) gives the
     same weights as the loop in one process: what the pipeline's kill-and-resume relies on."""
