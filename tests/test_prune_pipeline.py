@@ -54,7 +54,7 @@ def test_kill_during_a_cycle_then_resume(trained_workdir, tmp_path):
 
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
-    assert "prune: cycle 1 up to date" in resumed.stderr
+    assert "prune-cycle-1: up to date" in resumed.stderr
     assert first.stat().st_mtime_ns == untouched  # finished cycles are not redone
     a, b = _state(ref / "compress" / "compressed.mpk"), _state(work / "compress" / "compressed.mpk")
     assert a.keys() == b.keys()

@@ -313,7 +313,7 @@ def method_step(recipe: Recipe, index: int) -> dict:
     as is, so a re-run skips finished steps. The record's ``done`` says whether the goal is met."""
     done = _step_done(recipe, index)
     if done is not None:
-        log.info("compress: step %d up to date", index + 1)
+        log.info("%s-%d: up to date", _steps(recipe).label, index + 1)
         return done
     m, steps, cfg = method(recipe), _steps(recipe), method_config(recipe)
     device = _device(recipe)
