@@ -55,6 +55,7 @@ def dense_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tor
 
 # ---- 1. the key requirement: activation-weighted beats weight-space k-means ------------------
 
+@pytest.mark.pipeline  # seconds of k-means and distillation: kept out of the fast tier
 @pytest.mark.parametrize("name, block", [("features.2.0", 9), ("classifier.2", 8)])
 def test_activation_weighted_kmeans_lowers_layer_output_error(trained, calib, name, block):
     fit_images, heldout_images = calib
@@ -214,6 +215,7 @@ def test_pqlayer_forward_equals_dense_layer_with_decoded_weight(trained, calib, 
     assert pq.codebook.grad is not None and pq.codebook.grad.abs().sum() > 0
 
 
+@pytest.mark.pipeline  # seconds of k-means and distillation: kept out of the fast tier
 def test_quantize_pq_replaces_planned_layers_and_resume_is_a_no_op(trained, data, calib):
     # Default blocks; k=64 for the linear layers keeps the 100k sub-vectors of classifier.2 cheap.
     cfg = PQConfig(kmeans_iters=5, layer_finetune_epochs=0, linear=BlockSpec(block_size=8, k=64))

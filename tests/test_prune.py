@@ -198,6 +198,7 @@ def test_prune_then_quantize_survivors(trained, data, tmp_path):
     assert evaluate(loaded, loader(torch.utils.data.Subset(test, range(2000)), 500, False)) > 60
 
 
+@pytest.mark.pipeline  # prunes and packs many times: seconds
 def test_byte_budget(trained):
     at_85 = copy.deepcopy(trained)
     prune_to(at_85, 0.85)
