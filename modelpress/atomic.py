@@ -7,6 +7,17 @@ import tempfile
 from pathlib import Path
 
 
+def remove_partials(root: str | Path) -> int:
+    """Remove the ``.partial-*`` files a killed writer left under ``root`` (call it only while
+    no other process writes there); returns how many there were."""
+    n = 0
+    for p in Path(root).rglob(".partial-*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def atomic_write(path: str | Path, chunks: list[bytes]) -> None:
     """Write ``chunks`` to a ``.partial-*`` file beside ``path``, fsync, then rename it into
     place. On any failure (Ctrl-C included) the partial file is removed and ``path`` is

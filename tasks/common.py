@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
+from modelpress.atomic import remove_partials
 from modelpress.progress import add_listener
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
@@ -51,6 +52,9 @@ def workdir_lock(workdir, wait: bool = True):
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         f.flush()
+        stale = remove_partials(workdir)  # the lock holder is the only writer: these are a killed run's
+        if stale:
+            logging.getLogger("modelpress").info("removed %d partial files a stopped run left in %s", stale, workdir)
         try:
             yield
         finally:

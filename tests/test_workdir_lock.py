@@ -36,3 +36,14 @@ def test_a_waiting_run_starts_when_the_first_ends(tmp_path):
         order.append("first done")
     t.join(10)
     assert order == ["first done", "second"]
+
+
+def test_taking_the_lock_removes_partial_files_a_killed_run_left(tmp_path):
+    (tmp_path / "compress").mkdir()
+    stale = [tmp_path / ".partial-abc", tmp_path / "compress" / ".partial-model.mpk-x1"]
+    for p in stale:
+        p.write_bytes(b"half")
+    kept = tmp_path / "compress" / "layers.json"
+    kept.write_text("{}")
+    with workdir_lock(tmp_path):
+        assert not any(p.exists() for p in stale) and kept.exists()
