@@ -82,6 +82,20 @@ def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = 
     return _save(fig, path)
 
 
+def weight_values(weights) -> dict:
+    """How many distinct values the weights take, network-wide, and the entropy of their
+    distribution in bits per weight (what weight sharing and entropy coding exploit)."""
+    import torch
+
+    flat = torch.cat([w.detach().reshape(-1).float().cpu() for w in weights]) if weights else torch.zeros(0)
+    if flat.numel() == 0:
+        return {"weights": 0, "unique_values": 0, "entropy_bits": 0.0}
+    _, counts = torch.unique(flat, return_counts=True)
+    p = counts.double() / flat.numel()
+    return {"weights": flat.numel(), "unique_values": int(counts.numel()),
+            "entropy_bits": float(-(p * p.log2()).sum())}
+
+
 def text_table(rows: list[dict]) -> str:
     """Rows as an aligned plain-text table (the command line's)."""
     if not rows:

@@ -489,3 +489,22 @@ def test_pack_never_imports_the_methods():
                 assert "methods" not in (node.module or ""), f"{path.name} imports {node.module}"
             elif isinstance(node, ast.Import):
                 assert not any("methods" in a.name for a in node.names), path.name
+
+
+def test_inspect_reports_distinct_values_and_entropy(tmp_path, capsys):
+    """`modelpress inspect` says how many distinct weight values the file holds network-wide and
+    their entropy: 4 values used equally often are 2 bits per weight."""
+    from modelpress import cli
+    from modelpress.models import build_model
+    from modelpress.pack import arch_spec, pack_model
+
+    model = build_model("fmnist_cnn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                p.copy_(torch.tensor([-0.5, -0.25, 0.25, 0.5]).repeat(p.numel() // 4 + 1)[: p.numel()].reshape(p.shape))
+    path = tmp_path / "m.mpk"
+    pack_model(model, path, arch_spec("fmnist_cnn"), float_dtype="f32")
+    assert cli.main(["inspect", str(path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert " 4 distinct values network-wide, entropy 2.00 bits per weight" in line, line
