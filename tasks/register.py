@@ -138,8 +138,10 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
     tags = version_tags(recipe, summary)
     input_shape = read_packed(packed_path).meta["input"]["shape"]
     layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
-    parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    with mlflow.start_run(run_name=recipe.run.name, tags=parent) as run:
+    owner = registry.owner_tag(recipe.run.workdir)
+    registry.end_stale_runs(recipe.registry.experiment, owner)  # a killed registration's run, still RUNNING
+    start_tags = {T + "owner": owner, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    with mlflow.start_run(run_name=recipe.run.name, tags=start_tags) as run:
         try:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(recipe.model_dump(mode="json")).items()})
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})

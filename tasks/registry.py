@@ -66,6 +66,28 @@ def check_reachable(deadline_s: float = 30.0) -> None:
         time.sleep(3)
 
 
+def owner_tag(workdir: str) -> str:
+    """Who a run belongs to: the work directory (host and absolute path) it registers from."""
+    return f"{os.uname().nodename}:{Path(workdir).resolve()}"
+
+
+def end_stale_runs(experiment: str, owner: str) -> list[str]:
+    """Runs of ``owner`` (a work directory) still RUNNING in ``experiment`` were left by a killed
+    registration: the caller holds the work directory's lock, so none is alive. They are marked
+    KILLED (not left RUNNING for ever); returns their ids."""
+    from mlflow import MlflowClient
+
+    configure_mlflow()
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    c = MlflowClient()
+    stale = c.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG}owner` = '{owner}'")
+    for r in stale:
+        c.set_terminated(r.info.run_id, status="KILLED")
+    return [r.info.run_id for r in stale]
+
+
 def use_experiment(name: str) -> None:
     """Select (creating if needed) the experiment. With a sqlite store, artifacts live beside
     the database (``<db dir>/artifacts``) rather than in the current directory."""
