@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,22 @@ def _value(tree: Any, dotted: str) -> Any:
 
 def file_content(path: str | None) -> str | None:
     """sha256 of a local file (None for a URI or no file): keys include it, so replacing the
-    file at the same path invalidates what was made from it."""
-    return sha256_file(path) if path and Path(path).is_file() else None
+    file at the same path invalidates what was made from it. Hashed once per version of the
+    file (a run computes keys many times: every step's key holds the teacher's)."""
+    if not path:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return _sha256_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, _mtime_ns: int, _size: int) -> str:
+    return sha256_file(path)
 
 
 def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:

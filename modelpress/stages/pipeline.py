@@ -33,7 +33,7 @@ from ..methods.pq.layer import PQLayer
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
-from ..pack import arch_spec, build_from_packed, load_packed, pack_model, packed_nbytes, read_packed, round_codebook
+from ..pack import Packed, arch_spec, build_from_packed, load_packed, pack_model, packed_nbytes, read_packed, round_codebook
 from ..progress import log
 from ..recipe import Recipe
 from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
@@ -285,26 +285,32 @@ def cycle_path(recipe: Recipe, index: int) -> Path:
     return paths(recipe)["cycles"] / f"cycle-{index + 1:02d}.mpk"
 
 
-def _step_done(recipe: Recipe, index: int) -> dict | None:
-    """The record of step ``index`` if its checkpoint is there and current."""
+def _current_step(recipe: Recipe, index: int) -> Packed | None:
+    """Step ``index``'s checkpoint (read once) if it is there and current."""
     path = cycle_path(recipe, index)
     if not path.is_file():
         return None
-    meta = read_packed(path).meta
+    packed = read_packed(path)
     key = step_key(recipe, index)
-    if key is None or meta.get("key") != key:
+    return packed if key is not None and packed.meta.get("key") == key else None
+
+
+def _step_done(recipe: Recipe, index: int) -> dict | None:
+    """The record of step ``index`` if its checkpoint is there and current."""
+    packed = _current_step(recipe, index)
+    if packed is None:
         return None
+    record = packed.meta["cycle"]
     n = _steps(recipe).count(method_config(recipe))  # a step reused from a run with another goal: is it our last?
-    return meta["cycle"] if n is None else {**meta["cycle"], "done": index == n - 1}
+    return record if n is None else {**record, "done": index == n - 1}
 
 
-def _step_start(recipe: Recipe, index: int, device: torch.device) -> nn.Module:
-    """The model step ``index`` starts from: the previous step's checkpoint, or the teacher."""
-    if index == 0:
-        return _load_teacher(recipe, device)
-    if _step_done(recipe, index - 1) is None:
-        raise StageError(f"step {index + 1} needs step {index} first (no current checkpoint {cycle_path(recipe, index - 1)})")
-    return build_from_packed(read_packed(cycle_path(recipe, index - 1))).to(device)
+def _step_model(recipe: Recipe, index: int, device: torch.device) -> tuple[nn.Module, dict]:
+    """The model and record of step ``index``'s current checkpoint (what step index + 1 starts from)."""
+    packed = _current_step(recipe, index)
+    if packed is None:
+        raise StageError(f"step {index + 2} needs step {index + 1} first (no current checkpoint {cycle_path(recipe, index)})")
+    return build_from_packed(packed).to(device), packed.meta["cycle"]
 
 
 def method_step(recipe: Recipe, index: int) -> dict:
@@ -317,7 +323,7 @@ def method_step(recipe: Recipe, index: int) -> dict:
         return done
     m, steps, cfg = method(recipe), _steps(recipe), method_config(recipe)
     device = _device(recipe)
-    model = _step_start(recipe, index, device)
+    model, previous = (_load_teacher(recipe, device), None) if index == 0 else _step_model(recipe, index - 1, device)
     train, test = _datasets(recipe)
     batch = steps.batch_size(cfg) if steps.batch_size else recipe.finetune.batch_size
     rewind = None
@@ -328,8 +334,7 @@ def method_step(recipe: Recipe, index: int) -> dict:
             raise StageError(f"weight rewinding: no teacher snapshot {snap} (add it to teacher.snapshots)")
         rewind = build_from_packed(read_packed(snap)).to(device).state_dict()
     ctx = _context(recipe, train_batches=loader(train, batch, True, getattr(cfg, "seed", 0)),
-                   teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind,
-                   previous=None if index == 0 else read_packed(cycle_path(recipe, index - 1)).meta["cycle"])
+                   teacher=_load_teacher(recipe, device), device=device, rewind_state=rewind, previous=previous)
     if index == 0:
         steps.prepare(model, cfg, ctx)
     record = steps.run(model, cfg, index, ctx)
@@ -379,10 +384,10 @@ def compress_stage(recipe: Recipe, key: str) -> Path:
     meta = {"key": key, "input": _input_meta(recipe)}
     if m.steps is not None:
         last = run_method_steps(recipe)
-        student = teacher_model if last is None else build_from_packed(read_packed(cycle_path(recipe, last))).to(device)
+        student, previous = (teacher_model, None) if last is None else _step_model(recipe, last, device)
         ctx = _context(recipe, teacher=_load_teacher(recipe, device), device=device,
                        train_batches=loader(train, recipe.finetune.batch_size, True, getattr(cfg, "seed", 0)),
-                       previous=None if last is None else read_packed(cycle_path(recipe, last)).meta["cycle"])
+                       previous=previous)
         finished = m.steps.finish(student, cfg, ctx)
         pack_model(student, p["compressed"], _arch(recipe), meta, "f32", "f32")
         write_json(p["layers"], {"key": key, "layers": _weight_rows(p["compressed"], finished), "cycles": _log_steps(recipe)})

@@ -34,10 +34,14 @@ def cycle_schedule(cfg: PruneConfig) -> list[float] | None:
     return None if cfg.target_bytes else schedule(cfg.target_sparsity, cfg.rate, cfg.milestones)
 
 
-def check(model: nn.Module, cfg: PruneConfig, ctx: Context) -> None:
+def prepare(model: nn.Module, cfg: PruneConfig, ctx: Context) -> None:
     require_schedule(cfg)
     prunable(model, cfg.exclude)
     check_budget(model, cfg, ctx.size_fn or default_size)
+
+
+def check(model: nn.Module, cfg: PruneConfig, ctx: Context) -> None:
+    prepare(model, cfg, ctx)  # what step 0 checks on its model holds for the architecture already
     if cfg.retrain == "weight_rewind":
         point = round(1 - cfg.rewind_fraction, 4)
         if ctx.snapshots is None:
@@ -61,12 +65,6 @@ def identity(cfg: PruneConfig, index: int, ctx: Context) -> list | None:
     else:
         return None
     return [base, path]
-
-
-def prepare(model: nn.Module, cfg: PruneConfig, ctx: Context) -> None:
-    require_schedule(cfg)
-    prunable(model, cfg.exclude)
-    check_budget(model, cfg, ctx.size_fn or default_size)
 
 
 def run_cycle(model: nn.Module, cfg: PruneConfig, index: int, ctx: Context) -> dict | None:
