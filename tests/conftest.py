@@ -52,6 +52,16 @@ def _isolated_stores(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _session_store_kept():
+    """A test that points MLflow elsewhere in this process must put it back (mlflow.set_tracking_uri
+    also writes os.environ, which every later subprocess inherits): checked after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "the test left MLFLOW_TRACKING_URI changed"
+    assert os.environ.get("MLFLOW_REGISTRY_URI") in (None, before), "the test left MLFLOW_REGISTRY_URI changed"
+
+
 @pytest.fixture(scope="session")
 def fmnist_available():
     if not (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file():

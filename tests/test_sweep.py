@@ -117,7 +117,7 @@ def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_wor
 
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_TRACKING_URI"])  # where the sweep wrote
     versions = {str(v.version): v for v in client.search_model_versions("name='fmnist-cnn-kill'")}
     assert {str(r["version"]) for r in rows.values()} <= set(versions)
     for r in rows.values():
