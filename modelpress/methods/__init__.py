@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
-from . import kmeans, pq, prune, uniform, wfn
+from . import kmeans, lc, pq, prune, uniform, wfn
 from .base import Context, Method
 from .kmeans import KMeansConfig, quantize_kmeans
 from .pq import PQConfig, quantize_pq
@@ -33,6 +33,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     kmeans.METHOD,  # baselines, packed and measured the same way
     uniform.METHOD,
     wfn.METHOD,
+    lc.METHOD,
 )}
 METHOD_NAMES = tuple(REGISTRY)
 _BY_CONFIG = {m.config: m for m in REGISTRY.values()}

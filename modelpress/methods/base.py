@@ -96,6 +96,10 @@ class Steps:
     ``done`` (no further step), or None when the goal was met before it. A record's ``state``
     (JSON, e.g. which weights are fixed) is kept in the step's checkpoint and handed to the next
     step as ``ctx.previous["state"]``; it is left out of logs and tables.
+    A record's ``tensors`` (name -> tensor, e.g. LC's multipliers) are kept exactly (f32) beside
+    the step's checkpoint and handed to the next step as ``ctx.previous["tensors"]``.
+    ``view(model, cfg, record)``: the model the step stands for, whose top-1 and packed bytes the
+    step reports (default: the model itself; LC: Delta(theta), not the weights it trains).
     ``prepare(model, cfg, ctx)``: checks on the starting model before step 0.
     ``finish(model, cfg, ctx) -> stats``: after the last step (e.g. quantize the survivors).
     """
@@ -107,6 +111,7 @@ class Steps:
     finish: Callable[[nn.Module, BaseModel, Context], list[dict]] = lambda _m, _c, _x: []
     batch_size: Callable[[BaseModel], int] | None = None  # the steps' own batch size (None: the pipeline's)
     label: str = "step"  # what a step is called (task names: <label>-<n>)
+    view: Callable[[nn.Module, BaseModel, dict], nn.Module] | None = None  # the model a step's figures are of
 
 
 @dataclass(frozen=True)

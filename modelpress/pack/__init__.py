@@ -25,10 +25,10 @@ from .codebook import code_bits, codebook_nbytes, round_codebook
 from .codecs import EncodeOptions, register_layer_codec
 from .container import MAGIC, Packed, read_packed, write_packed
 from .errors import PackedFormatError
-from .model import build_from_packed, load_packed, model_entries, pack_model, packed_nbytes
+from .model import build_from_packed, extra_tensors, load_packed, model_entries, pack_model, packed_nbytes
 
 __all__ = [
-    "MAGIC", "EncodeOptions", "Packed", "PackedFormatError", "arch_spec", "build_from_packed", "code_bits", "codebook_nbytes",
+    "MAGIC", "EncodeOptions", "Packed", "PackedFormatError", "arch_spec", "build_from_packed", "code_bits", "extra_tensors", "codebook_nbytes",
     "load_packed", "model_entries", "pack_model", "packed_nbytes", "read_packed", "register_layer_codec", "round_codebook",
     "write_packed",
 ]

@@ -33,7 +33,7 @@ class LayerCodec:
     module_type: type
     state_keys: tuple[str, ...]  # the module's own state the codec writes; the rest (bias) is stored as plain tensors
     encode: Callable[[nn.Module, str, EncodeOptions], list[Entry]]  # (module, its name, options) -> entries
-    kind: str  # the decoded kind it rebuilds: "pq" or "affine" (see entries.Decoded)
+    kind: str  # the decoded kind it rebuilds: "pq", "affine" or "lowrank" (see entries.Decoded)
     rebuild: Callable[[nn.Module, dict], tuple[nn.Module, dict[str, torch.Tensor]]]  # (plain layer, parts) -> (module, its state)
 
 

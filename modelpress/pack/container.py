@@ -40,6 +40,9 @@ _HEADER_KEYS = ("format", "arch", "meta", "payload_bytes", "sha256", "tensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+EXTRA = "extra:"  # entries that are not the model's: a method's state kept beside a step's checkpoint
+
+
 @dataclass
 class Packed:
     """A packed file read into memory: header fields and the raw bytes of each entry."""
@@ -49,11 +52,15 @@ class Packed:
     entries: list[tuple[str, str, dict, bytes]] = field(default_factory=list)
     size: int = 0
 
+    def model_entries(self) -> list[tuple[str, str, dict, bytes]]:
+        """The model's entries (without the ``extra:`` ones)."""
+        return [e for e in self.entries if not e[0].startswith(EXTRA)]
+
     def check(self) -> None:
         """Check the entries against the architecture without decoding them (the model is
         built on the meta device): a missing or extra tensor, or a shape that differs, raises
         PackedFormatError."""
-        check_against_architecture(self.arch, [(n, p["shape"]) for n, _, p, _ in self.entries])
+        check_against_architecture(self.arch, [(n, p["shape"]) for n, _, p, _ in self.model_entries()])
 
     def summary(self, check: bool = True) -> list[dict]:
         """One row per tensor: name, encoding, bytes, shape, codebook (k x block) and code
@@ -69,6 +76,8 @@ class Packed:
                 row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])
             elif enc == "affine":
                 row.update(bits=p["bits"], scales=p["cb"])
+            elif enc == "lowrank":
+                row.update(rank=p["rank"], dtype=p["dtype"])
             elif enc == "sparse":
                 if p["values"] == "pq":
                     row.update(block=p["d"], k=p["k"], bits=p["bits"], codebook=p["cb"])

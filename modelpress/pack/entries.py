@@ -13,6 +13,9 @@
   non-zero" and E means "skip E zeros" (long gaps). Values are ``values`` = ``f16``/``f32``
   raw, or ``pq``: a codebook (``k`` x ``d``, ``cb``) and ``bits``-bit codes over the values
   cut into sub-vectors of ``d`` (the last one zero-padded).
+- ``lowrank``: a weight of ``shape`` (out, ...) as the product of two factors of ``rank``:
+  U (out x rank) then V (rank x the product of the other sizes), raw ``dtype`` f32/f16; the
+  weight is ``(U @ V).reshape(shape)`` (a Conv2d's V is itself a convolution: two layers).
 - ``affine``: per-output-channel uniform quantization: ``scale`` then ``offset`` (one value
   per output channel each, dtype ``cb``) then ``bits``-bit codes, one per weight; the weight
   is ``offset[c] + code * scale[c]``.
@@ -53,7 +56,7 @@ from .codebook import (
 )
 from .errors import PackedFormatError
 
-ENCODINGS = ("dense", "pq", "sparse", "affine")
+ENCODINGS = ("dense", "pq", "sparse", "affine", "lowrank")
 MAX_ENTRY_ELEMENTS = 2 ** 28  # most values one entry may decode to
 FREE_ELEMENTS = 2 ** 22  # an entry may always decode to this many values ...
 MAX_RATIO = 1024  # ... and beyond that to at most this many values per byte it holds
@@ -70,6 +73,10 @@ def dense_nbytes(numel: int, dtype: str) -> int:
 def pq_nbytes(k: int, d: int, count: int, cb: str) -> int:
     """A (k, d) codebook stored as ``cb`` and ``count`` bit-packed codes."""
     return codebook_nbytes(k, d, cb) + packed_nbytes(count, code_bits(k))
+
+
+def lowrank_nbytes(out: int, rest: int, rank: int, dtype: str) -> int:
+    return float_nbytes((out + rest) * rank, dtype)
 
 
 def affine_nbytes(out: int, numel: int, bits: int, cb: str) -> int:
@@ -103,6 +110,27 @@ def encode_dense(t: torch.Tensor, dtype: str) -> tuple[dict, bytes]:
 def decode_dense(p: dict, buf: bytes) -> torch.Tensor:
     _expect_bytes(buf, dense_nbytes(_numel(p["shape"]), p["dtype"]))
     return torch.from_numpy(decode_float(buf, p["dtype"]).reshape(p["shape"]))
+
+
+# ---- lowrank ------------------------------------------------------------------------------
+
+def encode_lowrank(u: torch.Tensor, v: torch.Tensor, shape: tuple, dtype: str) -> tuple[dict, bytes]:
+    """Factors U (out, r) and V (r, rest) of a weight of ``shape``, raw floats."""
+    out, rank = u.shape
+    if tuple(v.shape) != (rank, _numel(shape[1:])) or out != shape[0]:
+        raise ValueError(f"factors {tuple(u.shape)} x {tuple(v.shape)} do not make a weight of shape {tuple(shape)}")
+    data = encode_float(u, dtype) + encode_float(v, dtype)
+    return {"shape": list(shape), "rank": int(rank), "dtype": dtype, "n": len(data)}, data
+
+
+def decode_lowrank(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    out, rank = p["shape"][0], p["rank"]
+    rest = _numel(p["shape"][1:])
+    _expect_bytes(buf, lowrank_nbytes(out, rest, rank, p["dtype"]))
+    split = float_nbytes(out * rank, p["dtype"])
+    u = torch.from_numpy(decode_float(buf[:split], p["dtype"]).reshape(out, rank))
+    v = torch.from_numpy(decode_float(buf[split:], p["dtype"]).reshape(rank, rest))
+    return u, v
 
 
 # ---- pq -----------------------------------------------------------------------------------
@@ -252,6 +280,7 @@ _KEYS = {
     "dense": ({"dtype", "shape", "n"}, set()),
     "pq": ({"shape", "d", "k", "bits", "cb", "n"}, {"coder", "hist_n"}),
     "affine": ({"shape", "bits", "cb", "n"}, {"coder", "hist_n"}),
+    "lowrank": ({"shape", "rank", "dtype", "n"}, set()),
     "sparse": ({"shape", "count", "pos", "pos_n", "values", "n"}, {"pos_bits", "tokens", "d", "k", "bits", "cb", "coder", "hist_n"}),
 }
 
@@ -324,6 +353,14 @@ def check_entry(enc: str, p: dict) -> int:
         if n < head:
             raise PackedFormatError(f"n={n} bytes, shorter than its codebook ({head})")
         _check_codes(p, n - head, k, numel // d)
+    elif enc == "lowrank":
+        if len(shape) < 2 or numel == 0:
+            raise PackedFormatError(f"lowrank shape {shape} is not a non-empty matrix or kernel")
+        rest = numel // shape[0]
+        rank = _int(p, "rank", 1, min(shape[0], rest))
+        dtype = _choice(p, "dtype", tuple(FLOAT_DTYPES))
+        if n != lowrank_nbytes(shape[0], rest, rank, dtype):
+            raise PackedFormatError(f"n={n} bytes where rank {rank} factors need {lowrank_nbytes(shape[0], rest, rank, dtype)}")
     elif enc == "affine":
         if not shape or shape[0] < 1:
             raise PackedFormatError(f"affine shape {shape} has no output channel")
@@ -371,7 +408,7 @@ def check_entry(enc: str, p: dict) -> int:
 
 @dataclass
 class Decoded:
-    """A decoded entry: ``kind`` "dense" (``weight``), "pq" (``codebook``, ``codes``, ``mask``
+    """A decoded entry: ``kind`` "dense" (``weight``), "lowrank" (``u``, ``v``), "pq" (``codebook``, ``codes``, ``mask``
     or None, ``d``) or "affine" (``scale``, ``offset``, ``codes``, ``bits``)."""
 
     kind: str
@@ -382,6 +419,8 @@ class Decoded:
         q = self.parts
         if self.kind == "dense":
             return q["weight"]
+        if self.kind == "lowrank":
+            return (q["u"] @ q["v"]).reshape(self.shape)
         if self.kind == "affine":
             return affine_weight({"shape": list(self.shape)}, q["scale"], q["offset"], q["codes"])
         if q["mask"] is None:
@@ -401,6 +440,9 @@ def decode_entry(name: str, enc: str, p: dict, buf: bytes) -> Decoded:
         if enc == "affine":
             scale, offset, codes = decode_affine(p, buf)
             return Decoded("affine", shape, {"scale": scale, "offset": offset, "codes": codes, "bits": p["bits"]})
+        if enc == "lowrank":
+            u, v = decode_lowrank(p, buf)
+            return Decoded("lowrank", shape, {"u": u, "v": v})
         if enc == "pq":
             codebook, codes = decode_pq(p, buf)
             return Decoded("pq", shape, {"codebook": codebook, "codes": codes, "mask": None, "d": p["d"]})

@@ -12,11 +12,11 @@ import torch.nn as nn
 from ..walk import set_module
 from .arch import arch_spec, build_arch, check_against_architecture
 from .codecs import EncodeOptions, codec_for, rebuild_codec
-from .container import Packed, file_chunks, read_packed, write_packed
+from .container import EXTRA, Packed, file_chunks, read_packed, write_packed
 from .entries import decode_entry, encode_dense, encode_sparse
 from .errors import PackedFormatError
 
-__all__ = ["arch_spec", "build_from_packed", "load_packed", "model_entries", "pack_model", "packed_nbytes"]
+__all__ = ["arch_spec", "build_from_packed", "extra_tensors", "load_packed", "model_entries", "pack_model", "packed_nbytes"]
 
 
 def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16",
@@ -64,11 +64,27 @@ def packed_nbytes(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
 
 def pack_model(
     model: nn.Module, path: str | Path, arch: dict, meta: dict | None = None,
-    float_dtype: str = "f16", codebook_dtype: str = "f16", entropy: bool = True,
+    float_dtype: str = "f16", codebook_dtype: str = "f16", entropy: bool = True, extra: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Write ``model`` to ``path``; returns the file's size in bytes. ``entropy=False`` keeps
-    every code array bit-packed (by default each is range coded where that is smaller)."""
-    return write_packed(path, arch, meta or {}, model_entries(model, float_dtype, codebook_dtype, entropy))
+    every code array bit-packed (by default each is range coded where that is smaller).
+    ``extra``: tensors that are not the model's (a method's state beside a checkpoint), stored
+    exactly (f32) and read back with :func:`extra_tensors`."""
+    entries = model_entries(model, float_dtype, codebook_dtype, entropy)
+    for name, t in (extra or {}).items():
+        entries.append((EXTRA + name, "dense", *encode_dense(t.detach().float().cpu(), "f32")))
+    return write_packed(path, arch, meta or {}, entries)
+
+
+def extra_tensors(packed: Packed) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors :func:`pack_model` stored beside the model."""
+    out = {}
+    for name, enc, p, buf in packed.entries:
+        if name.startswith(EXTRA):
+            if enc != "dense":
+                raise PackedFormatError(f"tensor {name!r}: extra tensors are dense, not {enc}")
+            out[name[len(EXTRA):]] = decode_entry(name, enc, p, buf).weight()
+    return out
 
 
 def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
@@ -78,10 +94,10 @@ def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
 
     The file's tensors are checked against the architecture (built on the meta device, its
     arguments bounded) before the model is built or anything decoded."""
-    check_against_architecture(packed.arch, [(n, p["shape"]) for n, _, p, _ in packed.entries])
+    check_against_architecture(packed.arch, [(n, p["shape"]) for n, _, p, _ in packed.model_entries()])
     model = build_arch(packed.arch)
     state: dict[str, torch.Tensor] = {}
-    for name, enc, p, buf in packed.entries:
+    for name, enc, p, buf in packed.model_entries():
         dec = decode_entry(name, enc, p, buf)
         if dec.kind == "affine":
             codes = dec.parts["codes"]

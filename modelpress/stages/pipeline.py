@@ -33,7 +33,17 @@ from ..methods.pq.layer import PQLayer
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
-from ..pack import Packed, arch_spec, build_from_packed, load_packed, pack_model, packed_nbytes, read_packed, round_codebook
+from ..pack import (
+    Packed,
+    arch_spec,
+    build_from_packed,
+    extra_tensors,
+    load_packed,
+    pack_model,
+    packed_nbytes,
+    read_packed,
+    round_codebook,
+)
 from ..progress import log
 from ..recipe import Recipe
 from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
@@ -310,7 +320,9 @@ def _step_model(recipe: Recipe, index: int, device: torch.device) -> tuple[nn.Mo
     packed = _current_step(recipe, index)
     if packed is None:
         raise StageError(f"step {index + 2} needs step {index + 1} first (no current checkpoint {cycle_path(recipe, index)})")
-    return build_from_packed(packed).to(device), packed.meta["cycle"]
+    tensors = extra_tensors(packed)
+    record = {**packed.meta["cycle"], "tensors": tensors} if tensors else packed.meta["cycle"]
+    return build_from_packed(packed).to(device), record
 
 
 def method_step(recipe: Recipe, index: int) -> dict:
@@ -340,12 +352,14 @@ def method_step(recipe: Recipe, index: int) -> dict:
     record = steps.run(model, cfg, index, ctx)
     if record is None:
         return {"cycle": index + 1, "done": True, "skipped": True}
-    record["top1"] = evaluate(model, loader(test, recipe.data.batch_size, False), device)
-    record["packed_bytes"] = _size_fn(recipe)(model)
+    shown = steps.view(model, cfg, record) if steps.view else model  # what the step's figures are of
+    tensors = record.pop("tensors", None)
+    record["top1"] = evaluate(shown, loader(test, recipe.data.batch_size, False), device)
+    record["packed_bytes"] = _size_fn(recipe)(shown)
     log.info("compress: step %d: top-1 %.2f%%, %d bytes packed%s", index + 1, record["top1"], record["packed_bytes"],
              " (goal reached)" if record["done"] else "")
     pack_model(model, cycle_path(recipe, index), _arch(recipe),
-               {"key": step_key(recipe, index), "cycle": record, "input": _input_meta(recipe)}, "f32", "f32")
+               {"key": step_key(recipe, index), "cycle": record, "input": _input_meta(recipe)}, "f32", "f32", extra=tensors)
     _log_steps(recipe)
     return record
 

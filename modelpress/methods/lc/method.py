@@ -1,0 +1,391 @@
+"""The LC algorithm as a method of the pipeline (the contract: modelpress/methods/base.py).
+
+Compression as a constrained problem, min L(w) subject to w = Delta(theta), solved by an
+augmented Lagrangian with a penalty mu that grows (mu_j = mu0 * growth^(j-1)):
+
+- step 0, direct compression: theta = C(w) of the teacher's weights, lambda = 0;
+- step j >= 1: the **L step** trains w on L(w) + mu/2 ||w - Delta(theta) - lambda/mu||^2 (the
+  shared training loop on the task loss, distillation from the teacher by default, each step
+  followed by the penalty's proximal step); the **C step** sets
+  theta = argmin ||w - lambda/mu - Delta(theta)||^2 per task (cstep.py); then
+  lambda <- lambda - mu (w - Delta(theta)).
+
+Each step is one checkpointed step of the pipeline. The model checkpointed is w; lambda and
+Delta(theta) (for a low-rank layer: its two factors) travel to the next step in the record's
+``tensors`` (stored exactly beside the checkpoint), the warm start of the codebooks in its
+``state``. The step's top-1 and bytes are those of Delta(theta) (``view``). ``finish`` makes the
+model Delta(theta): a quantized layer becomes a PQLayer with a k x 1 codebook (codes range coded
+in the file), a pruned one keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...flops import output_positions
+from ...pack.codebook import FLOAT_DTYPES, float_nbytes, is_int_codebook
+from ...progress import log
+from ...train import distill_loss, fit, reseed
+from ...walk import matches, named_layers, set_module
+from ..base import Context, Method, Steps, codebooks, run_steps
+from ..pq import PQLayer
+from .config import LCConfig, LCTask
+from .cstep import (
+    binarize,
+    keep_largest,
+    kmeans_1d,
+    l1_threshold,
+    low_rank,
+    select_rank,
+    soft_threshold,
+    ternarize,
+)
+from .lowrank import LowRankLayer
+
+QUANTIZERS = ("quantize", "binary", "ternary")
+
+
+# ---- which layer belongs to which task -----------------------------------------------------
+
+def assignments(model: nn.Module, cfg: LCConfig) -> list[list[tuple[str, nn.Conv2d | nn.Linear]]]:
+    """The layers of each task, in model order. Raises ValueError for a pattern matching no
+    layer, a layer claimed by two tasks, or a layer the task's scheme cannot take."""
+    layers = [(n, m) for n, m in named_layers(model) if isinstance(m.weight, nn.Parameter)]
+    names = [n for n, _ in layers]
+    owner: dict[str, int] = {}
+    out: list[list[tuple[str, Any]]] = []
+    for i, task in enumerate(cfg.tasks):
+        for p in task.layers:
+            if not any(matches(n, [p]) for n in names):
+                raise ValueError(f"lc: task {i + 1} ({task.scheme}): layers {p!r} matches no Conv2d/Linear layer; "
+                                 f"layers are: {', '.join(names)}")
+        mine = [(n, m) for n, m in layers if matches(n, task.layers)]
+        for n, m in mine:
+            if n in owner:
+                raise ValueError(f"lc: {n} is claimed by task {owner[n] + 1} ({cfg.tasks[owner[n]].scheme}) and task {i + 1} "
+                                 f"({task.scheme}); give each layer to one task (additive combinations are not supported)")
+            owner[n] = i
+            if isinstance(m, nn.Conv2d) and m.groups != 1 and task.scheme in (*QUANTIZERS, "lowrank"):
+                raise ValueError(f"lc: {n} is a grouped convolution (groups={m.groups}); scheme {task.scheme} does not "
+                                 f"support it: leave it out of the task's layers or prune it")
+            if task.scheme == "lowrank" and task.rank is not None:
+                full = min(m.weight.shape[0], m.weight[0].numel())
+                if task.rank >= full:
+                    raise ValueError(f"lc: rank {task.rank} for {n} is not below its full rank {full} "
+                                     f"({tuple(m.weight.shape)} as {m.weight.shape[0]} x {m.weight[0].numel()})")
+        out.append(mine)
+    return out
+
+
+def check(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
+    """Fails in seconds, before any data or teacher: patterns, overlaps, ranks, storage."""
+    assignments(model, cfg)
+    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS for t in cfg.tasks):
+        raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} would move the learned values (integer codebooks "
+                         f"are scaled per layer); use f16 or f32")
+
+
+# ---- the C step ----------------------------------------------------------------------------
+
+def _cost_per_rank(name: str, m: nn.Module, task: LCTask, positions: dict[str, int], float_dtype: str) -> float:
+    out, rest = m.weight.shape[0], m.weight[0].numel()
+    if task.cost == "flops":
+        return 2.0 * (out + rest) * positions.get(name, 1)
+    return float(float_nbytes(out + rest, float_dtype))
+
+
+@torch.no_grad()
+def c_step(weights: dict[str, torch.Tensor], lambdas: dict[str, torch.Tensor], mu: float, cfg: LCConfig,
+           groups: list[list[tuple[str, Any]]], state: dict, positions: dict[str, int], float_dtype: str) -> tuple[dict, dict]:
+    """theta = argmin ||w - lambda/mu - Delta(theta)||^2 for every task. Returns (tensors, state):
+    ``delta.<layer>`` = Delta(theta) (``u.<layer>``/``v.<layer>`` for a low-rank layer) and the new
+    JSON state (codebooks as warm start, ranks, l1 radii)."""
+    tensors: dict[str, torch.Tensor] = {}
+    new_state: dict[str, Any] = {"codebooks": {}, "ranks": {}, "l1_radius": dict(state.get("l1_radius", {}))}
+    for i, (task, layers) in enumerate(zip(cfg.tasks, groups)):
+        v = {n: (weights[n].double() - lambdas[n].double() / mu).float() if n in lambdas else weights[n].float()
+             for n, _ in layers}
+        if task.scheme in QUANTIZERS:
+            for n, _ in layers:
+                if task.scheme == "binary":
+                    c, codes = binarize(v[n])
+                elif task.scheme == "ternary":
+                    c, codes = ternarize(v[n])
+                else:
+                    init = state.get("codebooks", {}).get(n)
+                    c, codes = kmeans_1d(v[n], task.k, None if init is None else torch.tensor(init, dtype=torch.float64))
+                    new_state["codebooks"][n] = [float(x) for x in c]
+                tensors[f"delta.{n}"] = c[codes].reshape(v[n].shape)
+        elif task.scheme == "prune":
+            parts = [[n] for n, _ in layers] if task.per_layer else [[n for n, _ in layers]]
+            for names in parts:
+                vs = [v[n] for n in names]
+                if task.norm == "l0":
+                    kappa = int(round(task.keep * sum(x.numel() for x in vs)))
+                    for n, mask in zip(names, keep_largest(vs, kappa)):
+                        tensors[f"delta.{n}"] = v[n] * mask
+                else:
+                    key = f"{i}:{','.join(names)}"
+                    radius = new_state["l1_radius"].setdefault(key, task.l1_fraction * float(sum(x.abs().sum() for x in vs)))
+                    tau = l1_threshold(vs, radius)
+                    for n in names:
+                        tensors[f"delta.{n}"] = soft_threshold(v[n], tau)
+        else:  # lowrank
+            for n, m in layers:
+                rank = task.rank
+                if rank is None:
+                    assert task.alpha is not None
+                    rank = select_rank(v[n], mu, task.alpha, _cost_per_rank(n, m, task, positions, float_dtype))
+                new_state["ranks"][n] = rank
+                if rank == 0:  # no rank pays for itself: the layer stays as it is
+                    tensors[f"delta.{n}"] = v[n].clone()
+                    continue
+                u, w = low_rank(v[n], rank)
+                tensors[f"u.{n}"], tensors[f"v.{n}"] = u, w
+    return tensors, new_state
+
+
+def delta_of(name: str, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Delta(theta) of a layer from a step's tensors."""
+    if f"delta.{name}" in tensors:
+        return tensors[f"delta.{name}"]
+    return (tensors[f"u.{name}"] @ tensors[f"v.{name}"]).reshape(shape)
+
+
+# ---- the steps -----------------------------------------------------------------------------
+
+def identity(cfg: LCConfig, index: int, _ctx: Context) -> list | None:
+    """Step ``index`` depends on the settings and on mu up to it: a run with more steps reuses
+    the steps it shares with a shorter one."""
+    if index > cfg.lc_steps:
+        return None
+    return [cfg.model_dump(mode="json", exclude={"lc_steps", "tolerance"}), index]
+
+
+def count(cfg: LCConfig) -> int:
+    return cfg.lc_steps + 1
+
+
+def prepare(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
+    check(model, cfg, ctx)
+
+
+def _example(ctx: Context) -> torch.Tensor | None:
+    if ctx.calibration is not None:
+        return ctx.calibration[:1]
+    if ctx.train_batches is not None:
+        return next(iter(ctx.train_batches))[0][:1]
+    return None
+
+
+def _positions(model: nn.Module, cfg: LCConfig, ctx: Context, state: dict) -> dict[str, int]:
+    if "positions" in state:
+        return state["positions"]
+    if not any(t.scheme == "lowrank" and t.alpha is not None and t.cost == "flops" for t in cfg.tasks):
+        return {}
+    example = _example(ctx)
+    if example is None:
+        raise ValueError("lc: rank selection by FLOPs needs an example input (train_batches=... or calibration=...)")
+    return output_positions(model, example)
+
+
+def _distance(model: nn.Module, groups, tensors) -> tuple[float, float]:
+    num = den = 0.0
+    for layers in groups:
+        for n, m in layers:
+            w = m.weight.detach()
+            num += float((w - delta_of(n, tensors, w.shape)).double().square().sum())
+            den += float(w.double().square().sum())
+    return math.sqrt(num), math.sqrt(num / den) if den else 0.0
+
+
+def penalty(pairs: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> torch.Tensor:
+    """mu/2 * sum ||w - target||^2 over (w, target) pairs, target = Delta(theta) + lambda/mu: its
+    gradient in w is mu (w - Delta(theta)) - lambda."""
+    return mu / 2 * torch.stack([(w - t).square().sum() for w, t in pairs]).sum()
+
+
+@torch.no_grad()
+def proximal(pairs: list[tuple[torch.Tensor, torch.Tensor]], mu: float, lr: float) -> None:
+    """The proximal step of the penalty with step size ``lr``, in place: w <- argmin_z
+    mu/2 ||z - target||^2 + 1/(2 lr) ||z - w||^2 = (w + lr mu target) / (1 + lr mu). To first
+    order in lr it is the gradient step w - lr (mu (w - Delta(theta)) - lambda), but it stays stable
+    however large mu grows (a gradient step diverges once lr mu > 2)."""
+    a = lr * mu
+    for w, t in pairs:
+        w.add_(t, alpha=a).div_(1 + a)
+
+
+def l_step(model: nn.Module, cfg: LCConfig, index: int, mu: float, targets: dict[str, torch.Tensor],
+           ctx: Context) -> list[float]:
+    """Minimise task + mu/2 * sum ||w - target||^2 over every parameter, target = Delta(theta) +
+    lambda/mu (one tensor per compressed layer), for ``l_step_epochs``: a step of the shared loop on
+    the task loss, then the penalty's proximal step (stable for any mu). LR lr * lr_decay^(index-1),
+    constant within the step (as the LC toolkit); batch order seeded by the step."""
+    if ctx.train_batches is None:
+        raise ValueError("lc: the L step needs training batches (train_batches=...)")
+    if cfg.loss == "distill" and ctx.teacher is None:
+        raise ValueError("lc: loss='distill' needs the teacher (teacher=...)")
+    torch.manual_seed(cfg.seed + index)
+    reseed(ctx.train_batches, cfg.seed + index)
+    teacher = ctx.teacher
+    if teacher is not None:
+        teacher.eval()
+    pairs = [(model.get_submodule(n).weight, t.to(model.get_submodule(n).weight.device)) for n, t in targets.items()]
+    lr = cfg.lr * cfg.lr_decay ** (index - 1)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if cfg.loss == "labels":
+            return F.cross_entropy(out, y)
+        assert teacher is not None
+        with torch.no_grad():
+            t = teacher(x)
+        return distill_loss(out, t, 1.0)
+
+    return fit(model, model.parameters(), ctx.train_batches, loss_fn, cfg.l_step_epochs, lr, optimizer=cfg.optimizer,
+               weight_decay=cfg.weight_decay, stage=f"lc L step {index}", device=ctx.device, schedule="constant",
+               on_step=lambda *_: proximal(pairs, mu, lr))
+
+
+def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict | None:
+    """LC step ``index``: 0 is the direct compression, then L step, C step, multipliers."""
+    if index > cfg.lc_steps:
+        return None
+    t0 = time.perf_counter()
+    groups = assignments(model, cfg)
+    prev = ctx.previous or {}
+    state = dict(prev.get("state") or {})
+    state["positions"] = _positions(model, cfg, ctx, state)
+    mu = cfg.mu(max(index, 1))
+    losses: list[float] = []
+    if index == 0:
+        lambdas: dict[str, torch.Tensor] = {}
+    else:
+        tensors = prev.get("tensors")
+        if not tensors:
+            raise ValueError(f"lc: step {index} needs the record of step {index - 1} (ctx.previous['tensors'])")
+        lambdas = {n: tensors[f"lambda.{n}"] for layers in groups for n, _ in layers}
+        targets = {n: delta_of(n, tensors, lambdas[n].shape) + lambdas[n] / mu for n in lambdas}
+        losses = l_step(model, cfg, index, mu, targets, ctx)
+    weights = {n: m.weight.detach().cpu() for layers in groups for n, m in layers}
+    lam_cpu = {n: t.detach().cpu() for n, t in lambdas.items()}
+    out, new_state = c_step(weights, lam_cpu, mu, cfg, groups, state, state["positions"], ctx.float_dtype)
+    new_state["positions"] = state["positions"]
+    for layers in groups:
+        for n, _ in layers:
+            w = weights[n]
+            lam = lam_cpu.get(n, torch.zeros_like(w))
+            out[f"lambda.{n}"] = (lam.double() - mu * (w.double() - delta_of(n, out, w.shape).double())).float()
+    distance, relative = _distance(model, groups, out)
+    done = index == cfg.lc_steps or (index > 0 and relative < cfg.tolerance)
+    log.info("lc: step %d/%d: mu=%.4g ||w - Delta(theta)|| = %.4g (%.3g%% of ||w||)%s", index, cfg.lc_steps, mu, distance,
+             100 * relative, f", loss {sum(losses[-20:]) / len(losses[-20:]):.4g}" if losses else "")
+    ranks = new_state.get("ranks") or {}
+    return {
+        "step": index, "mu": mu if index else 0.0, "distance": distance, "relative_distance": relative,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+        "mean_rank": sum(ranks.values()) / len(ranks) if ranks else None,
+        "seconds": time.perf_counter() - t0, "done": done, "state": new_state, "tensors": out,
+    }
+
+
+# ---- Delta(theta) as a model ---------------------------------------------------------------
+
+@torch.no_grad()
+def compressed(model: nn.Module, cfg: LCConfig, tensors: dict[str, torch.Tensor], inplace: bool = False) -> tuple[nn.Module, list[dict]]:
+    """The model whose compressed layers are Delta(theta): quantized layers as PQLayers (k x 1
+    codebook of the distinct values), pruned ones with their zeros, low-rank ones as
+    LowRankLayers. Per-layer rows (scheme, values or rank, kept share)."""
+    target = model if inplace else copy.deepcopy(model)
+    rows = []
+    for task, layers in zip(cfg.tasks, assignments(target, cfg)):
+        for n, m in layers:
+            w = m.weight
+            row: dict[str, Any] = {"layer": n, "scheme": task.scheme, "weights": w.numel()}
+            if task.scheme == "lowrank" and f"u.{n}" in tensors:
+                u, v = tensors[f"u.{n}"], tensors[f"v.{n}"]
+                set_module(target, n, LowRankLayer(m, u.to(w.device), v.to(w.device)))
+                row["rank"] = u.shape[1]
+                rows.append(row)
+                continue
+            d = tensors[f"delta.{n}"].to(w.device, w.dtype).reshape(w.shape)
+            if task.scheme in QUANTIZERS:
+                values, codes = torch.unique(d.cpu().float().reshape(-1), return_inverse=True)
+                set_module(target, n, PQLayer(m, values[:, None], codes, block_size=1))
+                row["k"] = values.numel()
+            else:
+                w.copy_(d)
+                row["kept"] = float((d != 0).float().mean())
+                if task.scheme == "lowrank":
+                    row["rank"] = "full"
+            rows.append(row)
+    return target, rows
+
+
+def view(model: nn.Module, cfg: LCConfig, record: dict) -> nn.Module:
+    """What step ``record`` stands for: Delta(theta) (its top-1 and bytes are the step's)."""
+    return compressed(model, cfg, record["tensors"])[0]
+
+
+def finish(model: nn.Module, cfg: LCConfig, ctx: Context) -> list[dict]:
+    """The model becomes Delta(theta) of the last step."""
+    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS for t in cfg.tasks):
+        raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} cannot hold the learned values; use f16 or f32")
+    tensors = (ctx.previous or {}).get("tensors")
+    if not tensors:
+        raise ValueError("lc: finish needs the last step's record (ctx.previous['tensors']); run the steps first")
+    _, rows = compressed(model, cfg, tensors, inplace=True)
+    return rows
+
+
+def trainable(model: nn.Module, cfg: LCConfig) -> list[nn.Parameter]:
+    """Fine-tuning after LC: the codebooks, the low-rank factors, the pruned layers' survivors."""
+    params = codebooks(model)
+    params += [p for m in model.modules() if isinstance(m, LowRankLayer) for p in (m.u, m.v)]
+    params += [model.get_submodule(n).weight for n in held_zero(model, cfg)]
+    return params
+
+
+def held_zero(model: nn.Module, cfg: LCConfig) -> dict[str, torch.Tensor]:
+    """The pruned layers' masks (True = kept): the fine-tuning keeps their zeros."""
+    names = {n for t in cfg.tasks if t.scheme == "prune" for n, _ in named_layers(model) if matches(n, t.layers)}
+    return {n: m.weight.detach() != 0 for n, m in named_layers(model) if n in names}
+
+
+STEPS = Steps(identity=identity, count=count, run=run_step, prepare=prepare, finish=finish,
+              batch_size=lambda cfg: cfg.batch_size, label="lc-step", view=view)
+
+
+def _with_schedule(cfg: LCConfig, schedule: dict) -> LCConfig:
+    if cfg.batch_size is None and schedule.get("batch_size"):
+        return cfg.model_copy(update={"batch_size": schedule["batch_size"]})
+    return cfg
+
+
+METHOD = Method(
+    name="lc", config=LCConfig,
+    summary="LC algorithm: learning-compression alternation (Carreira-Perpinan & Idelbayev) for quantization, "
+            "pruning and low rank",
+    check=check, steps=STEPS, defaults=_with_schedule, trainable=trainable, held_zero=held_zero,
+    layers=(PQLayer, LowRankLayer),
+)
+
+
+def lc_compress(model: nn.Module, cfg: LCConfig, train_batches=None, teacher: nn.Module | None = None,
+                device: torch.device | None = None, on_step=None, float_dtype: str = "f16") -> tuple[nn.Module, list[dict]]:
+    """Run every LC step, then make the model Delta(theta) (notebook entry point; the pipeline's
+    loop). Returns the model and the per-step records (without state and tensors)."""
+    if float_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+    ctx = Context(train_batches=train_batches, teacher=teacher, device=device, float_dtype=float_dtype)
+    records = run_steps(STEPS, model, cfg, ctx, on_step=on_step)
+    finish(model, cfg, ctx)
+    return model, [{k: v for k, v in r.items() if k not in ("state", "tensors")} for r in records]
