@@ -200,7 +200,7 @@ def _distance(model: nn.Module, groups, tensors) -> tuple[float, float]:
     num = den = 0.0
     for layers in groups:
         for n, m in layers:
-            w = m.weight.detach()
+            w = m.weight.detach().cpu()
             num += float((w - delta_of(n, tensors, w.shape)).double().square().sum())
             den += float(w.double().square().sum())
     return math.sqrt(num), math.sqrt(num / den) if den else 0.0
