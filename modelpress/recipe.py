@@ -129,13 +129,24 @@ class DataConfig(_Section):
                 raise ValueError(f"sha256 of {name!r} must be 64 hex digits, got {digest!r}")
         return v
 
+    @model_validator(mode="after")
+    def _files_of_the_dataset(self) -> DataConfig:
+        from .data.datasets import DATASET_FILES
+
+        missing = [f for f in DATASET_FILES[self.name] if f not in self.files]
+        if missing:
+            raise ValueError(f"files: {self.name} is read from {', '.join(DATASET_FILES[self.name])}; "
+                             f"files does not list {', '.join(missing)}")
+        return self
+
 
 class TeacherConfig(_Section):
     arch: str = Field("fmnist_cnn", description="Project model (fmnist_cnn, cifar_resnet20/32/44/56) or torchvision:<name>.")
     weights: str | None = Field(
         None, description="Weights: a checkpoint path (loaded with weights_only=True) or an MLflow models:/ or runs:/ URI. Empty: train one."
     )
-    weights_sha256: str | None = Field(None, description="Expected sha256 of the weights file, checked before loading.")
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                       description="Expected sha256 of the weights file, checked before loading.")
     epochs: float = Field(3.0, gt=0, le=1000, description="Training epochs when no weights are given.")
     lr: float = Field(0.05, gt=0, description="Peak learning rate (SGD + Nesterov, cosine schedule).")
     batch_size: int = Field(128, ge=1, le=65536)
@@ -144,6 +155,12 @@ class TeacherConfig(_Section):
         [], description="When training: keep the weights at these fractions of the schedule (0 = the initial "
                         "weights). Pruning with retrain=weight_rewind rewinds to the one at 1 - rewind_fraction.",
     )
+
+    @model_validator(mode="after")
+    def _sha_needs_weights(self) -> TeacherConfig:
+        if self.weights_sha256 and not self.weights:
+            raise ValueError("weights_sha256 is given but weights is empty (the teacher would be trained, not checked)")
+        return self
 
     @field_validator("snapshots")
     @classmethod
@@ -168,7 +185,8 @@ class TeacherConfig(_Section):
 class DistillFrom(_Section):
     arch: str = Field(..., description="Architecture of the model to distil from (as teacher.arch).")
     weights: str = Field(..., description="Its weights: a local checkpoint (loaded with weights_only=True) or packed file.")
-    weights_sha256: str | None = Field(None, description="Expected sha256 of the weights file, checked before loading.")
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                       description="Expected sha256 of the weights file, checked before loading.")
 
 
 class FinetuneConfig(_Section):
@@ -254,6 +272,8 @@ class Recipe(_Section):
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"override {item!r} must look like section.key=value")
+            if not all(part.strip() for part in key.split(".")):
+                raise RecipeError(f"override {item!r}: the key {key!r} has an empty part (section.key=value)")
             try:
                 items.append((key, load_yaml(value)))
             except yaml.YAMLError as e:

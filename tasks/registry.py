@@ -245,6 +245,9 @@ def list_rows() -> list[dict]:
 
 def resolve(ref: str):
     """NAME, NAME@ALIAS or NAME/VERSION -> the model version."""
+    name = ref.split("@", 1)[0].rsplit("/", 1)[0] if ("@" in ref or "/" in ref) else ref
+    if not name.strip():
+        raise LookupError(f"{ref!r} names no model (NAME, NAME@ALIAS or NAME/VERSION)")
     c = client()
     if "@" in ref:
         name, alias = ref.split("@", 1)

@@ -33,12 +33,12 @@ class ReproduceError(RuntimeError):
     """The version cannot be restored; the message says why."""
 
 
-def _version(ref: str):
-    ref = ref.removeprefix("models:/")
+def _version(given: str):
+    ref = given.removeprefix("models:/")
     try:
         return registry.resolve(ref)
     except Exception as e:  # noqa: BLE001 - MLflow raises many types
-        raise ReproduceError(f"{ref}: no such registered version ({str(e).splitlines()[0]})") from None
+        raise ReproduceError(f"{given}: no such registered version ({str(e).splitlines()[0]})") from None
 
 
 def _remote(repo: Path, url: str, endpoint: str | None) -> str:

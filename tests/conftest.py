@@ -52,6 +52,30 @@ def _isolated_stores(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def own_store(tmp_path):
+    """A tracking store of this test's own. MLflow's set_tracking_uri/set_registry_uri (which the
+    product calls) also write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into os.environ: both the
+    process-wide URIs and those variables are put back after the test, or every later test and
+    the subprocesses it starts would talk to this test's store."""
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {n: os.environ.get(n) for n in names}
+    uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    yield uri
+    mlflow.set_tracking_uri(uris[0])
+    mlflow.set_registry_uri(uris[1])
+    for n, v in env.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
+
+
 @pytest.fixture(autouse=True)
 def _session_store_kept():
     """A test that points MLflow elsewhere in this process must put it back (mlflow.set_tracking_uri

@@ -75,11 +75,11 @@ def test_partial_params_file_merges_onto_params_yaml(tmp_path):
     assert merged.method.model_copy(update={"kmeans_iters": base.method.kmeans_iters}) == base.method
     # Another method replaces the method section; a mapping value (data.files) is taken whole.
     other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({"method": {"name": "uniform", "bits": 4},
-                                     "data": {"files": {"t10k-labels-idx1-ubyte.gz": base.data.files["t10k-labels-idx1-ubyte.gz"]}}}))
+    npz = {"cifar10-train.npz": "ab" * 32, "cifar10-test.npz": "cd" * 32}
+    other.write_text(yaml.safe_dump({"method": {"name": "uniform", "bits": 4}, "data": {"name": "cifar10", "files": npz}}))
     merged = Recipe.from_yaml(other, base=REPO / "params.yaml")
     assert merged.method.name == "uniform" and merged.method.bits == 4
-    assert list(merged.data.files) == ["t10k-labels-idx1-ubyte.gz"] and merged.data.sources == base.data.sources
+    assert merged.data.files == npz and merged.data.sources == base.data.sources
 
 
 @pytest.mark.pipeline

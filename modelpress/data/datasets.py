@@ -65,6 +65,11 @@ DATASET_INFO: dict[str, dict] = {
     },
 }
 
+DATASET_FILES: dict[str, tuple[str, ...]] = {  # the files each loader reads
+    "fashion-mnist": tuple(DATASET_INFO["fashion-mnist"]["files"]),
+    "cifar10": ("cifar10-train.npz", "cifar10-test.npz"),
+}
+
 _IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 

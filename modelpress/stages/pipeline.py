@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Sized, cast
 
@@ -140,6 +141,16 @@ def preflight(recipe: Recipe) -> None:
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device is 'cuda' but this machine has no CUDA device (use auto or cpu)")
     model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    weights = recipe.teacher.weights
+    if weights:  # a file that is missing, torn, unsafe or of another architecture fails now, not after the fetch
+        scheme, sep, _ = weights.partition(":/")
+        if sep and len(scheme) >= 2:
+            if not entry_points(group="modelpress.weights_resolvers", name=scheme):
+                raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
+                                 "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
+        else:
+            load_weights(build_model(recipe.teacher.arch, **_arch_kwargs(recipe)), Path(weights),
+                         recipe.teacher.weights_sha256)
     src = recipe.finetune.distill_from
     if src is not None:
         build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture
