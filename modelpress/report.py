@@ -41,6 +41,35 @@ def plot_cycles(cycles: list[dict], path: str | Path, teacher_top1: float | None
     return _save(fig, path)
 
 
+def plot_steps(steps: list[dict], path: str | Path, teacher_top1: float | None = None, title: str = "",
+               label: str = "step") -> Path:
+    """Top-1 and packed size after each step of an iterative method (WFN iterations, LC steps),
+    with ||w - Delta(theta)|| / ||w|| on a third scale when the steps report it (LC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(steps)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [c["top1"] for c in steps], "o-", label="top-1 after step")
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="grey", ls="--", label=f"teacher {teacher_top1:.2f}%")
+    ax.set_xlabel(label)
+    ax.set_ylabel("top-1 (%)")
+    ax2 = ax.twinx()
+    ax2.plot(x, [c["packed_bytes"] / 1024 for c in steps], "s:", color="tab:red", label="packed KiB")
+    ax2.set_ylabel("packed size (KiB)", color="tab:red")
+    if all("relative_distance" in c for c in steps):
+        ax3 = ax.twinx()
+        ax3.spines["right"].set_position(("axes", 1.15))
+        ax3.semilogy(x, [max(c["relative_distance"], 1e-9) for c in steps], "^--", color="tab:green")
+        ax3.set_ylabel("||w - Δ(θ)|| / ||w||", color="tab:green")
+    ax.legend(loc="lower left")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def pareto_front(rows: list[dict], x: str = "packed_bytes", y: str = "top1") -> list[dict]:
     """Mark each row ``on_front``: no other row is at most as large and at least as accurate
     (and better in one of the two). Returns the rows sorted by size."""

@@ -95,13 +95,14 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
 
 
 def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
-    """Pruning runs: each cycle's sparsity, top-1 and packed bytes as metric steps, and the
-    accuracy-vs-sparsity plot as an artifact."""
+    """Iterative methods: each step's figures (pruning: sparsity, top-1, packed bytes; LC: mu,
+    ||w - Delta(theta)||, loss, top-1 and bytes of Delta(theta)) as metric steps, and a plot as an
+    artifact (accuracy vs sparsity for pruning, accuracy by step otherwise)."""
     import tempfile
 
     import mlflow
 
-    from modelpress.report import plot_cycles
+    from modelpress.report import plot_cycles, plot_steps
 
     cycles = (stages.read_json(stages.paths(recipe)["cycles_log"]) or {}).get("cycles", [])
     if stages.method(recipe).steps is None or not cycles:
@@ -109,11 +110,12 @@ def _log_cycle_metrics(recipe: Recipe, summary: dict) -> None:
     for step, c in enumerate(cycles, 1):  # every figure of every step (pruning: sparsity, top1, packed_bytes, ...)
         mlflow.log_metrics({f"cycle_{k}": float(v) for k, v in c.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "cycle"}, step=step)
-    if not all("sparsity" in c for c in cycles):
-        mlflow.log_dict({"cycles": cycles}, "cycles.json")
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        png = plot_cycles(cycles, Path(tmp) / "accuracy_vs_sparsity.png", summary.get("teacher_top1"), recipe.run.name)
+        if all("sparsity" in c for c in cycles):
+            png = plot_cycles(cycles, Path(tmp) / "accuracy_vs_sparsity.png", summary.get("teacher_top1"), recipe.run.name)
+        else:  # WFN iterations, LC steps
+            label = stages.method(recipe).steps.label
+            png = plot_steps(cycles, Path(tmp) / "accuracy_by_step.png", summary.get("teacher_top1"), recipe.run.name, label)
         mlflow.log_artifact(str(png))
     mlflow.log_dict({"cycles": cycles}, "cycles.json")
 

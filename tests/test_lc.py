@@ -330,3 +330,11 @@ def test_pipeline_resumes_at_the_unfinished_step_bit_identical(trained_workdir, 
     assert all(c["packed_bytes"] < weights * 2 / 8 for c in cycles)  # the bytes of Delta(theta) (< 2 bits a weight), not of w
     model, _ = load_packed(work / "compress" / "compressed.mpk")
     assert all(len(torch.unique(m.weight)) <= 3 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_step_plot_for_mlflow(tmp_path):
+    from modelpress.report import plot_steps
+
+    steps = [{"top1": 80 + i, "packed_bytes": 40000 - i, "relative_distance": 0.5 / (i + 1)} for i in range(4)]
+    png = plot_steps(steps, tmp_path / "s.png", 91.7, "lc", "lc-step")
+    assert png.read_bytes()[:4] == b"\x89PNG"
