@@ -1,5 +1,5 @@
 """Shared fixtures: real Fashion-MNIST, a quickly trained real teacher, one Prefect server and
-one MLflow store per test session."""
+one MLflow store per test session (the server only when pipeline or services tests run)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,36 @@ def own_store(tmp_path):
             os.environ[n] = v
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_server(request, _isolated_stores, tmp_path_factory):
+    """One real Prefect server (infra/prefect-server.sh) for the session's pipeline and services
+    tiers, as a team runs one: every `modelpress run` and `sweep` a test starts connects to it
+    (PREFECT_API_URL) instead of starting Prefect's temporary server, about 25 s each. The tests
+    of the command on a machine with no server (the clean clone, the signal tests) remove the
+    variable; the services tests start servers of their own."""
+    wanted = {m.name for item in request.session.items for m in item.iter_markers() if m.name in TIERS}
+    if not wanted & {"pipeline", "services"}:
+        yield None
+        return
+    from services import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("session-prefect"))
+    api = stack.prefect()
+    os.environ["PREFECT_API_URL"] = api
+    yield api
+    import sys
+
+    if "prefect" in sys.modules:  # this process's logs and events reach the server before it stops
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    os.environ.pop("PREFECT_API_URL", None)
+    left = stack.close()
+    assert not left, f"stopping the session's Prefect server: {left}"
+
+
 @pytest.fixture(autouse=True)
 def _session_store_kept():
     """A test that points MLflow elsewhere in this process must put it back (mlflow.set_tracking_uri
@@ -113,12 +143,13 @@ def workdir(trained_workdir, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One real Prefect server for the whole session (it takes ~25 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(_prefect_server):
+    """The session's Prefect server for flows run in this process (tests/conftest.py
+    _prefect_server): PREFECT_API_URL may have been read before it was set."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with temporary_settings({PREFECT_API_URL: _prefect_server}):
+        yield _prefect_server
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,20 @@ def test_invalid_params_file(tmp_path):
 
 
 def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_path):
-    """A bad checkpoint fails inside the teacher task: the terminal shows the one-line error
-    and no traceback, the run's log file has the traceback, nothing is retried."""
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
+    """A data file that passes its checksum (recorded for the truncated bytes) but cannot be read
+    fails inside the teacher task, not up front: the terminal shows the one-line error and no
+    traceback, the run's log file has the traceback, nothing is retried."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in FILES:
+        shutil.copy(FMNIST / f, src / f)
+    blob = (src / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (src / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 3])
+    files = "{" + ", ".join(f"{f}: {sha256_file(src / f)}" for f in FILES) + "}"
     work = tmp_path / "w"
-    proc = run_cli("run", "-S", f"run.workdir={work}", "-S", f"teacher.weights={empty}", "-S", "registry.enabled=false",
-                   "-S", f"data.sources=[{FMNIST}]")
-    _one_line_error(proc, "empty.pt", "cannot be loaded")
+    proc = run_cli("run", "-S", f"run.workdir={work}", "-S", "registry.enabled=false", "-S", f"data.sources=[{src}]",
+                   "-S", f"data.files={files}", env={"MODELPRESS_DVC": "off"})
+    _one_line_error(proc, "t10k-images-idx3-ubyte.gz", "truncated or corrupt")
     assert "Traceback" not in proc.stderr and "Retry" not in proc.stderr
     logs = list((work / "logs").glob("run-*.log"))
     assert len(logs) == 1 and f"log (with tracebacks): {logs[0]}" in proc.stderr
@@ -171,3 +177,90 @@ def test_invalid_pruning_settings_fail_before_any_training(tmp_path, overrides, 
         args += ["-S", o]
     _one_line_error(run_cli(*args), needle)
     assert not (tmp_path / "w").exists()
+
+
+def test_unreachable_s3_endpoint_fails_within_a_minute(tmp_path):
+    """An S3 endpoint nobody answers on: one line naming the source, well within 60 s (boto3's
+    connect timeout and retries are bounded by the fetcher)."""
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    t0 = time.monotonic()
+    proc = run_cli("stage", "fetch", "-S", f"run.workdir={tmp_path / 'w'}", "-S", "data.sources=[s3://bucket/fmnist]", env=env)
+    elapsed = time.monotonic() - t0
+    _one_line_error(proc, "s3://bucket/fmnist")
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    print(f"unreachable S3 endpoint: failed after {elapsed:.1f} s (process start included)")
+    _no_partial_files(tmp_path)
+
+
+class _SlowFiles:
+    """An HTTP server on loopback serving a folder slowly (64 KiB every 50 ms)."""
+
+    def __init__(self, root: Path):
+        import functools
+        import http.server
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def copyfile(self, source, outputfile):
+                while chunk := source.read(65536):
+                    outputfile.write(chunk)
+                    time.sleep(0.05)
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_run_killed_during_the_fetch_leaves_no_partial_file_after_the_rerun(trained_workdir, tmp_path):
+    """SIGKILL to `modelpress run` (its whole process group) while a dataset file is downloading:
+    the download's .partial file stays; the same run again (from a local source) removes it,
+    fetches the verified files and finishes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO, TINY
+
+    work = tmp_path / "work"
+    shutil.copytree(trained_workdir, work)
+    shutil.rmtree(work / "datasets")
+    slow = _SlowFiles(FMNIST)
+
+    def params(source: str) -> Path:
+        raw = {k: dict(v) for k, v in TINY.items()}
+        raw["run"]["workdir"] = str(work)
+        raw["data"]["sources"] = [source]
+        raw["registry"] = {"enabled": False}
+        path = tmp_path / "params.json"
+        path.write_text(json.dumps(raw))
+        return path
+
+    env = {**os.environ, "MODELPRESS_DVC": "off"}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "modelpress", "run", "--params", str(params(slow.url))], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        t0 = time.monotonic()
+        while not list(work.rglob(".partial-*")):
+            assert proc.poll() is None, "the run ended before its download could be killed"
+            assert time.monotonic() - t0 < 180, "no download started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        slow.close()
+    assert list(work.rglob(".partial-*")), "the killed download left no partial file"
+    rerun = run_cli("run", "--params", str(params(str(FMNIST))), env={"MODELPRESS_DVC": "off"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not list(work.rglob(".partial*"))
+    cache = work / "datasets" / "fashion-mnist"
+    assert all((cache / f).read_bytes() == (FMNIST / f).read_bytes() for f in FILES)
+    assert (work / "model.mpk").is_file()

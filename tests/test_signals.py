@@ -38,7 +38,8 @@ def _layers_done(ckpt: Path) -> int:
 def _start(params: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "modelpress", "run", "--params", str(params)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "MODELPRESS_DVC": "off"})
+                            env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},  # no server: the
+                                 "MODELPRESS_DVC": "off"})  # command starts Prefect's temporary one, which must stop too
 
 
 def _tree(pid: int) -> list[psutil.Process]:
