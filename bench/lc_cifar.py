@@ -42,7 +42,7 @@ POINTS: dict[str, dict] = {
     "lowrank-half": {"tasks": [{"layers": ["layer2.*"], "scheme": "lowrank", "rank": 16},
                                {"layers": ["layer3.*"], "scheme": "lowrank", "rank": 32}]},
     "lowrank": {"tasks": [{"layers": ["layer*"], "scheme": "lowrank", "alpha": 1e-7, "cost": "flops"}]},
-    "lowrank3-ternary": {"tasks": [{"layers": ["layer3.*"], "scheme": "lowrank", "alpha": 1e-7, "cost": "flops"},
+    "lowrank3-ternary": {"tasks": [{"layers": ["layer3.*"], "scheme": "lowrank", "rank": 16},
                                    {"layers": ["conv1", "layer1.*", "layer2.*", "linear"], "scheme": "ternary"}]},
 }
 
