@@ -1,5 +1,5 @@
 """Shared fixtures: real Fashion-MNIST, a quickly trained real teacher, one Prefect server and
-one MLflow store per test session (the server only when pipeline or services tests run)."""
+one MLflow store per test session (the server only when pipeline tests run)."""
 
 from __future__ import annotations
 
@@ -78,13 +78,13 @@ def own_store(tmp_path):
 
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_server(request, _isolated_stores, tmp_path_factory):
-    """One real Prefect server (infra/prefect-server.sh) for the session's pipeline and services
-    tiers, as a team runs one: every `modelpress run` and `sweep` a test starts connects to it
+    """One real Prefect server (infra/prefect-server.sh) for the session's pipeline tier, as a
+    team runs one: every `modelpress run` and `sweep` a test starts connects to it
     (PREFECT_API_URL) instead of starting Prefect's temporary server, about 25 s each. The tests
     of the command on a machine with no server (the clean clone, the signal tests) remove the
     variable; the services tests start servers of their own."""
     wanted = {m.name for item in request.session.items for m in item.iter_markers() if m.name in TIERS}
-    if not wanted & {"pipeline", "services"}:
+    if "pipeline" not in wanted:  # (the services tests start servers of their own)
         yield None
         return
     from services import Stack
