@@ -42,12 +42,22 @@ def configure_mlflow() -> str:
 def check_reachable(deadline_s: float = 30.0) -> None:
     """Fail in seconds, not after MLflow's long retry schedule, when an http(s) tracking server
     does not answer: tried every few seconds for ``deadline_s``, then a RuntimeError naming it.
-    (A sqlite store is a file: nothing to reach.)"""
+    A sqlite store is a file: its folder must be creatable and writable (checked at once)."""
     import time
     import urllib.error
     import urllib.request
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    db = sqlite_db(uri)
+    if db is not None:  # a file: its folder must exist or be creatable, and be writable
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"MLFLOW_TRACKING_URI {uri}: cannot create the folder of its database "
+                               f"({e.strerror or e})") from None
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise RuntimeError(f"MLFLOW_TRACKING_URI {uri}: its database is not writable here")
+        return
     if not uri.startswith(("http://", "https://")):
         return
     url, end, last = uri.rstrip("/") + "/health", time.monotonic() + deadline_s, ""

@@ -436,6 +436,13 @@ def test_workdir_in_use_by_another_run(cli, tmp_path):
         cli("run", "-S", f"run.workdir={busy}", needle="busy")
 
 
+def test_tracking_store_that_cannot_be_written(cli, tmp_path, own_store):
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = "sqlite:////proc/modelpress-nowhere/mlflow.db"  # own_store puts it back
+    cli("run", "-S", _work(tmp_path), needle="MLFLOW_TRACKING_URI sqlite:////proc/modelpress-nowhere/mlflow.db")
+
+
 # ---- registry --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("argv", "needle"), [
@@ -453,5 +460,5 @@ def test_bad_registry_reference(cli, own_store, argv, needle):
 def test_catalog_size():
     """The catalog holds at least 120 cases (counted as pytest collects them)."""
     n = (len(BAD_SETTINGS) + len(BAD_METHODS) + 1 + len(BAD_FILES) + 2 + 4 + 8 + 10 + 2 * len(BAD_PACKED) + 2 * 2
-         + len(BAD_SWEEPS) + 1 + 3 + 3 + 6)
+         + len(BAD_SWEEPS) + 1 + 3 + 3 + 1 + 6)
     assert n >= 120, n
