@@ -62,10 +62,9 @@ def test_invalid_params_file(tmp_path):
     _one_line_error(run_cli("run", "--params", str(bad)), "method.kmeans_iters")
 
 
-def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_path):
-    """A data file that passes its checksum (recorded for the truncated bytes) but cannot be read
-    fails inside the teacher task, not up front: the terminal shows the one-line error and no
-    traceback, the run's log file has the traceback, nothing is retried."""
+def _truncated_source(tmp_path: Path) -> tuple[Path, str, bytes]:
+    """A copy of the data set whose t10k images are cut to a third, and a data.files override
+    with the checksums of those bytes (so the fetch passes): (folder, override, original bytes)."""
     src = tmp_path / "src"
     src.mkdir()
     for f in FILES:
@@ -73,6 +72,14 @@ def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_p
     blob = (src / "t10k-images-idx3-ubyte.gz").read_bytes()
     (src / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 3])
     files = "{" + ", ".join(f"{f}: {sha256_file(src / f)}" for f in FILES) + "}"
+    return src, files, blob
+
+
+def test_failure_inside_a_task_is_one_line_and_the_traceback_is_in_the_log(tmp_path):
+    """A data file that passes its checksum (recorded for the truncated bytes) but cannot be read
+    fails inside the teacher task, not up front: the terminal shows the one-line error and no
+    traceback, the run's log file has the traceback, nothing is retried."""
+    src, files, _ = _truncated_source(tmp_path)
     work = tmp_path / "w"
     proc = run_cli("run", "-S", f"run.workdir={work}", "-S", "registry.enabled=false", "-S", f"data.sources=[{src}]",
                    "-S", f"data.files={files}", env={"MODELPRESS_DVC": "off"})
@@ -133,13 +140,7 @@ def test_unreachable_s3_bucket(tmp_path):
 def test_truncated_archive(tmp_path):
     """A truncated .gz whose checksum was (wrongly) recorded for the truncated bytes passes
     the fetch, and the data set reader names it."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in FILES:
-        shutil.copy(FMNIST / f, src / f)
-    blob = (src / "t10k-images-idx3-ubyte.gz").read_bytes()
-    (src / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 3])
-    files = "{" + ", ".join(f"{f}: {sha256_file(src / f)}" for f in FILES) + "}"
+    src, files, blob = _truncated_source(tmp_path)
     work = tmp_path / "w"
     fetch = run_cli("stage", "fetch", "-S", f"run.workdir={work}", "-S", f"data.sources=[{src}]", "-S", f"data.files={files}")
     assert fetch.returncode == 0, fetch.stderr

@@ -178,6 +178,14 @@ def run_steps(steps: Steps, model: nn.Module, cfg: BaseModel, ctx: Context, star
     return until_done(one, start)
 
 
+def batch_size_of_teacher(cfg: BaseModel, schedule: dict[str, Any]) -> BaseModel:
+    """``Method.defaults`` of a method whose only schedule setting is ``batch_size``: left empty,
+    it is the teacher's."""
+    if getattr(cfg, "batch_size", None) is None and schedule.get("batch_size"):
+        return cfg.model_copy(update={"batch_size": schedule["batch_size"]})
+    return cfg
+
+
 def codebooks(model: nn.Module, _cfg: BaseModel | None = None) -> list[nn.Parameter]:
     """Every trainable codebook in the model (the layers that have one)."""
     return [p for m in model.modules() if isinstance(p := getattr(m, "codebook", None), nn.Parameter)]

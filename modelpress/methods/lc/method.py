@@ -34,7 +34,7 @@ from ...pack.codebook import FLOAT_DTYPES, float_nbytes, is_int_codebook
 from ...progress import log
 from ...train import distill_loss, fit, reseed
 from ...walk import matches, named_layers, set_module
-from ..base import Context, Method, Steps, codebooks, run_steps
+from ..base import Context, Method, Steps, batch_size_of_teacher, codebooks, run_steps
 from ..pq import PQLayer
 from .config import LCConfig, LCTask
 from .cstep import (
@@ -364,17 +364,11 @@ STEPS = Steps(identity=identity, count=count, run=run_step, prepare=prepare, fin
               batch_size=lambda cfg: cfg.batch_size, label="lc-step", view=view)
 
 
-def _with_schedule(cfg: LCConfig, schedule: dict) -> LCConfig:
-    if cfg.batch_size is None and schedule.get("batch_size"):
-        return cfg.model_copy(update={"batch_size": schedule["batch_size"]})
-    return cfg
-
-
 METHOD = Method(
     name="lc", config=LCConfig,
     summary="LC algorithm: learning-compression alternation (Carreira-Perpinan & Idelbayev) for quantization, "
             "pruning and low rank",
-    check=check, steps=STEPS, defaults=_with_schedule, trainable=trainable, held_zero=held_zero,
+    check=check, steps=STEPS, defaults=batch_size_of_teacher, trainable=trainable, held_zero=held_zero,
     layers=(PQLayer, LowRankLayer),
 )
 

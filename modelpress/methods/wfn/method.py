@@ -22,7 +22,7 @@ from ...pack.codebook import is_int_codebook
 from ...pack.entries import encode_pq
 from ...progress import log
 from ...walk import check_patterns, matches, named_layers, set_module
-from ..base import Context, Method, Steps, run_steps
+from ..base import Context, Method, Steps, batch_size_of_teacher, run_steps
 from ..pq import PQLayer
 from .config import WFNConfig
 from .retrain import layer_weight, retrain
@@ -175,17 +175,10 @@ ITERATIONS = Steps(identity=identity, count=count, run=run_iteration, prepare=pr
                    batch_size=lambda cfg: cfg.batch_size, label="wfn-iteration")
 
 
-def _with_schedule(cfg: WFNConfig, schedule: dict) -> WFNConfig:
-    """An empty batch size is the teacher's."""
-    if cfg.batch_size is None and schedule.get("batch_size"):
-        return cfg.model_copy(update={"batch_size": schedule["batch_size"]})
-    return cfg
-
-
 METHOD = Method(
     name="wfn", config=WFNConfig,
     summary="weight fixing networks: the whole network on few power-of-two values (Subia-Waud & Dasmahapatra 2022)",
-    check=check, steps=ITERATIONS, defaults=_with_schedule,
+    check=check, steps=ITERATIONS, defaults=batch_size_of_teacher,
     trainable=lambda _model, _cfg: [],  # the fixed values never move again (biases and BatchNorm still tune)
     layers=(PQLayer,),
 )
