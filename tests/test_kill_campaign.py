@@ -29,7 +29,7 @@ MODEL = "kill-campaign"
 def _params(tmp_path: Path, work: Path, registry: dict) -> Path:
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["run"]["workdir"] = str(work)
-    raw["finetune"]["epochs"] = 0.2  # a window to be killed in
+    raw["finetune"]["epochs"] = 0.3  # a window of seconds to be killed in
     raw["registry"] = registry
     path = tmp_path / f"params-{work.name}.json"
     path.write_text(json.dumps(raw))
@@ -94,7 +94,7 @@ def test_killed_once_in_every_stage_then_byte_identical_and_registered_once(trai
     def fine_tuning(run):
         if not out["compressed"].exists():
             return False
-        time.sleep(2)  # into the fine-tuning task (0.2 epoch)
+        time.sleep(1)  # into the fine-tuning task (0.3 epoch: several seconds)
         return not out["finetuned"].exists()
 
     def packing(run):
