@@ -149,8 +149,7 @@ def preflight(recipe: Recipe) -> None:
                 raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
                                  "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
         else:
-            load_weights(build_model(recipe.teacher.arch, **_arch_kwargs(recipe)), Path(weights),
-                         recipe.teacher.weights_sha256)
+            load_weights(model, Path(weights), recipe.teacher.weights_sha256)
     src = recipe.finetune.distill_from
     if src is not None:
         build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture

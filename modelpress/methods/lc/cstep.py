@@ -34,7 +34,7 @@ def kmeans_1d(v: torch.Tensor, k: int, init: torch.Tensor | None = None, iters: 
         return torch.zeros(k), torch.zeros(0, dtype=torch.long)
     xs, _ = torch.sort(x)
     csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs, 0)])
-    starts = [_dp_centres(xs, k, bins)]
+    starts = [_dp_centres(xs, csum, k, bins)]
     if init is not None and init.numel() == k:
         starts.append(torch.sort(init.detach().double().reshape(-1))[0])
     best = None
@@ -63,13 +63,13 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, c: torch.Tensor, iters: int) ->
     return c
 
 
-def _dp_centres(xs: torch.Tensor, k: int, bins: int) -> torch.Tensor:
-    """The optimal k-means of the sorted ``xs`` grouped into at most ``bins`` consecutive
-    equal-count groups (each group kept whole), by dynamic programming over the groups."""
+def _dp_centres(xs: torch.Tensor, csum: torch.Tensor, k: int, bins: int) -> torch.Tensor:
+    """The optimal k-means of the sorted ``xs`` (``csum``: their prefix sums from 0) grouped into
+    at most ``bins`` consecutive equal-count groups (each group kept whole), by dynamic
+    programming over the groups."""
     n = xs.numel()
     edges = torch.linspace(0, n, min(n, bins) + 1).round().long().unique()
     counts = (edges[1:] - edges[:-1]).double()
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs, 0)])
     sq = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs * xs, 0)])
     b = counts.numel()
     if k >= b:  # a value per group (and spare values at the top)

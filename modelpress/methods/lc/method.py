@@ -33,7 +33,7 @@ from ...flops import output_positions
 from ...pack.codebook import FLOAT_DTYPES, float_nbytes, is_int_codebook
 from ...progress import log
 from ...train import distill_loss, fit, reseed
-from ...walk import matches, named_layers, set_module
+from ...walk import check_patterns, matches, named_layers, set_module
 from ..base import Context, Method, Steps, batch_size_of_teacher, codebooks, run_steps
 from ..pq import PQLayer
 from .config import LCConfig, LCTask
@@ -58,14 +58,10 @@ def assignments(model: nn.Module, cfg: LCConfig) -> list[list[tuple[str, nn.Conv
     """The layers of each task, in model order. Raises ValueError for a pattern matching no
     layer, a layer claimed by two tasks, or a layer the task's scheme cannot take."""
     layers = [(n, m) for n, m in named_layers(model) if isinstance(m.weight, nn.Parameter)]
-    names = [n for n, _ in layers]
     owner: dict[str, int] = {}
     out: list[list[tuple[str, Any]]] = []
     for i, task in enumerate(cfg.tasks):
-        for p in task.layers:
-            if not any(matches(n, [p]) for n in names):
-                raise ValueError(f"lc: task {i + 1} ({task.scheme}): layers {p!r} matches no Conv2d/Linear layer; "
-                                 f"layers are: {', '.join(names)}")
+        check_patterns(model, task.layers, f"lc: task {i + 1} ({task.scheme}): layers")
         mine = [(n, m) for n, m in layers if matches(n, task.layers)]
         for n, m in mine:
             if n in owner:
