@@ -46,9 +46,13 @@ lint: setup
 
 # The static checks (seconds; ~40 s with mypy's cache empty), then every tier, the unit tier first
 # so that a broken core fails in about a minute. .ci/run runs the same three steps.
+# The slow tiers run on one more pytest-xdist worker than there are cores: their tests spend much
+# of their time waiting on servers and subprocesses (tests/conftest.py gives each worker one
+# torch thread and starts the longest tests first).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: lint
 	$(PY) -m pytest -q --tier unit
-	$(PY) -m pytest -q --tier pipeline --tier services
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --tier pipeline --tier services
 
 # The unit tier: no server, no subprocess (tests/conftest.py TIERS).
 test-fast: setup

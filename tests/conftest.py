@@ -14,10 +14,19 @@ from helpers import FMNIST, tiny_recipe
 # Server fixtures (loopback HTTP, moto S3) for every module that asks for them by name.
 pytest_plugins = ["fixtures_servers"]
 
+# Under pytest-xdist (`-n N`, as .ci/run runs the slow tiers) the workers share the machine's
+# cores: one intra-op thread each, inherited by every command a test starts. Torch reads these
+# when it is first imported, which no module does before this file.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 
 # Test tiers: every test module (or test) is marked with one of these. `make test-fast` runs
 # the unit tier (no server, no subprocess, seconds in all); `make test` runs every tier, unit first.
 TIERS = ("unit", "pipeline", "services")
+# Pipeline modules whose tests take minutes each (started first under -n, see below).
+LONG_MODULES = {"test_kill_campaign.py", "test_sweep.py", "test_signals.py", "test_prune_pipeline.py", "test_registry.py"}
 
 
 def pytest_addoption(parser):
@@ -40,6 +49,15 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # Longest first, so that under pytest-xdist no worker starts a five-minute test near the end:
+    # the services tier, then the modules of the pipeline tier that kill and resume whole runs.
+    def rank(item) -> int:
+        tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
+        if tier == "services":
+            return 0
+        return 1 if item.path.name in LONG_MODULES else 2 + TIERS.index(tier)
+
+    items.sort(key=rank)  # stable: the order within a rank is the collection order
 
 
 @pytest.fixture(scope="session", autouse=True)
