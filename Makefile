@@ -48,11 +48,12 @@ lint: setup
 # so that a broken core fails in about a minute. .ci/run runs the same three steps.
 # The slow tiers run on one more pytest-xdist worker than there are cores: their tests spend much
 # of their time waiting on servers and subprocesses (tests/conftest.py gives each worker one
-# torch thread and starts the longest tests first).
+# torch thread and starts the longest tests first; tests that share a module fixture carry one
+# xdist_group, so that one worker runs them).
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: lint
 	$(PY) -m pytest -q --tier unit
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --tier pipeline --tier services
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --tier pipeline --tier services
 
 # The unit tier: no server, no subprocess (tests/conftest.py TIERS).
 test-fast: setup

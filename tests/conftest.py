@@ -25,7 +25,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Test tiers: every test module (or test) is marked with one of these. `make test-fast` runs
 # the unit tier (no server, no subprocess, seconds in all); `make test` runs every tier, unit first.
 TIERS = ("unit", "pipeline", "services")
-# Pipeline modules whose tests take minutes each (started first under -n, see below).
+# Started first under -n (see pytest_collection_modifyitems): the three longest tests (about 5 min
+# each on 2 cores), then the services tier, then the pipeline modules whose tests take minutes each.
+LONGEST = {"test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc", "test_readme_run_on_clean_clone",
+           "test_killed_once_in_every_stage_then_byte_identical_and_registered_once"}
 LONG_MODULES = {"test_kill_campaign.py", "test_sweep.py", "test_signals.py", "test_prune_pipeline.py", "test_registry.py"}
 
 
@@ -52,10 +55,12 @@ def pytest_collection_modifyitems(config, items):
     # Longest first, so that under pytest-xdist no worker starts a five-minute test near the end:
     # the services tier, then the modules of the pipeline tier that kill and resume whole runs.
     def rank(item) -> int:
+        if item.originalname in LONGEST:
+            return 0
         tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
         if tier == "services":
-            return 0
-        return 1 if item.path.name in LONG_MODULES else 2 + TIERS.index(tier)
+            return 1
+        return 2 if item.path.name in LONG_MODULES else 3 + TIERS.index(tier)
 
     items.sort(key=rank)  # stable: the order within a rank is the collection order
 
@@ -94,21 +99,59 @@ def own_store(tmp_path):
             os.environ[n] = v
 
 
+SHARED_API = "MODELPRESS_TEST_PREFECT_API"  # the controller's server, for every xdist worker
+
+
+def _wants_pipeline(tiers) -> bool:
+    return not tiers or "pipeline" in tiers
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the controller starts the session's one Prefect server before the
+    workers exist (they inherit its address), rather than one server per worker."""
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
+        return
+    if not _wants_pipeline(config.getoption("--tier")) or config.getoption("collectonly"):
+        return
+    import tempfile
+
+    from services import Stack
+
+    stack = Stack(Path(tempfile.mkdtemp(prefix="modelpress-test-prefect-")))
+    os.environ[SHARED_API] = stack.prefect()
+    config._modelpress_stack = stack
+
+
+def pytest_unconfigure(config):
+    stack = getattr(config, "_modelpress_stack", None)
+    if stack is not None:
+        os.environ.pop(SHARED_API, None)
+        left = stack.close()
+        shutil.rmtree(stack.root, ignore_errors=True)
+        assert not left, f"stopping the session's Prefect server: {left}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_server(request, _isolated_stores, tmp_path_factory):
     """One real Prefect server (infra/prefect-server.sh) for the session's pipeline tier, as a
     team runs one: every `modelpress run` and `sweep` a test starts connects to it
-    (PREFECT_API_URL) instead of starting Prefect's temporary server, about 25 s each. The tests
-    of the command on a machine with no server (the clean clone, the signal tests) remove the
-    variable; the services tests start servers of their own."""
+    (PREFECT_API_URL) instead of starting Prefect's temporary server, about 25 s each. Under
+    pytest-xdist it is the controller's (pytest_configure above), shared by every worker. The
+    tests of the command on a machine with no server (the clean clone, the signal tests) remove
+    the variable; the services tests start servers of their own."""
     wanted = {m.name for item in request.session.items for m in item.iter_markers() if m.name in TIERS}
     if "pipeline" not in wanted:  # (the services tests start servers of their own)
         yield None
         return
-    from services import Stack
+    shared = os.environ.get(SHARED_API)
+    stack = None
+    if shared:
+        api = shared
+    else:
+        from services import Stack
 
-    stack = Stack(tmp_path_factory.mktemp("session-prefect"))
-    api = stack.prefect()
+        stack = Stack(tmp_path_factory.mktemp("session-prefect"))
+        api = stack.prefect()
     os.environ["PREFECT_API_URL"] = api
     yield api
     import sys
@@ -120,8 +163,9 @@ def _prefect_server(request, _isolated_stores, tmp_path_factory):
         APILogWorker.drain_all(timeout=10)
         EventsWorker.drain_all(timeout=10)
     os.environ.pop("PREFECT_API_URL", None)
-    left = stack.close()
-    assert not left, f"stopping the session's Prefect server: {left}"
+    if stack is not None:
+        left = stack.close()
+        assert not left, f"stopping the session's Prefect server: {left}"
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from modelpress.pack import load_packed, read_packed
 
 from helpers import run_cli, tiny_recipe
 
-pytestmark = pytest.mark.pipeline
+# One worker runs this module under pytest-xdist (--dist loadgroup): its tests share one budget run.
+pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("budget")]
 
 
 def _table():
@@ -50,20 +52,36 @@ def _no_measuring(*a, **k):
     raise AssertionError("measured again")
 
 
-def test_packed_file_respects_the_budget(workdir):
-    _budget_run(workdir)
+BUDGET = 60_000
 
 
-def _budget_run(workdir):
-    budget = 60_000
-    recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]})
+@pytest.fixture(scope="module")
+def budget_run(trained_workdir, tmp_path_factory):
+    """One PQ run under a byte budget (measuring every candidate's damage), shared by the tests
+    below: each starts from a copy of its finished workdir."""
+    work = tmp_path_factory.mktemp("budget") / "work"
+    shutil.copytree(trained_workdir, work)
+    recipe = tiny_recipe(work, method={"target_bytes": BUDGET, "budget_k": [16, 64, 256]})
     stages.preflight(recipe)
     stages.compress_stage(recipe)
     stages.finetune_stage(recipe)
     path = stages.pack_stage(recipe)
+    plan = stages.read_json(work / "compress" / "allocation.json")["layers"]
+    return work, recipe, path, plan
+
+
+@pytest.fixture
+def budget_copy(budget_run, tmp_path):
+    """A copy of the budget run's workdir and its plan."""
+    work = tmp_path / "work"
+    shutil.copytree(budget_run[0], work)
+    return work, budget_run[3]
+
+
+def test_packed_file_respects_the_budget(budget_run):
+    workdir, recipe, path, plan = budget_run
     size = os.path.getsize(path)
-    assert 0.9 * budget < size <= budget  # fits, and uses the budget
-    plan = stages.read_json(workdir / "compress" / "allocation.json")["layers"]
+    assert 0.9 * BUDGET < size <= BUDGET  # fits, and uses the budget
     entries = {r["tensor"].removesuffix(".weight"): r for r in read_packed(path).summary()}
     for row in plan:  # the file holds what the plan chose
         e = entries[row["layer"]]
@@ -75,13 +93,12 @@ def _budget_run(workdir):
     result = stages.evaluate_file(path, recipe)
     teacher = stages.read_json(workdir / "teacher" / "teacher.json")["top1"]
     assert result["top1"] > teacher - 15  # briefly trained teacher, tiny fine-tuning
-    return recipe, plan
 
 
-def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
+def test_another_budget_reuses_the_measured_damage(budget_copy, monkeypatch):
     """The damage of every candidate does not depend on the budget: a second budget in the same
     workdir (as the points of a sweep share one) plans from the saved table, measuring nothing."""
-    _, plan = _budget_run(workdir)
+    workdir, plan = budget_copy
     assert len(list((workdir / "cache").glob("budget-damage-*.json"))) == 1
 
     monkeypatch.setattr(pq_method, "measure", _no_measuring)  # where the method measures damage
@@ -95,12 +112,12 @@ def test_another_budget_reuses_the_measured_damage(workdir, monkeypatch):
     assert sum(r["bytes"] for r in smaller) < sum(r["bytes"] for r in plan)
 
 
-def test_int8_codebooks_buy_more_centroids_within_the_same_budget(workdir, monkeypatch):
+def test_int8_codebooks_buy_more_centroids_within_the_same_budget(budget_copy, monkeypatch):
     """pack.codebook_dtype=i8: the same measured damages, costed at half the codebook bytes, buy
     more centroids; the file still fits, holds int8 codebooks, and loads as the tuned model."""
-    _, f16_plan = _budget_run(workdir)
+    workdir, f16_plan = budget_copy
     monkeypatch.setattr(pq_method, "measure", _no_measuring)  # where the method measures damage
-    budget = 60_000
+    budget = BUDGET
     recipe = tiny_recipe(workdir, method={"target_bytes": budget, "budget_k": [16, 64, 256]}, pack={"codebook_dtype": "i8"})
     stages.preflight(recipe)
     stages.compress_stage(recipe)

@@ -112,6 +112,7 @@ def server(tmp_path_factory):
 
 # ---- the nightly schedule, executed ------------------------------------------------------------
 
+@pytest.mark.xdist_group("operations-server")  # shares the module's server
 def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, trained_workdir, tmp_path):
     """A deployment due within a minute: the server's scheduler must create the run (SQLAlchemy
     2.1 silently stopped it) and the worker must execute it to the end."""
@@ -168,6 +169,7 @@ def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, tr
           f"{time.monotonic() - t0:.0f} s after the deployment was created")
 
 
+@pytest.mark.xdist_group("operations-server")  # shares the module's server
 def test_reschedule_marks_the_dead_attempts_task_runs_crashed(server):
     """`python -m modelpress.flows.deploy reschedule` (and a worker's start, which shares the code): the task
     runs the dead attempt left Running or Pending become Crashed; finished ones stay as they are."""

@@ -126,6 +126,7 @@ def prefect_api(tmp_path_factory):
 
 # ---- deployments as the UI sees them ----------------------------------------------------------
 
+@pytest.mark.xdist_group("orchestration-server")  # shares the module's server
 def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_api):
     from modelpress.recipe import Recipe
 
@@ -196,6 +197,7 @@ def _layers_done(ckpt: Path) -> int:
         return 0
 
 
+@pytest.mark.xdist_group("orchestration-server")  # shares the module's server
 def test_worker_killed_mid_layer_loop_resumes_after_restart(prefect_api, trained_workdir, tmp_path):
     api, stack = prefect_api
     params = _tiny_params(method=SLOW, registry={"enabled": False})

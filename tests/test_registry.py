@@ -23,7 +23,8 @@ from modelpress.tasks import registry
 
 from helpers import REPO, run_cli, tiny_recipe
 
-pytestmark = pytest.mark.pipeline
+# One worker runs this module under pytest-xdist (--dist loadgroup): its tests share the registered versions.
+pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("registry")]
 
 NAME = "fmnist-cnn-pq"  # the default name, as in the README's consumer example
 
