@@ -2,6 +2,7 @@
 
     python bench/run_bench.py                       # the default params.yaml, fresh workdir
     python bench/run_bench.py -S method.linear.k=128
+    python bench/run_bench.py --params bench/params/cifar-resnet20-wfn.yaml --keep /tmp/wfn   # keep the outputs
 
 Runs the real command in a fresh process with a fresh work directory (so the teacher is
 trained, nothing is cached) and a throw-away MLflow store, then prints seconds per stage.
@@ -26,9 +27,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("-S", "--set", action="append", default=[])
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="work directory to keep (it must not exist): the packed file, metrics.json, the step records")
     args = ap.parse_args()
+    if args.keep and Path(args.keep).exists():
+        sys.exit(f"--keep {args.keep}: already exists (the run must start from nothing)")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "data"
+        work = Path(args.keep).resolve() if args.keep else Path(tmp) / "data"
         cmd = [sys.executable, "-m", "modelpress", "run", "--params", args.params, "-S", f"run.workdir={work}"]
         for s in args.set:
             cmd += ["-S", s]
