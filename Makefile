@@ -45,15 +45,17 @@ lint: setup
 	exit $$status
 
 # The static checks (seconds; ~40 s with mypy's cache empty), then every tier, the unit tier first
-# so that a broken core fails in about a minute. .ci/run runs the same three steps.
+# so that a broken core fails in about a minute. .ci/run runs this target.
 # The slow tiers run on one more pytest-xdist worker than there are cores: their tests spend much
 # of their time waiting on servers and subprocesses (tests/conftest.py gives each worker one
 # torch thread and starts the longest tests first; tests that share a module fixture carry one
 # xdist_group, so that one worker runs them).
+# TEST_ARGS: extra pytest arguments for the slow tiers (.ci/run: --durations=25).
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+TEST_ARGS ?=
 test: lint
 	$(PY) -m pytest -q --tier unit
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --tier pipeline --tier services
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --tier pipeline --tier services $(TEST_ARGS)
 
 # The unit tier: no server, no subprocess (tests/conftest.py TIERS).
 test-fast: setup
