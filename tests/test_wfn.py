@@ -79,19 +79,41 @@ def test_fixing_rule_on_hand_made_weights():
         0.75 * 1.002,  # nowhere near a power of two, within 1 % of 1 - 1/4 (order 2)
         0.3,           # 4 % from its nearest value (0.3125): beyond delta
     ])
-    idx, values, info = choose(w, 5, levels, 0.01, GAMMA)
+    idx, values, info = choose(w, 5, levels, 0.01, GAMMA, "each")
     assert dict(zip(idx.tolist(), values.tolist())) == {0: 0.5, 1: -0.25, 2: 1.0, 3: 0.0, 4: 0.75}
     assert info["beyond_delta"] == 0 and info["order_reached"] == 2 and info["max_rel_distance"] <= 0.01
     # Asked for all six, the last one goes to its nearest value with a relaxed distance (as the reference).
-    idx, values, info = choose(w, 6, levels, 0.01, GAMMA)
+    idx, values, info = choose(w, 6, levels, 0.01, GAMMA, "each")
     assert values[idx.tolist().index(5)] == 0.3125 and info["beyond_delta"] == 1 and info["delta_used"] > 0.04
     # Powers of two only (max_order 1): 0.75 cannot be reached within delta, so it is relaxed too.
-    idx, values, _ = choose(w, 5, levels[:1], 0.01, GAMMA)
+    idx, values, _ = choose(w, 5, levels[:1], 0.01, GAMMA, "each")
     assert set(values.tolist()) <= {0.0, 0.5, -0.25, 1.0} or 0.75 not in values
     # Fewer to fix than could be: the value shared by most weights first, closest weights first.
     w = np.array([0.5 * 1.004, 0.5 * 0.999, 0.5 * 1.009, 0.25 * 1.001, 0.25 * 1.002, 0.4])
-    idx, values, _ = choose(w, 2, levels, 0.01, GAMMA)
+    idx, values, _ = choose(w, 2, levels, 0.01, GAMMA, "each")
     assert sorted(idx.tolist()) == [0, 1] and set(values.tolist()) == {0.5}
+
+
+def test_mean_rule_bounds_the_mean_distance_of_what_one_value_takes():
+    """The reference code's rule: a value takes its closest free weights while their mean relative
+    distance stays within delta, so it may take weights further than delta on their own."""
+    levels = candidate_levels(1, GAMMA, 1.0)  # powers of two only
+    w = np.array([0.5 * 1.001, 0.5 * 1.005, 0.5 * 0.988, 0.5 * 1.02, 0.5 * 1.05, 0.25 * 1.001, 0.25 * 1.003])
+    rel = np.abs(w - np.array([0.5] * 5 + [0.25] * 2)) / w
+    idx, values, info = choose(w, 7, levels, 0.01, GAMMA, "mean")
+    # 0.5 has the most weights nearest to it: its four closest have a mean distance within 1 %
+    # (the 5th would pass it), 0.25 takes both; the 5 % weight comes last, at a relaxed distance.
+    taken_first = set(range(4)) | {5, 6}
+    assert rel[[0, 1, 2, 3]].mean() <= 0.01 < rel[[0, 1, 2, 3, 4]].mean() and rel[3] > 0.01
+    idx6, _, info6 = choose(w, 6, levels, 0.01, GAMMA, "mean")
+    assert set(idx6.tolist()) == taken_first and info6["delta_used"] == 0.01 and info6["beyond_delta"] == 2
+    assert info6["mean_rel_distance"] <= 0.01
+    assert dict(zip(idx.tolist(), values.tolist()))[4] == 0.5 and info["delta_used"] > 0.01
+    # Each weight on its own within delta: the 1.2 % and 2 % weights need delta doubled.
+    idx_each, _, info_each = choose(w, 6, levels, 0.01, GAMMA, "each")
+    assert set(idx_each.tolist()) == taken_first and info_each["delta_used"] == 0.02
+    with pytest.raises(ValueError, match="unknown fixing rule"):
+        choose(w, 1, levels, 0.01, GAMMA, "median")
 
 
 def test_mask_state_round_trips_compactly():

@@ -20,6 +20,12 @@ class WFNConfig(BaseModel):
         description="delta: a free weight w may be fixed to a value c when its relative distance |w - c| / |w| is at "
                     "most this (the paper: 0.0075, 0.01, 0.015). Smaller: more unique values, less damage.",
     )
+    distance_rule: Literal["mean", "each"] = Field(
+        "mean",
+        description="How delta bounds what one value takes: mean = its closest free weights while their mean relative "
+                    "distance is within delta (the reference code); each = every weight within delta on its own "
+                    "(stricter: fewer weights per value, so more values and higher entropy).",
+    )
     fractions: list[float] = Field(
         PAPER_FRACTIONS,
         description="Share of all fixable weights that is fixed after each iteration: strictly increasing in (0, 1], "
@@ -70,5 +76,5 @@ class WFNConfig(BaseModel):
         return v
 
     def key_params(self) -> str:
-        return (f"delta={self.distance_allowed} iterations={len(self.fractions)} zero={self.zero_distance:g} "
+        return (f"delta={self.distance_allowed} ({self.distance_rule}) iterations={len(self.fractions)} zero={self.zero_distance:g} "
                 f"max_order={self.max_order} reg={self.regularisation_ratio}")

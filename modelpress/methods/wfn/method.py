@@ -100,7 +100,7 @@ def fix_to(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], fra
     needed = max(0, goal - int(fixed.sum()))
     free = np.flatnonzero(~fixed)
     levels = candidate_levels(cfg.max_order, cfg.zero_distance, float(np.abs(flat).max()))
-    idx, values, info = choose(flat[free], needed, levels, cfg.distance_allowed, cfg.zero_distance)
+    idx, values, info = choose(flat[free], needed, levels, cfg.distance_allowed, cfg.zero_distance, cfg.distance_rule)
     pos = free[idx]
     flat[pos] = values
     fixed[pos] = True
@@ -134,8 +134,8 @@ def run_iteration(model: nn.Module, cfg: WFNConfig, index: int, ctx: Context) ->
     total = sum(m.numel() for m in masks.values())
     n_fixed = sum(int(m.sum()) for m in masks.values())
     unique, entropy = value_stats(_fixed_values(model, masks))
-    log.info("wfn: iteration %d/%d: %.2f%% fixed, %d values (%.2f bits/weight), %d fixed beyond delta", index + 1,
-             len(cfg.fractions), 100 * n_fixed / total, unique, entropy, info["beyond_delta"])
+    log.info("wfn: iteration %d/%d: %.2f%% fixed, %d values (%.2f bits/weight), mean distance %.4f, %d fixed beyond delta", index + 1,
+             len(cfg.fractions), 100 * n_fixed / total, unique, entropy, info["mean_rel_distance"], info["beyond_delta"])
     return {
         "iteration": index + 1, "target_fraction": fraction, "fraction_fixed": n_fixed / total,
         "unique_values": unique, "entropy_bits": entropy, **info,

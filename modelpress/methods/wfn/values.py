@@ -6,13 +6,18 @@ exact in float16 (at most 11 significant bits, exponents within float16's range)
 file's f16 (or f32) codebooks hold them bit for bit.
 
 The fixing rule (one iteration, network-wide): each free weight's nearest candidate is the value
-it would be fixed to; a weight may be fixed when its relative distance |w - c| / |w| is within
-``delta``. Candidates are taken in decreasing number of such weights (the value nearest to the
-most free weights first), and within one value the closest weights first, until the
-iteration's count is reached. Powers of two are tried first; a higher order only for what they
-cannot reach. When even the highest order cannot reach the count within ``delta``, the allowed
-distance doubles until it can (as the reference code does: fix the rest to their nearest value,
-the most shared values first).
+it would be fixed to, at relative distance |w - c| / |w|. Values are taken in decreasing number
+of free weights nearest to them (the most shared value first), and within one value the closest
+weights first, until the iteration's count is reached. What one value may take is bounded by
+``delta`` in one of two ways (``rule``):
+
+- ``mean`` (the reference code's ``find_the_next_cluster``): the longest run of its closest
+  weights whose *mean* relative distance is within ``delta``;
+- ``each``: every weight whose own relative distance is within ``delta``.
+
+Powers of two are tried first; a higher order only for what they cannot reach. When even the
+highest order cannot reach the count, the allowed distance doubles until it can (as the
+reference code does: fix the rest to their nearest value, the most shared values first).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import zlib
 import numpy as np
 import torch
 
+RULES = ("mean", "each")  # how delta bounds what one value takes (choose)
 SPAN = 10  # the terms of one value lie within 2**SPAN of each other: 11 significant bits, float16's mantissa
 F16_MIN_EXP, F16_MAX_EXP = -24, 15  # float16: smallest subnormal 2**-24, largest power of two 2**15
 
@@ -81,10 +87,32 @@ def nearest(candidates: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.where(pick_right, right, left)
 
 
-def choose(w: np.ndarray, needed: int, levels: list[np.ndarray], delta: float, zero_distance: float) -> tuple[np.ndarray, np.ndarray, dict]:
+def _allowed(rel: np.ndarray, ci: np.ndarray, d: float, rule: str) -> np.ndarray:
+    """Which free weights (relative distance ``rel`` to their nearest value ``ci``) the rule lets
+    their value take at allowed distance ``d``."""
+    if d >= 8:
+        return np.ones(rel.size, bool)  # termination guard: anything
+    if rule == "each":
+        return rel <= d
+    order = np.lexsort((rel, ci))  # by value, closest first
+    r, g = rel[order], ci[order]
+    csum = np.cumsum(r)
+    start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # first position of each value's run
+    run = np.repeat(np.arange(start.size), np.diff(np.r_[start, g.size]))
+    before = np.r_[0.0, csum][start][run]  # the sum of earlier values' runs
+    count = np.arange(g.size) - start[run] + 1
+    ok = np.empty(rel.size, bool)
+    ok[order] = (csum - before) / count <= d  # running mean of sorted distances: a prefix per value
+    return ok
+
+
+def choose(w: np.ndarray, needed: int, levels: list[np.ndarray], delta: float, zero_distance: float,
+           rule: str = "mean") -> tuple[np.ndarray, np.ndarray, dict]:
     """The fixing rule on the free weights ``w`` (1-D): which ``needed`` of them to fix, and to
     what. Returns (positions in ``w``, values, info: ``delta_used``, ``beyond_delta`` (weights
-    fixed further than ``delta``), ``max_rel_distance``, ``order_reached``)."""
+    fixed further than ``delta``), ``mean_rel_distance``, ``max_rel_distance``, ``order_reached``)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown fixing rule {rule!r}: one of {', '.join(RULES)}")
     w = np.asarray(w, np.float64)
     needed = min(int(needed), w.size)
     chosen = np.zeros(w.size, bool)
@@ -102,9 +130,9 @@ def choose(w: np.ndarray, needed: int, levels: list[np.ndarray], delta: float, z
             rel = np.abs(wf - cands[ci]) / np.abs(wf)
         sm = small[free]
         ci[sm], rel[sm] = zero, 0.0
-        ok = np.flatnonzero(rel <= d) if d < 8 else np.arange(free.size)  # d >= 8: anything (termination guard)
+        ok = np.flatnonzero(_allowed(rel, ci, d, rule))
         if ok.size:
-            counts = np.bincount(ci[ok], minlength=len(cands))
+            counts = np.bincount(ci[ok] if rule == "each" else ci, minlength=len(cands))
             rank = np.empty(len(cands), np.int64)
             rank[np.argsort(-counts, kind="stable")] = np.arange(len(cands))
             order = np.lexsort((rel[ok], rank[ci[ok]]))[:remaining]  # the most shared value first, closest weights first
@@ -122,6 +150,7 @@ def choose(w: np.ndarray, needed: int, levels: list[np.ndarray], delta: float, z
     info = {
         "delta_used": d, "order_reached": level + 1,
         "beyond_delta": int((rel_of[idx] > delta).sum()),
+        "mean_rel_distance": float(rel_of[idx].mean()) if idx.size else 0.0,
         "max_rel_distance": float(rel_of[idx].max()) if idx.size else 0.0,
     }
     return idx, values[idx], info
