@@ -120,6 +120,11 @@ class DataConfig(_Section):
     )
     files: dict[str, str] = Field(dict(_FMNIST["files"]), min_length=1, description="File name -> expected sha256.")
     batch_size: int = Field(256, ge=1, le=65536, description="Batch size for evaluation and calibration.")
+    test_images: int | None = Field(
+        None, ge=1,
+        description="Measure every top-1 of the run (teacher, steps, packed file) on the first N test images; empty: "
+                    "the whole test set. For quick checks: the results and the registry say how many images they used.",
+    )
 
     @field_validator("files")
     @classmethod

@@ -174,7 +174,7 @@ def model_card(name: str, tags: dict, summary: dict, version: str | None = None)
 file of {summary['packed_bytes']:,} bytes, {summary['compression_ratio']:.1f}x smaller than the teacher's
 {summary['teacher_fp32_bytes']:,} fp32 bytes.
 
-**Accuracy** (top-1, full {tags[TAG + 'dataset']} test set, {summary['test_images']} images, measured on the
+**Accuracy** (top-1, {tags[TAG + 'dataset']} test set, {summary['test_images']:,} images, measured on the
 packed file loaded in a fresh process): {summary['compressed_top1']:.2f} % (teacher {summary['teacher_top1']:.2f} %,
 drop {summary['top1_drop']:.2f} points).
 

@@ -1,6 +1,6 @@
 """What a newcomer does first: clone the repository and run the README's run command, with no
 local configuration (no .dvc/config.local, no DVC remote, no MLFLOW_/PREFECT_/AWS_/MODELPRESS_
-variables). Only the training lengths are shortened, through the Makefile's ARGS."""
+variables). Only the training and evaluation lengths are shortened, through the Makefile's ARGS."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.services
 # The README's run command, exactly as written there.
 RUN_COMMAND = "make run"
 SHORT = ("-S teacher.epochs=0.2 -S method.calibration_images=256 -S method.kmeans_iters=5 "
-         "-S method.layer_finetune_epochs=0.01 -S finetune.epochs=0.05 -S finetune.bn_batches=5")
+         "-S method.layer_finetune_epochs=0.01 -S finetune.epochs=0.05 -S finetune.bn_batches=5 "
+         "-S data.test_images=2000")
 PROJECT_ENV = ("MODELPRESS_", "MLFLOW_", "PREFECT_", "AWS_", "DVC_", "VIRTUAL_ENV", "PYTHONPATH", "PYTEST_")
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import tiny_recipe
+from helpers import TEST_IMAGES, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 
@@ -33,7 +33,7 @@ def test_flow_end_to_end_registers_packed_model(prefect_server, workdir):
     assert summary["packed_bytes"] == os.path.getsize(packed)
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["packed_bytes"] == os.path.getsize(packed)
-    assert metrics["test_images"] == 10000
+    assert metrics["test_images"] == TEST_IMAGES
     assert metrics["compression_ratio"] > 15
     # A briefly trained teacher still beats chance by far; the compressed model must follow it.
     assert metrics["teacher_top1"] > 60

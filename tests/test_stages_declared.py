@@ -10,7 +10,7 @@ from modelpress import stages
 from modelpress.methods import REGISTRY, compress
 from modelpress.methods.base import Context
 from modelpress.recipe import Recipe
-from modelpress.stages.declare import SPECS, _value
+from modelpress.stages.declare import SPECS
 
 from helpers import REPO
 
@@ -30,6 +30,7 @@ def _change(recipe: Recipe, dotted: str) -> Recipe | None:
         "data.batch_size": 128, "data.sources": ["/elsewhere"], "run.seed": 7, "teacher.epochs": 2.0, "teacher.lr": 0.1,
         "teacher.weight_decay": 0.0, "teacher.batch_size": 64, "finetune.batch_size": 64, "finetune.epochs": 2.0,
         "pack.codebook_dtype": "i8", "pack.float_dtype": "f32", "method.kmeans_iters": 3, "teacher.snapshots": [0.5],
+        "data.test_images": 500,
     }
     for key, value in candidates.items():
         if key == dotted or key.startswith(dotted + "."):
@@ -40,15 +41,14 @@ def _change(recipe: Recipe, dotted: str) -> Recipe | None:
 @pytest.mark.parametrize("name", ["teacher", "compress", "finetune", "pack"])
 def test_a_stage_key_changes_with_each_declared_parameter_and_nothing_else(name):
     base = Recipe()
-    dump = base.model_dump(mode="json")
     spec = SPECS[name]
     for field in ("data.batch_size", "run.seed", "teacher.epochs", "finetune.epochs", "pack.float_dtype",
-                  "pack.codebook_dtype", "method.kmeans_iters", "data.sources"):
+                  "pack.codebook_dtype", "method.kmeans_iters", "data.sources", "data.test_images"):
         other = _change(base, field)
         declared = any(field == p or field.startswith(p + ".") for p in spec.params)
         upstream = stages.stage_key(other, name) != stages.stage_key(base, name)
         reads = declared or any(
-            (field == p or field.startswith(p + ".")) and _value(dump, field) is not None
+            field == p or field.startswith(p + ".")
             for d in _upstream(name) for p in (SPECS[d].identity or SPECS[d].params))
         assert upstream == reads, f"{name}: key {'changed' if upstream else 'unchanged'} by {field}"
 
@@ -60,6 +60,19 @@ def _upstream(name: str) -> set[str]:
         out.add(d)
         todo += SPECS[d].deps
     return out
+
+
+def test_an_optional_field_left_empty_keeps_the_keys_of_earlier_work():
+    """data.test_images came after runs were made: empty (the whole test set), it is not in the
+    keys, so a nightly run after the upgrade resumes; set, it is in every stage that evaluates."""
+    base = Recipe()
+    dump = base.model_dump(mode="json")
+    dump["data"].pop("test_images")  # the recipe as it was before the field existed
+    for name in SPECS:
+        assert stages.stage_key(base, name) == stages.stage_key(base, name, dump)
+    limited = base.with_overrides({"data.test_images": 500})
+    changed = {n for n in SPECS if stages.stage_key(limited, n) != stages.stage_key(base, n)}
+    assert changed == {"teacher", "compress", "finetune", "pack", "evaluate"}
 
 
 def test_byte_budget_key_covers_the_float_storage():

@@ -18,7 +18,7 @@ from modelpress.recipe import Recipe, RecipeError
 from modelpress.report import pareto_front
 from modelpress.sweep import SweepConfig
 
-from helpers import REPO, TINY, run_cli
+from helpers import REPO, TEST_IMAGES, TINY, run_cli
 
 pytestmark = pytest.mark.pipeline
 
@@ -107,7 +107,7 @@ def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_wor
     for name, r in rows.items():  # every number comes from the point's own packed file
         metrics = json.loads((root / "points" / name / "metrics.json").read_text())
         assert r["packed_bytes"] == (root / "points" / name / "model.mpk").stat().st_size == metrics["packed_bytes"]
-        assert r["top1"] == metrics["compressed_top1"] and metrics["test_images"] == 10000
+        assert r["top1"] == metrics["compressed_top1"] and metrics["test_images"] == TEST_IMAGES
     assert {r["method"] for r in rows.values()} == {"uniform", "kmeans", "pq"}
     assert rows["uniform4"]["series"] == "uniform (baseline)" and rows["pq"]["series"] == "pq"
     assert any(r["on_front"] for r in rows.values())

@@ -48,10 +48,10 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("fetch", params=("data.name", "data.sources", "data.files"), code=("modelpress/data",),
               outs=("data",), result="data", identity=("data.name", "data.files"),
               note="sources only say where to get the same files: they do not change what later stages read"),
-    StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size"), deps=("fetch",), files=("teacher.weights",),
+    StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images"), deps=("fetch",), files=("teacher.weights",),
               code=("modelpress/models", "modelpress/train.py"), outs=("teacher_dir",), result="teacher", resumable=True),
     StageSpec("compress", params=("method", "pack", "finetune.batch_size", "teacher.epochs", "teacher.lr",
-                                  "teacher.weight_decay", "teacher.batch_size"),
+                                  "teacher.weight_decay", "teacher.batch_size", "data.test_images"),
               deps=("teacher",), code=("modelpress/methods", "modelpress/pack", "modelpress/train.py"),
               outs=("compress_dir",), result="compressed", resumable=True, persist=True,
               note="pruning replays the teacher's schedule where its own is left empty; a byte budget sizes with pack"),
@@ -59,7 +59,7 @@ STAGES: tuple[StageSpec, ...] = (
               files=("finetune.distill_from.weights",), code=("modelpress/methods", "modelpress/train.py"),
               outs=("finetune_dir",), result="finetuned", resumable=True),
     StageSpec("pack", params=("pack",), deps=("finetune",), code=("modelpress/pack",), outs=("packed",), result="packed"),
-    StageSpec("evaluate", params=(), deps=("pack",), code=("modelpress/pack", "modelpress/models"), metrics=("metrics",),
+    StageSpec("evaluate", params=("data.test_images",), deps=("pack",), code=("modelpress/pack", "modelpress/models"), metrics=("metrics",),
               result="metrics"),
 )
 SPECS = {s.name: s for s in STAGES}
@@ -93,13 +93,20 @@ def _sha256_of(path: str, _mtime_ns: int, _size: int) -> str:
     return sha256_file(path)
 
 
+def _params(dump: dict, names: tuple[str, ...]) -> dict:
+    """The values of a stage's params for its key. A single field left empty (None) is left out,
+    so adding an optional field does not change the key of work done before it existed."""
+    values = {p: _value(dump, p) for p in names}
+    return {p: v for p, v in values.items() if not ("." in p and v is None)}
+
+
 def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
     """The hash of everything stage ``name`` depends on (its declaration says what)."""
     spec = SPECS[name]
     dump = recipe.model_dump(mode="json") if _dump is None else _dump
     blob = [
         name,
-        {p: _value(dump, p) for p in spec.params},
+        _params(dump, spec.params),
         {f: file_content(_value(dump, f)) for f in spec.files},
         [identity_key(recipe, d, dump) for d in spec.deps],
     ]
@@ -113,7 +120,7 @@ def identity_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
     if spec.identity is None:
         return stage_key(recipe, name, _dump)
     dump = recipe.model_dump(mode="json") if _dump is None else _dump
-    blob = [name, {p: _value(dump, p) for p in spec.identity}, [identity_key(recipe, d, dump) for d in spec.deps]]
+    blob = [name, _params(dump, spec.identity), [identity_key(recipe, d, dump) for d in spec.deps]]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -82,7 +82,14 @@ def _device(recipe: Recipe) -> torch.device:
 
 
 def _datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
-    return load_dataset(recipe.data.name, paths(recipe)["data"])
+    """(train, test); test holds the first ``data.test_images`` images when that is set."""
+    train, test = load_dataset(recipe.data.name, paths(recipe)["data"])
+    return train, _first(test, recipe.data.test_images)
+
+
+def _first(dataset: Dataset, n: int | None) -> Dataset:
+    size = len(cast(Sized, dataset))
+    return dataset if not n or n >= size else torch.utils.data.Subset(dataset, range(n))
 
 
 def _input_meta(recipe: Recipe) -> dict:
@@ -583,14 +590,14 @@ def pack_stage(recipe: Recipe, _key: str) -> Path:
 
 
 def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -> dict:
-    """Top-1 of the model *as loaded from the packed file*, on the full test set."""
+    """Top-1 of the model *as loaded from the packed file*, on the test set (its first ``limit``
+    images, or ``data.test_images``, when given)."""
     device = _device(recipe)
     t0 = time.perf_counter()
     model, _meta = load_packed(packed_path)
     load_s = time.perf_counter() - t0
     _, test = _datasets(recipe)
-    if limit:
-        test = torch.utils.data.Subset(test, range(min(limit, len(cast(Sized, test)))))
+    test = _first(test, limit)
     top1 = evaluate(model.to(device), loader(test, recipe.data.batch_size, False), device)
     return {"top1": top1, "test_images": len(cast(Sized, test)), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
             "sha256": sha256_file(packed_path)}
