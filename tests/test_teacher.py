@@ -66,7 +66,7 @@ def test_pretrained_cifar_resnet20_scores_as_published(tmp_path):
     (work / "datasets").mkdir(parents=True)
     os.symlink(CIFAR, work / "datasets" / "cifar10")
     recipe = tiny_recipe(work, data={"name": "cifar10", "sources": [str(CIFAR)], "files": {
-        "cifar10-train.npz": sha256_file(CIFAR / "cifar10-train.npz"), "cifar10-test.npz": sha256_file(CIFAR / "cifar10-test.npz")}},
+        "cifar10-train.npz": sha256_file(CIFAR / "cifar10-train.npz"), "cifar10-test.npz": sha256_file(CIFAR / "cifar10-test.npz")}, "test_images": None},
         teacher={"arch": "cifar_resnet20", "weights": str(RESNET20)})
     stages.teacher(recipe)
     assert stages.read_json(stages.paths(recipe)["teacher_info"])["top1"] == pytest.approx(91.73, abs=0.01)
