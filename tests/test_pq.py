@@ -301,3 +301,63 @@ def test_plan_rejects_block_size_that_does_not_divide_the_input(trained):
         plan(trained, PQConfig(linear=BlockSpec(block_size=7, k=256)))
     with pytest.raises(ValueError, match=r"classifier\.2.*block size 5.*3136"):
         plan(trained, PQConfig(overrides={"classifier.2": BlockSpec(block_size=5, k=256)}))
+
+
+def test_depthwise_and_grouped_convolutions_are_quantized_with_their_groups():
+    """Depthwise (groups = channels) and grouped convolutions are product-quantized like any
+    layer, not left dense: one block per depthwise 3x3 kernel, rows of (in / groups) weights
+    for a grouped 1x1. The PQ layer computes exactly the original layer with its decoded weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),  # depthwise: 32 kernels of 9
+        nn.Conv2d(32, 64, 1, groups=4), nn.ReLU(),  # grouped pointwise: rows of 8
+        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+    images = torch.randn(64, 3, 16, 16)
+    cfg = PQConfig(kmeans_iters=3, layer_finetune_epochs=0, conv=BlockSpec(block_size=9, k=8),
+                   pointwise=BlockSpec(block_size=4, k=16), linear=BlockSpec(block_size=4, k=16))
+    planned = dict(plan(model, cfg))
+    assert {"2", "4", "6"} <= set(planned) and planned["2"].block_size == 9 and planned["4"].block_size == 4
+    student, stats = quantize_pq(copy.deepcopy(model), cfg, images, teacher=model)
+    decoded = copy.deepcopy(model)
+    for name in ("2", "4", "6"):
+        layer = student.get_submodule(name)
+        assert isinstance(layer, PQLayer) and layer.conv_args["groups"] == model.get_submodule(name).groups
+        assert layer.codes.numel() == model.get_submodule(name).weight.numel() // planned[name].block_size
+        assert 0 < next(s for s in stats if s["layer"] == name)["output_rel_error"] < 1
+        with torch.no_grad():
+            decoded.get_submodule(name).weight.copy_(layer.weight)
+    for name, m in student.named_modules():
+        if isinstance(m, PQLayer) and name not in ("2", "4", "6"):
+            with torch.no_grad():
+                decoded.get_submodule(name).weight.copy_(m.weight)
+    with torch.no_grad():
+        assert torch.allclose(student(images), decoded(images), atol=1e-5, rtol=1e-5)
+
+
+def test_mobilenet_v2_depthwise_layers_pack_and_load_exactly(tmp_path):
+    """torchvision's MobileNetV2 (built offline, no weights): its 17 depthwise convolutions are in
+    the plan (none left dense for being grouped); the packed file, rebuilt from the torchvision
+    builder's name, gives the compressed model's outputs exactly."""
+    from modelpress.models import build_model
+    from modelpress.pack import arch_spec, load_packed, pack_model
+
+    torch.manual_seed(0)
+    model = build_model("torchvision:mobilenet_v2", num_classes=10).eval()
+    depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert len(depthwise) == 17
+    cfg = PQConfig(kmeans_iters=1, layer_finetune_epochs=0, conv=BlockSpec(block_size=9, k=16),
+                   pointwise=BlockSpec(block_size=4, k=16), linear=BlockSpec(block_size=4, k=16))
+    assert depthwise <= {n for n, _ in plan(model, cfg)}
+    images = torch.randn(16, 3, 32, 32)
+    student, _ = quantize_pq(copy.deepcopy(model), cfg, images, teacher=model)
+    assert all(isinstance(student.get_submodule(n), PQLayer) for n in depthwise)
+    path = tmp_path / "mobilenet.mpk"
+    size = pack_model(student, path, arch_spec("torchvision:mobilenet_v2", num_classes=10), codebook_dtype="f32",
+                      float_dtype="f32")
+    assert size == path.stat().st_size < sum(p.numel() for p in model.parameters())  # < 1 byte per weight
+    loaded, _ = load_packed(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), student.eval()(images))

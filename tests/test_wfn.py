@@ -242,9 +242,7 @@ def test_check_refuses_what_the_model_cannot_take_before_any_work():
     with pytest.raises(ValueError, match="codebook_dtype i8"):
         METHOD.check(model, WFNConfig(), Context(codebook_dtype="i8"))
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(ValueError, match="grouped convolution"):
-        METHOD.check(grouped, WFNConfig(), Context())
-    METHOD.check(grouped, WFNConfig(exclude=["0"]), Context())
+    METHOD.check(grouped, WFNConfig(), Context())  # grouped convolutions are fixed like any other
     with pytest.raises(ValueError, match="method.fractions: .*end at 1.0"):
         Recipe.parse({"method": {"name": "wfn", "fractions": [0.5, 0.9]}})
     recipe = Recipe.parse({"method": {"name": "wfn", "distance_allowed": 0.0075}})

@@ -68,7 +68,7 @@ def assignments(model: nn.Module, cfg: LCConfig) -> list[list[tuple[str, nn.Conv
                 raise ValueError(f"lc: {n} is claimed by task {owner[n] + 1} ({cfg.tasks[owner[n]].scheme}) and task {i + 1} "
                                  f"({task.scheme}); give each layer to one task (additive combinations are not supported)")
             owner[n] = i
-            if isinstance(m, nn.Conv2d) and m.groups != 1 and task.scheme in (*QUANTIZERS, "lowrank"):
+            if isinstance(m, nn.Conv2d) and m.groups != 1 and task.scheme == "lowrank":
                 raise ValueError(f"lc: {n} is a grouped convolution (groups={m.groups}); scheme {task.scheme} does not "
                                  f"support it: leave it out of the task's layers or prune it")
             if task.scheme == "lowrank" and task.rank is not None:

@@ -60,9 +60,8 @@ def layer_bytes(numel: int, spec: BlockSpec | None, float_dtype: str = "f16", co
 
 
 def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
-    """The layers a budget allocates: every Conv2d/Linear not excluded and not grouped."""
-    return [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)
-            and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    """The layers a budget allocates: every Conv2d/Linear not excluded (grouped convolutions too)."""
+    return [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)]
 
 
 def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:

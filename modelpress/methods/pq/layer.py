@@ -3,6 +3,11 @@
 Sub-vector layout (as in Stock et al.): the weight is viewed as (out, in * kh * kw), each row
 is cut into contiguous blocks of ``block_size``; for a 3x3 conv with block 9 a block is one
 kernel. The matching input rows come from ``im2col`` in the same order.
+
+Grouped and depthwise convolutions (``groups > 1``): a row is one output channel's
+(in / groups) * kh * kw weights, and a block never crosses a group (the block size divides the
+row), so ``im2col``'s columns cut into blocks are exactly the inputs of some row's blocks: one
+Gram over them all, as for any layer. A depthwise 3x3 with block 9 has one block per channel.
 """
 
 from __future__ import annotations
@@ -70,13 +75,11 @@ class PQLayer(nn.Module):
         mask: torch.Tensor | None = None,
     ):
         super().__init__()
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            raise ValueError("product quantization of grouped convolutions is not supported")
         self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
         self.weight_shape = tuple(layer.weight.shape)
         self.block_size = block_size
         if self.kind == "conv2d":
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         self.codebook = nn.Parameter(codebook.detach().clone().to(layer.weight.device, torch.float32))
         self.register_buffer("codes", codes.detach().to(layer.weight.device, torch.long))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())

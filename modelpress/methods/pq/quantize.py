@@ -29,7 +29,7 @@ LayerCallback = Callable[[str, nn.Module, dict], None]
 
 def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
     """The block size and k that apply to a layer, or None when it stays dense."""
-    if matches(name, cfg.exclude) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
+    if matches(name, cfg.exclude):
         return None
     for pattern, spec in cfg.overrides.items():
         if matches(name, [pattern]):

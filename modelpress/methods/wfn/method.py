@@ -30,15 +30,11 @@ from .values import candidate_levels, choose, decode_mask, encode_mask, value_st
 
 
 def fixable(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
-    """Every Conv2d/Linear whose weight is fixed (biases and BatchNorm never are). Raises
-    ValueError for an exclusion that names no layer, a grouped convolution (not supported by
-    the packed layer: exclude it), or nothing left to fix."""
+    """Every Conv2d/Linear whose weight is fixed (biases and BatchNorm never are; grouped and
+    depthwise convolutions are). Raises ValueError for an exclusion that names no layer, or
+    nothing left to fix."""
     check_patterns(model, list(exclude), "exclude")
     layers = [(n, m) for n, m in named_layers(model) if not matches(n, list(exclude)) and isinstance(m.weight, nn.Parameter)]
-    for n, m in layers:
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"wfn: {n} is a grouped convolution (groups={m.groups}), which the packed layer does not "
-                             f"support; add it to exclude")
     if not layers:
         raise ValueError(f"wfn: no layer to fix in {type(model).__name__}: it has no Conv2d/Linear weight outside the exclusions")
     return layers
