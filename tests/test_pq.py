@@ -321,19 +321,16 @@ def test_depthwise_and_grouped_convolutions_are_quantized_with_their_groups():
     planned = dict(plan(model, cfg))
     assert {"2", "4", "6"} <= set(planned) and planned["2"].block_size == 9 and planned["4"].block_size == 4
     student, stats = quantize_pq(copy.deepcopy(model), cfg, images, teacher=model)
-    decoded = copy.deepcopy(model)
     for name in ("2", "4", "6"):
         layer = student.get_submodule(name)
         assert isinstance(layer, PQLayer) and layer.conv_args["groups"] == model.get_submodule(name).groups
         assert layer.codes.numel() == model.get_submodule(name).weight.numel() // planned[name].block_size
         assert 0 < next(s for s in stats if s["layer"] == name)["output_rel_error"] < 1
-        with torch.no_grad():
-            decoded.get_submodule(name).weight.copy_(layer.weight)
-    for name, m in student.named_modules():
-        if isinstance(m, PQLayer) and name not in ("2", "4", "6"):
-            with torch.no_grad():
-                decoded.get_submodule(name).weight.copy_(m.weight)
+    decoded = copy.deepcopy(model)  # the original layers, each PQ layer's decoded weight in them
     with torch.no_grad():
+        for name, m in student.named_modules():
+            if isinstance(m, PQLayer):
+                decoded.get_submodule(name).weight.copy_(m.weight)
         assert torch.allclose(student(images), decoded(images), atol=1e-5, rtol=1e-5)
 
 
