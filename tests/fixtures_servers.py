@@ -1,4 +1,5 @@
-"""Loopback servers for fetch tests: a static HTTP server, a truncating one, and moto S3.
+"""Loopback servers: for fetch tests a static HTTP server, a truncating one, and moto S3; for the
+operations tests one real Prefect server (infra/prefect-server.sh) that they share.
 
 conftest.py registers this module as a plugin (``pytest_plugins``): a test asks for a fixture by
 name; ``set_aws_env`` is a plain helper (``from fixtures_servers import set_aws_env``).
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from services import Stack, need_binaries
 
 
 class QuietFileHandler(SimpleHTTPRequestHandler):
@@ -110,3 +114,37 @@ def set_aws_env(monkeypatch, tmp_path: Path, endpoint: str) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory):
+    """(API URL, Stack): one real Prefect server for the tests that neither stop nor kill it
+    (tests/test_orchestration.py, tests/test_operations.py). Each such test carries
+    ``xdist_group("prefect-server")``, so that one pytest-xdist worker runs them all, one after the
+    other, and the server starts once: about 15 CPU-seconds, and 1 per 15 s idle, for each server
+    saved. A test that starts workers asks for ``on_prefect_stack`` instead."""
+    need_binaries()
+    stack = Stack(tmp_path_factory.mktemp("prefect-stack"))
+    try:
+        yield stack.prefect(), stack
+    finally:
+        left = stack.close()
+    assert left == [], f"processes left after stopping the services: {left}"
+
+
+@pytest.fixture
+def on_prefect_stack(prefect_stack, request):
+    """(API URL, Stack, work pool): the shared server with a work pool of this test's own, so that
+    no run, worker or crashed-run rescheduling of one test meets another's; the services the test
+    starts (workers) are stopped after it, and each must stop on one SIGTERM leaving no process."""
+    api, stack = prefect_stack
+    first, logs = len(stack.services), stack.logs
+    pool = "gpu-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+    stack.logs = logs / pool  # the test's own service logs (a worker's log is searched for messages)
+    try:
+        yield api, stack, pool
+    finally:
+        left = stack.close(since=first)
+        del stack.services[first:]
+        stack.logs = logs
+    assert left == [], f"stopping this test's services: {left}"

@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Callable
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 STOP_GRACE_S = 20.0  # how long a service may take to stop after one SIGTERM (infra/README.md)
+
+
+def need_binaries() -> None:
+    """Skip the test when the services' executables are not installed."""
+    import shutil
+    import sys
+
+    for exe in ("prefect", "mlflow", "moto_server", "dvc"):
+        if not (Path(sys.executable).parent / exe).is_file():
+            pytest.skip(f"{exe} is not installed in the virtual environment")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
 
 
 def free_port() -> int:
@@ -156,8 +169,11 @@ class Stack:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
         self.env.update(AWS, PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
 
-    def start(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> Service:
-        svc = Service(name, cmd, {**self.env, **(env or {})}, self.logs, cwd, background=self.background)
+    def start(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path = REPO,
+              background: bool | None = None) -> Service:
+        """``background``: this service only (default: the stack's)."""
+        background = self.background if background is None else background
+        svc = Service(name, cmd, {**self.env, **(env or {})}, self.logs, cwd, background=background)
         self.services.append(svc)
         return svc
 
@@ -185,22 +201,25 @@ class Stack:
         svc.wait_ready(lambda: http_ok(url + "/health"), 150)
         return url
 
-    def worker(self, api_url: str, pool: str, env: dict | None = None, name: str = "prefect-worker") -> Service:
-        svc = self.start(name, [str(INFRA / "prefect-worker.sh"), pool], {"PREFECT_API_URL": api_url, **(env or {})})
+    def worker(self, api_url: str, pool: str, env: dict | None = None, name: str = "prefect-worker",
+               background: bool | None = None) -> Service:
+        svc = self.start(name, [str(INFRA / "prefect-worker.sh"), pool], {"PREFECT_API_URL": api_url, **(env or {})},
+                         background=background)
         svc.wait_ready(lambda: "started!" in svc.tail(20000), 90)
         return svc
 
-    def leftovers(self) -> list[str]:
-        return [f"{s.name}: pid {p.pid} {' '.join(p.cmdline()[:4])}" for s in self.services for p in _safe(s.processes)]
+    def leftovers(self, since: int = 0) -> list[str]:
+        return [f"{s.name}: pid {p.pid} {' '.join(p.cmdline()[:4])}" for s in self.services[since:] for p in _safe(s.processes)]
 
-    def close(self) -> list[str]:
-        """Stop every service (last started first); returns what went wrong: services that ignored
-        SIGTERM or left processes behind, and any process still alive. Empty: all clean."""
+    def close(self, since: int = 0) -> list[str]:
+        """Stop every service (last started first), or those started after the first ``since``;
+        returns what went wrong: services that ignored SIGTERM or left processes behind, and any
+        process of theirs still alive. Empty: all clean."""
         problems = []
-        for svc in reversed(self.services):
+        for svc in reversed(self.services[since:]):
             if svc.proc.poll() is None or svc.processes():
                 problems += svc.stop()
-        return problems + self.leftovers()
+        return problems + self.leftovers(since)
 
 
 def _safe(fn):

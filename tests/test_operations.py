@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services import STOP_GRACE_S, Stack
+from services import STOP_GRACE_S, Stack, need_binaries
 from test_orchestration import (
     FLOW,
     POOL,
@@ -25,7 +25,6 @@ from test_orchestration import (
     _client,
     _deploy,
     _layers_done,
-    _need_binaries,
     _run_logs,
     _tiny_params,
     _trigger,
@@ -99,30 +98,18 @@ def _assert_settled(api: str, run_id) -> None:
     assert _gpu_slots(api) == 0, "a GPU slot is still taken after the run"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real Prefect server for the tests that neither restart nor kill it."""
-    _need_binaries()
-    stack = Stack(tmp_path_factory.mktemp("ops-stack"))
-    try:
-        yield stack.prefect(), stack
-    finally:
-        _closed(stack)
-
-
 # ---- the nightly schedule, executed ------------------------------------------------------------
 
-@pytest.mark.xdist_group("operations-server")  # shares the module's server
-def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, trained_workdir, tmp_path):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(on_prefect_stack, trained_workdir, tmp_path):
     """A deployment due within a minute: the server's scheduler must create the run (SQLAlchemy
     2.1 silently stopped it) and the worker must execute it to the end."""
-    api, stack = server
+    api, stack, pool = on_prefect_stack
     t0 = time.monotonic()
     params = _tiny_params(registry={"enabled": False})
     repo = _repo(tmp_path, trained_workdir, params)
-    pool = "ops-schedule"
     worker = stack.worker(api, pool, WORKER_ENV, name="schedule-worker")
-    _deploy(api, stack, "--pool", pool, "--source", str(repo), "--cron", "* * * * *")
+    _deploy(api, stack, "--source", str(repo), "--cron", "* * * * *", pool=pool)
     with _client(api) as client:
         nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
     assert nightly.schedules[0].schedule.cron == "* * * * *"
@@ -169,8 +156,8 @@ def test_scheduled_nightly_run_is_created_and_completed_by_the_worker(server, tr
           f"{time.monotonic() - t0:.0f} s after the deployment was created")
 
 
-@pytest.mark.xdist_group("operations-server")  # shares the module's server
-def test_reschedule_marks_the_dead_attempts_task_runs_crashed(server):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_reschedule_marks_the_dead_attempts_task_runs_crashed(prefect_stack):
     """`python -m modelpress.flows.deploy reschedule` (and a worker's start, which shares the code): the task
     runs the dead attempt left Running or Pending become Crashed; finished ones stay as they are."""
     import asyncio
@@ -180,7 +167,7 @@ def test_reschedule_marks_the_dead_attempts_task_runs_crashed(server):
 
     from modelpress.flows.deploy import _reschedule
 
-    api, _ = server
+    api, _ = prefect_stack
 
     @flow(name="ops-dead-attempt")
     def dead_attempt():
@@ -212,7 +199,7 @@ def test_reschedule_marks_the_dead_attempts_task_runs_crashed(server):
 def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained_workdir, tmp_path):
     """SIGKILL the Prefect server while the GPU task holds the machine's slot, start it again on
     the same port and database: the run completes by itself and the slot is free afterwards."""
-    _need_binaries()
+    need_binaries()
     stack = Stack(tmp_path / "stack")
     try:
         api = stack.prefect()
@@ -254,38 +241,35 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
 
 # ---- a worker killed alone (its flow-run process is not) ---------------------------------------
 
-def test_worker_killed_alone_mid_compression_the_run_goes_on(trained_workdir, tmp_path):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_worker_killed_alone_mid_compression_the_run_goes_on(on_prefect_stack, trained_workdir, tmp_path):
     """SIGKILL the worker process only: its flow-run process, no longer writing into the worker's
     pipe, goes on and completes; a worker started again with the same name leaves it alone and
     keeps the GPU limit it holds."""
-    _need_binaries()
-    stack = Stack(tmp_path / "stack")
-    try:
-        api = stack.prefect()
-        params = _tiny_params(method=SLOW, registry={"enabled": False})
-        repo = _repo(tmp_path, trained_workdir, params)
-        _deploy(api, stack, "--source", str(repo))
-        worker = stack.worker(api, POOL, WORKER_ENV, name="worker-1")
-        run = _trigger(api, {"recipe": params})
-        _wait_layers(repo / "data" / "compress" / "checkpoint.mpk", 1, worker)
-        children = psutil.Process(worker.proc.pid).children(recursive=True)
-        assert children, "no flow-run process"
-        os.kill(worker.proc.pid, signal.SIGKILL)
-        worker.proc.wait(10)
-        time.sleep(3)
-        assert all(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), "the run died with its worker"
+    api, stack, pool = on_prefect_stack
+    params = _tiny_params(method=SLOW, registry={"enabled": False})
+    repo = _repo(tmp_path, trained_workdir, params)
+    _deploy(api, stack, "--source", str(repo), pool=pool)
+    worker = stack.worker(api, pool, WORKER_ENV, name="worker-1")
+    run = _trigger(api, {"recipe": params})
+    _wait_layers(repo / "data" / "compress" / "checkpoint.mpk", 1, worker)
+    children = psutil.Process(worker.proc.pid).children(recursive=True)
+    assert children, "no flow-run process"
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    time.sleep(3)
+    assert all(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), "the run died with its worker"
 
-        worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")  # same machine, same worker name
-        assert "kept GPU limit" in worker2.tail(20000) and "rescheduled" not in worker2.tail(20000), worker2.tail()
-        final = _completed(api, run.id, 240, worker2)
-        assert final.run_count == 1, final.run_count
-        _assert_settled(api, run.id)
-        assert "resuming after" not in _run_logs(api, run.id)  # one uninterrupted attempt
-    finally:
-        _closed(stack)
+    worker2 = stack.worker(api, pool, WORKER_ENV, name="worker-2")  # same machine, same worker name
+    assert "kept GPU limit" in worker2.tail(20000) and "rescheduled" not in worker2.tail(20000), worker2.tail()
+    final = _completed(api, run.id, 240, worker2)
+    assert final.run_count == 1, final.run_count
+    _assert_settled(api, run.id)
+    assert "resuming after" not in _run_logs(api, run.id)  # one uninterrupted attempt
 
 
-def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_workdir, tmp_path):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(on_prefect_stack, trained_workdir, tmp_path):
     """The same kill on a run whose output the worker still streams (a deployment made before
     stream_output was turned off): writing to the dead worker's pipe ends the run, Crashed
     ("Execution was aborted by Python system exit call"); the restarted worker reschedules it, it
@@ -294,65 +278,56 @@ def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(trained_work
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    _need_binaries()
-    stack = Stack(tmp_path / "stack")
-    try:
-        api = stack.prefect()
-        params = _tiny_params(method=SLOW, registry={"enabled": False})
-        repo = _repo(tmp_path, trained_workdir, params)
-        _deploy(api, stack, "--source", str(repo))
-        worker = stack.worker(api, POOL, WORKER_ENV, name="worker-1")
-        with temporary_settings({PREFECT_API_URL: api}):
-            run = run_deployment(f"{FLOW}/on-demand", parameters={"recipe": params}, timeout=0, as_subflow=False,
-                                 job_variables={"stream_output": True})
-        ckpt = repo / "data" / "compress" / "checkpoint.mpk"
-        _wait_layers(ckpt, 1, worker)
-        os.kill(worker.proc.pid, signal.SIGKILL)
-        worker.proc.wait(10)
-        crashed = _wait_final(api, run.id, 90)
-        assert crashed.state_name == "Crashed", crashed.state_name
-        print(f"crashed {(crashed.state.timestamp - crashed.start_time).total_seconds():.0f} s after its start: "
-              f"{crashed.state.message}")
-        done = _layers_done(ckpt)
+    api, stack, pool = on_prefect_stack
+    params = _tiny_params(method=SLOW, registry={"enabled": False})
+    repo = _repo(tmp_path, trained_workdir, params)
+    _deploy(api, stack, "--source", str(repo), pool=pool)
+    worker = stack.worker(api, pool, WORKER_ENV, name="worker-1")
+    with temporary_settings({PREFECT_API_URL: api}):
+        run = run_deployment(f"{FLOW}/on-demand", parameters={"recipe": params}, timeout=0, as_subflow=False,
+                             job_variables={"stream_output": True})
+    ckpt = repo / "data" / "compress" / "checkpoint.mpk"
+    _wait_layers(ckpt, 1, worker)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    crashed = _wait_final(api, run.id, 90)
+    assert crashed.state_name == "Crashed", crashed.state_name
+    print(f"crashed {(crashed.state.timestamp - crashed.start_time).total_seconds():.0f} s after its start: "
+          f"{crashed.state.message}")
+    done = _layers_done(ckpt)
 
-        worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")
-        assert f"rescheduled crashed flow run {run.name}" in worker2.tail(20000), worker2.tail()
-        _completed(api, run.id, 240, worker2)
-        _assert_settled(api, run.id)
-        logs = _run_logs(api, run.id)
-        assert f"compress: resuming after {done} finished layers" in logs, logs[-3000:]
-        states = sorted(t.state_name for t in _task_runs(api, run.id) if t.name.startswith("compress"))
-        print(f"crashed with {done} layers done; compress task runs: {states}")
-    finally:
-        _closed(stack)
+    worker2 = stack.worker(api, pool, WORKER_ENV, name="worker-2")
+    assert f"rescheduled crashed flow run {run.name}" in worker2.tail(20000), worker2.tail()
+    _completed(api, run.id, 240, worker2)
+    _assert_settled(api, run.id)
+    logs = _run_logs(api, run.id)
+    assert f"compress: resuming after {done} finished layers" in logs, logs[-3000:]
+    states = sorted(t.state_name for t in _task_runs(api, run.id) if t.name.startswith("compress"))
+    print(f"crashed with {done} layers done; compress task runs: {states}")
 
 
-def test_worker_stopped_by_one_sigterm_mid_compression_run_resumes_after_restart(trained_workdir, tmp_path):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_worker_stopped_by_one_sigterm_mid_compression_run_resumes_after_restart(on_prefect_stack, trained_workdir, tmp_path):
     """One SIGTERM to a worker started in the background (SIGINT ignored, as `cmd &` does) while
     it runs a compression: it stops within STOP_GRACE_S, stopping the run's process; started again
     under the same name it reschedules the run, which resumes at the next layer."""
-    _need_binaries()
-    stack = Stack(tmp_path / "stack", background=True)
-    try:
-        api = stack.prefect()
-        params = _tiny_params(method=SLOW, registry={"enabled": False})
-        repo = _repo(tmp_path, trained_workdir, params)
-        _deploy(api, stack, "--source", str(repo))
-        worker = stack.worker(api, POOL, WORKER_ENV, name="worker-1")
-        run = _trigger(api, {"recipe": params})
-        ckpt = repo / "data" / "compress" / "checkpoint.mpk"
-        _wait_layers(ckpt, 1, worker)
-        assert worker.stop() == [], worker.tail()
-        done = _layers_done(ckpt)
+    api, stack, pool = on_prefect_stack
+    params = _tiny_params(method=SLOW, registry={"enabled": False})
+    repo = _repo(tmp_path, trained_workdir, params)
+    _deploy(api, stack, "--source", str(repo), pool=pool)
+    worker = stack.worker(api, pool, WORKER_ENV, name="worker-1", background=True)
+    run = _trigger(api, {"recipe": params})
+    ckpt = repo / "data" / "compress" / "checkpoint.mpk"
+    _wait_layers(ckpt, 1, worker)
+    assert worker.stop() == [], worker.tail()
+    done = _layers_done(ckpt)
 
-        worker2 = stack.worker(api, POOL, WORKER_ENV, name="worker-2")
-        assert f"rescheduled orphaned flow run {run.name}" in worker2.tail(20000), worker2.tail()
-        _completed(api, run.id, 240, worker2)
-        _assert_settled(api, run.id)
-        assert f"compress: resuming after {done} finished layers" in _run_logs(api, run.id)
-        print(f"worker stopped {worker.stop_s:.1f} s after SIGTERM, with {done} layers done")
-    finally:
-        _closed(stack)
+    worker2 = stack.worker(api, pool, WORKER_ENV, name="worker-2")
+    assert f"rescheduled orphaned flow run {run.name}" in worker2.tail(20000), worker2.tail()
+    _completed(api, run.id, 240, worker2)
+    _assert_settled(api, run.id)
+    assert f"compress: resuming after {done} finished layers" in _run_logs(api, run.id)
+    print(f"worker stopped {worker.stop_s:.1f} s after SIGTERM, with {done} layers done")
 
 
 # ---- every service stops on one SIGTERM ---------------------------------------------------------
@@ -361,7 +336,7 @@ def test_every_service_stops_on_one_sigterm(tmp_path):
     """S3, MLflow, Prefect server, a GPU worker and a control worker, started as `cmd &` starts
     them (SIGINT ignored: how the worker came to ignore SIGTERM), each stop on one SIGTERM to their
     main process within STOP_GRACE_S, leaving no process. Prints each one's idle memory (RSS)."""
-    _need_binaries()
+    need_binaries()
     stack = Stack(tmp_path / "stack", background=True)
     try:
         s3 = stack.s3("modelpress")

@@ -21,7 +21,7 @@ from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
 from helpers import REPO, tiny_recipe
-from services import Stack
+from services import Stack, need_binaries
 
 pytestmark = pytest.mark.services
 
@@ -29,14 +29,6 @@ FLOW = "modelpress-compress"
 POOL = "gpu-test"
 # Slow enough per layer (a little distillation each) to be killed in the middle of the loop.
 SLOW = {"layer_finetune_epochs": 0.04}
-
-
-def _need_binaries():
-    for exe in ("prefect", "mlflow", "moto_server", "dvc"):
-        if not (Path(sys.executable).parent / exe).is_file():
-            pytest.skip(f"{exe} is not installed in the virtual environment")
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
 
 
 def _checkout(dst: Path, params: dict) -> Path:
@@ -59,8 +51,8 @@ def _tiny_params(**sections) -> dict:
     return tiny_recipe(Path("data"), **sections).model_dump(mode="json")
 
 
-def _deploy(api: str, stack: Stack, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "modelpress.flows.deploy", "--pool", POOL, *args], cwd=REPO,
+def _deploy(api: str, stack: Stack, *args: str, pool: str = POOL) -> str:
+    proc = subprocess.run([sys.executable, "-m", "modelpress.flows.deploy", "--pool", pool, *args], cwd=REPO,
                           env={**stack.env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -112,25 +104,13 @@ def _run_logs(api: str, run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real Prefect server (infra/prefect-server.sh) for the schedule and fault tests."""
-    _need_binaries()
-    stack = Stack(tmp_path_factory.mktemp("prefect-stack"))
-    try:
-        yield stack.prefect(), stack
-    finally:
-        left = stack.close()
-    assert left == [], f"processes left after stopping the services: {left}"
-
-
 # ---- deployments as the UI sees them ----------------------------------------------------------
 
-@pytest.mark.xdist_group("orchestration-server")  # shares the module's server
-def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_api):
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_stack):
     from modelpress.recipe import Recipe
 
-    api, stack = prefect_api
+    api, stack = prefect_stack
     _deploy(api, stack)
     with _client(api) as client:
         nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
@@ -197,15 +177,15 @@ def _layers_done(ckpt: Path) -> int:
         return 0
 
 
-@pytest.mark.xdist_group("orchestration-server")  # shares the module's server
-def test_worker_killed_mid_layer_loop_resumes_after_restart(prefect_api, trained_workdir, tmp_path):
-    api, stack = prefect_api
+@pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
+def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, trained_workdir, tmp_path):
+    api, stack, pool = on_prefect_stack
     params = _tiny_params(method=SLOW, registry={"enabled": False})
     repo = _checkout(tmp_path / "checkout", params)
     shutil.copytree(trained_workdir, repo / "data", dirs_exist_ok=True)  # fetched data + teacher
-    _deploy(api, stack, "--source", str(repo))
+    _deploy(api, stack, "--source", str(repo), pool=pool)
     env = {"MODELPRESS_DVC": "off"}
-    worker = stack.worker(api, POOL, env, name="worker-1")
+    worker = stack.worker(api, pool, env, name="worker-1")
 
     t0 = time.monotonic()
     run = _trigger(api, {"recipe": params})
@@ -229,7 +209,7 @@ def test_worker_killed_mid_layer_loop_resumes_after_restart(prefect_api, trained
     assert done_at_kill < n_layers
 
     t1 = time.monotonic()
-    worker2 = stack.worker(api, POOL, env, name="worker-2")  # same machine, same worker name
+    worker2 = stack.worker(api, pool, env, name="worker-2")  # same machine, same worker name
     assert f"rescheduled orphaned flow run {run.name}" in worker2.tail(20000)
     final = _wait_final(api, run.id, 240, [worker2])
     assert final.state_name == "Completed", worker2.tail()
@@ -259,7 +239,7 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
     from mlflow import MlflowClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    _need_binaries()
+    need_binaries()
     stack = Stack(tmp_path / "stack")
     try:
         s3 = stack.s3("modelpress")
