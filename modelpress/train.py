@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from . import inputs as model_inputs
 from .progress import Progress, log
 
 
@@ -56,7 +57,7 @@ def fit(
     model: nn.Module,
     params: Iterable[torch.nn.Parameter],
     batches: DataLoader,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],  # (inputs, labels) -> loss
     epochs: float,
     lr: float,
     optimizer: str = "adamw",
@@ -70,6 +71,7 @@ def fit(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    dropout: bool = True,
 ) -> list[float]:
     """Minimise ``loss_fn(x, y)`` over ``params`` for ``epochs`` passes (fractions allowed).
     Returns the loss of each step.
@@ -81,6 +83,9 @@ def fit(
     ``on_epoch(state)`` runs at every epoch boundary with everything a resumed run needs (model,
     optimizer, schedule, step, losses, the loader's shuffle state); ``fit(..., resume=state)``
     continues from it and ends with the same weights as a run that never stopped.
+    ``dropout=False``: dropout stays off while the rest trains (distilling a compressed model,
+    whose every output should match the teacher's). Inputs may be tensors, tuples or dicts
+    (modelpress.inputs).
     """
     device = device or next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
@@ -95,6 +100,8 @@ def fit(
     full = max(total, int(round((schedule_epochs or epochs) * len(batches))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(schedule, total, full, warmup_frac))
     model.train(train_mode)
+    if not dropout:
+        dropout_off(model)
     prog, losses, step = Progress(stage, total), [], 0
     gen = getattr(batches, "generator", None)
     if resume is not None:
@@ -111,7 +118,7 @@ def fit(
                       "step": step, "losses": losses, "generator": gen.get_state() if gen is not None else None})
         resume = None
         for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = model_inputs.to(x, device), y.to(device, non_blocking=True)
             loss = loss_fn(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,12 +135,52 @@ def fit(
     return losses
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened outputs, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True, reduction="batchmean"
-    ) * (t * t)
+def dropout_off(model: nn.Module) -> None:
+    """Put every dropout of a model (its Dropout modules, the attention dropout of its
+    nn.MultiheadAttention) in eval mode; the rest keeps its mode."""
+    for m in model.modules():
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)):
+            m.eval()
+
+
+LOSSES = ("kl", "mse", "cosine")
+OUTPUT_KEYS = ("logits", "sentence_embedding", "pooler_output", "last_hidden_state")
+
+
+def output_tensor(out) -> torch.Tensor:
+    """What a distillation compares of a model's output: the tensor itself, the first element of
+    a tuple, or of a mapping (a Hugging Face ModelOutput) its logits, else its sentence embedding,
+    pooled output or last hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        for key in OUTPUT_KEYS:
+            if isinstance(out.get(key), torch.Tensor):
+                return out[key]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out:
+        return output_tensor(out[0])
+    raise TypeError(f"cannot distil a model output of type {type(out).__name__}")
+
+
+def distill_loss(student_out, teacher_out, temperature: float = 1.0, kind: str = "kl") -> torch.Tensor:
+    """The student's distance to the teacher's outputs (see output_tensor):
+
+    - ``kl``: KL(teacher || student) on temperature-softened logits, scaled by T^2 (Hinton et al.);
+      over the last dimension (per token for (batch, tokens, classes) logits);
+    - ``mse``: mean squared error (embeddings, hidden states);
+    - ``cosine``: 1 - cosine similarity over the last dimension, averaged (embeddings)."""
+    s, t_out = output_tensor(student_out), output_tensor(teacher_out)
+    if kind == "kl":
+        t = temperature
+        if s.dim() != 2:
+            s, t_out = s.reshape(-1, s.shape[-1]), t_out.reshape(-1, t_out.shape[-1])
+        return F.kl_div(F.log_softmax(s / t, 1), F.log_softmax(t_out / t, 1), log_target=True, reduction="batchmean") * (t * t)
+    if kind == "mse":
+        return F.mse_loss(s.float(), t_out.float())
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(s.float(), t_out.float(), dim=-1)).mean()
+    raise ValueError(f"unknown distillation loss {kind!r} (one of {', '.join(LOSSES)})")
 
 
 def flip_and_crop(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -163,20 +210,27 @@ def distill(
     train_mode: bool = True,
     augment: bool = False,
     seed: int = 0,
+    loss: str | Callable = "kl",
     **kw,
 ) -> list[float]:
     """Fit ``params`` of the student to the teacher's outputs. Labels are never used.
     ``augment``: both see the same flipped and shifted images (:func:`flip_and_crop`), so the
-    student matches the teacher on more of its input space than the training set itself."""
+    student matches the teacher on more of its input space than the training set itself.
+    ``loss``: a :func:`distill_loss` kind (``kl`` on logits, ``mse`` or ``cosine`` on embeddings)
+    or a function (student output, teacher output) -> loss. Inputs of any structure
+    (modelpress.inputs: a dict of input_ids and attention_mask...)."""
     teacher.eval()
     gen = torch.Generator().manual_seed(seed)
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r} (one of {', '.join(LOSSES)})")
 
     def loss_fn(x, _y):
         if augment:
             x = flip_and_crop(x, generator=gen)
         with torch.no_grad():
-            t_logits = teacher(x)
-        return distill_loss(student(x), t_logits, temperature)
+            t_out = model_inputs.call(teacher, x)
+        s_out = model_inputs.call(student, x)
+        return loss(s_out, t_out) if callable(loss) else distill_loss(s_out, t_out, temperature, loss)
 
     return fit(student, params, batches, loss_fn, epochs, lr, stage=stage, train_mode=train_mode, **kw)
 

@@ -1,6 +1,6 @@
 """The core library never imports the orchestration: with prefect, mlflow and dvc made
-unimportable, every core module imports and the core commands (stage, inspect, evaluate,
-schema) work. The orchestration is installed as modelpress.flows / modelpress.tasks, not as
+unimportable (and the optional Hugging Face packages, imported only for hf: models), every core
+module imports and the core commands (stage, inspect, evaluate, schema) work. The orchestration is installed as modelpress.flows / modelpress.tasks, not as
 generic top-level packages."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from helpers import FMNIST, REPO
 
 pytestmark = pytest.mark.pipeline
 
-BLOCKED = ("prefect", "mlflow", "dvc")
+BLOCKED = ("prefect", "mlflow", "dvc", "transformers", "safetensors")
 
 SCRIPT = textwrap.dedent("""
     import importlib, json, pkgutil, sys
@@ -61,7 +61,8 @@ def test_core_works_with_orchestration_unimportable(tmp_path):
     assert result["codes"] == [0, 0, 0, 0], proc.stderr[-3000:]
     assert result["loaded"] == []
     # the walk really covered the core: the library's main parts are in it
-    for name in ("modelpress.stages", "modelpress.pack", "modelpress.methods.pq", "modelpress.recipe", "modelpress.cli"):
+    for name in ("modelpress.stages", "modelpress.pack", "modelpress.methods.pq", "modelpress.recipe", "modelpress.cli",
+                 "modelpress.models.hf"):
         assert name in result["core"]
     assert '"top1"' in proc.stdout and "(empty)" not in proc.stdout
 

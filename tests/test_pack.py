@@ -508,3 +508,46 @@ def test_inspect_reports_distinct_values_and_entropy(tmp_path, capsys):
     assert cli.main(["inspect", str(path)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert " 4 distinct values network-wide, entropy 2.00 bits per weight" in line, line
+
+
+class _OwnNet(nn.Module):
+    """A model of the user's own class: no builder name can rebuild it."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.head = nn.Linear(width * 28 * 28, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_model_no_name_rebuilds_fails_at_pack_time_and_loads_into_its_skeleton(tmp_path):
+    """Packing names an architecture that load_packed must be able to rebuild: a model of another
+    class fails at pack time with one message that names the escape, and writes nothing; packed
+    as ``custom:<name>``, the file loads into a skeleton the user passes (nothing executed from
+    the file), exactly, and refuses a skeleton of another shape or none at all."""
+    torch.manual_seed(0)
+    model = _OwnNet().eval()
+    images = torch.randn(32, 1, 28, 28)
+    cfg = PQConfig(kmeans_iters=2, layer_finetune_epochs=0, conv=BlockSpec(block_size=9, k=8), linear=BlockSpec(block_size=8, k=64))
+    student, _ = quantize_pq(copy.deepcopy(model), cfg, images, teacher=model)
+    path = tmp_path / "own.mpk"
+    for arch, reason in ((ARCH, "file does not match architecture fmnist_cnn"), (arch_spec("own_net"), "unknown model 'own_net'")):
+        with pytest.raises(ValueError, match="cannot pack the model as architecture") as e:
+            pack_model(student, path, arch)
+        assert reason in str(e.value) and "arch_spec('custom:<name>')" in str(e.value) and "skeleton=" in str(e.value)
+        assert not path.exists() and not list(tmp_path.iterdir())
+
+    size = pack_model(student, path, arch_spec("custom:OwnNet"), float_dtype="f32", codebook_dtype="f32")
+    assert size == path.stat().st_size
+    with pytest.raises(PackedFormatError, match=r"'custom:OwnNet' is a class of the user's own.*skeleton="):
+        load_packed(path)
+    with pytest.raises(PackedFormatError, match="tensor conv.weight: shape"):
+        load_packed(path, skeleton=_OwnNet(width=8))
+    loaded, _ = load_packed(path, skeleton=_OwnNet())
+    coded, _ = load_packed(path, materialize=False, skeleton=_OwnNet())
+    assert isinstance(coded.head, PQLayer)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), student(images)) and torch.equal(coded(images), student(images))
+    assert read_packed(path).summary()  # inspect reads it without a skeleton

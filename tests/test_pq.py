@@ -358,3 +358,4 @@ def test_mobilenet_v2_depthwise_layers_pack_and_load_exactly(tmp_path):
     loaded, _ = load_packed(path)
     with torch.no_grad():
         assert torch.equal(loaded(images), student.eval()(images))
+

@@ -5,8 +5,9 @@ subpackage exposing ``METHOD`` (the contract: ``base.py``) plus one line in ``RE
 below; the names, the parameter union of params.yaml and the pipeline's dispatch all derive
 from it. ``data`` (keyword arguments) fills a :class:`base.Context`:
 
-- ``calibration``: in-domain images (PQ's activation-weighted objective);
-- ``train_batches``: a DataLoader of (image, label) batches (fine-tuning, retraining);
+- ``calibration``: in-domain inputs (PQ's activation-weighted objective): images, or a tuple or
+  dict of tensors (``input_ids``, ``attention_mask``: padding left out), see modelpress.inputs;
+- ``train_batches``: a DataLoader of (input, label) batches (fine-tuning, retraining);
 - ``teacher``: the dense model (distillation); ``on_layer``: a per-layer callback; ...
 
 A keyword that is not a Context field is refused (a misspelt ``calibraton=`` fails).
@@ -14,11 +15,12 @@ A keyword that is not a Context field is refused (a misspelt ``calibraton=`` fai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Union
 
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
+from ..train import distill
 from . import kmeans, lc, pq, prune, uniform, wfn
 from .base import Context, Method
 from .kmeans import KMeansConfig, quantize_kmeans
@@ -55,13 +57,37 @@ def method_of(config: BaseModel) -> Method:
         raise TypeError(f"no compression method for {type(config).__name__}") from None
 
 
-def compress(model: nn.Module, config: BaseModel, **data) -> tuple[nn.Module, list[dict]]:
-    """Compress ``model`` in place with the method ``config`` describes.
+def compress(model: nn.Module, config: BaseModel, *, finetune_epochs: float = 0.0, finetune_lr: float = 1e-4,
+             loss: str | Callable = "kl", temperature: float = 1.0, **data) -> tuple[nn.Module, list[dict]]:
+    """Compress ``model`` in place with the method ``config`` describes; ``data``: the Context's
+    fields (calibration=, train_batches=, teacher=, ...).
+
+    ``finetune_epochs`` > 0: then distil, for that many passes over ``train_batches``, what the
+    method made trainable (codebooks, ...), the biases and the normalisation layers from
+    ``teacher`` (no labels), with the student's dropout off. ``loss``: ``kl`` on logits (the
+    default), ``mse`` or ``cosine`` on embeddings, or a function (student output, teacher output)
+    -> loss (modelpress.train.distill_loss).
 
     Returns the compressed model and per-layer (or per-cycle) statistics.
     """
     method = method_of(config)
-    return model, method.run(model, config, Context.of(**data))
+    ctx = Context.of(**data)
+    if finetune_epochs > 0 and (ctx.teacher is None or ctx.train_batches is None):
+        raise ValueError("finetune_epochs needs teacher= and train_batches= (distillation from the teacher)")
+    stats = method.run(model, config, ctx)
+    if finetune_epochs > 0 and ctx.teacher is not None and ctx.train_batches is not None:
+        params = method.trainable(model, config)
+        params += [p for n, p in model.named_parameters() if _is_small(model, n) and all(p is not q for q in params)]
+        distill(model, ctx.teacher, ctx.train_batches, params, finetune_epochs, finetune_lr, temperature=temperature,
+                stage="finetune", device=ctx.device, loss=loss, dropout=False)
+    return model, stats
+
+
+def _is_small(model: nn.Module, name: str) -> bool:
+    """Biases and the parameters of normalisation layers."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    return name.endswith((".bias", "_bias")) or isinstance(owner, norms)
 
 
 __all__ = [

@@ -35,6 +35,8 @@ import torch.nn as nn
 from pydantic import BaseModel
 from torch.utils.data import DataLoader
 
+from ..inputs import Inputs
+
 SizeFn = Callable[[nn.Module], int]
 LayerCallback = Callable[[str, nn.Module, dict], None]
 
@@ -43,7 +45,7 @@ LayerCallback = Callable[[str, nn.Module, dict], None]
 class Context:
     """What the pipeline (or a notebook) hands a method."""
 
-    calibration: torch.Tensor | None = None  # in-domain inputs, no labels (PQ's activation statistics)
+    calibration: Inputs | None = None  # in-domain inputs, no labels (PQ's activation statistics): see modelpress.inputs
     train_batches: DataLoader | None = None  # (input, label) batches: fine-tuning, retraining
     teacher: nn.Module | None = None  # the dense model (distillation)
     on_layer: LayerCallback | None = None  # called after each layer (the pipeline checkpoints there)

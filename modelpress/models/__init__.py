@@ -2,7 +2,8 @@
 
 A packed file records only an architecture *name* and its keyword arguments; the loader
 looks that name up here. Nothing from the file is ever executed, so only architectures in
-this registry (and torchvision's own builders) can be rebuilt.
+this registry, torchvision's own builders (``torchvision:<name>``) and the allow-listed Hugging
+Face classes (``hf:<Class>``, with the config.json contents: models/hf.py) can be rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from .cnn import FashionCNN
+from .hf import HF_PREFIX, build_hf, parse_config
 from .resnet_cifar import cifar_resnet
+from .vit import cifar_vit
 
 
 def _cifar(depth: int) -> Callable[..., nn.Module]:
@@ -30,11 +33,14 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet32": _cifar(32),
     "cifar_resnet44": _cifar(44),
     "cifar_resnet56": _cifar(56),
+    "cifar_vit": cifar_vit,
 }
 
 # Bounds of architecture keyword arguments that come from outside (a packed file's header):
 # sane sizes, so that a crafted file cannot make a builder allocate tens of gigabytes.
-KWARG_BOUNDS = {"num_classes": (1, 100_000), "in_channels": (1, 4096), "width": (1, 4096), "hidden": (1, 65_536)}
+KWARG_BOUNDS = {"num_classes": (1, 100_000), "in_channels": (1, 4096), "width": (1, 4096), "hidden": (1, 65_536),
+                "image_size": (1, 8192), "patch_size": (1, 1024), "num_layers": (1, 1024), "num_heads": (1, 1024),
+                "hidden_dim": (1, 65_536), "mlp_dim": (1, 262_144)}
 INT_BOUND = 1_000_000  # any other integer argument
 MAX_KWARGS = 32
 
@@ -46,7 +52,7 @@ class UnknownModelError(ValueError):
 
 
 def known_models() -> list[str]:
-    return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>"]
+    return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>", HF_PREFIX + "<allow-listed class>"]
 
 
 def is_known(arch: str) -> bool:
@@ -57,6 +63,10 @@ def is_known(arch: str) -> bool:
         import torchvision
 
         return arch[len(TORCHVISION_PREFIX):] in torchvision.models.list_models()
+    if arch.startswith(HF_PREFIX):
+        from .hf import HF_CLASSES
+
+        return arch[len(HF_PREFIX):] in HF_CLASSES
     return False
 
 
@@ -66,6 +76,11 @@ def check_kwargs(arch: str, kwargs: dict) -> None:
     the project's own architectures, parameters of the builder's signature. Raises ValueError."""
     if not isinstance(kwargs, dict) or len(kwargs) > MAX_KWARGS:
         raise ValueError(f"architecture arguments must be a mapping of at most {MAX_KWARGS} names")
+    if arch.startswith(HF_PREFIX):
+        if set(kwargs) != {"config"}:
+            raise ValueError(f"{arch} takes one argument, config (the config.json contents)")
+        parse_config(arch, kwargs["config"])
+        return
     allowed = None
     if arch in _REGISTRY:
         params = inspect.signature(_REGISTRY[arch]).parameters.values()
@@ -107,6 +122,11 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
         if name not in torchvision.models.list_models():
             raise UnknownModelError(f"unknown torchvision model {name!r}")
         return torchvision.models.get_model(name, weights=None, **kwargs)
+    if arch.startswith(HF_PREFIX):
+        try:
+            return build_hf(arch, **kwargs)
+        except ValueError as e:
+            raise UnknownModelError(str(e)) from None
     raise UnknownModelError(
         f"unknown model {arch!r}; known: {', '.join(known_models())}"
     )

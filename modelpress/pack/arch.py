@@ -1,5 +1,10 @@
 """The architecture a packed file names: its schema, its arguments' bounds, and a check of the
-file's tensors against it that allocates nothing (the model is built on the meta device)."""
+file's tensors against it that allocates nothing (the model is built on the meta device).
+
+A file names an architecture ``load_packed`` can rebuild (modelpress.models: the project's own
+and torchvision's builders, with keyword arguments), or, for a model of the user's own class,
+``custom:<name>``: such a file is loaded into a module the user passes
+(``load_packed(path, skeleton=MyNet())``), as nothing is ever imported or executed from a file."""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from ..models import UnknownModelError, build_model, check_kwargs
 from .errors import PackedFormatError
 
 MAX_ARCH_NAME = 200
+CUSTOM_PREFIX = "custom:"
+
+
+def is_custom(arch: dict) -> bool:
+    """The file names a model of the user's own class: loaded only into a skeleton they pass."""
+    return str(arch.get("name", "")).startswith(CUSTOM_PREFIX)
 
 
 def arch_spec(name: str, **kwargs: Any) -> dict:
@@ -47,17 +58,39 @@ def build_arch(arch: dict, device: str | torch.device | None = None) -> nn.Modul
         raise PackedFormatError(f"cannot rebuild architecture {name}: {type(e).__name__}: {e}") from None
 
 
-def check_against_architecture(arch: dict, shapes: list[tuple[str, list[int]]]) -> nn.Module:
-    """The file's tensors (name, shape) against the architecture's state: every floating
-    tensor present once, nothing extra, shapes equal. Returns the meta-device model."""
-    model = build_arch(arch, "meta")
-    own = model.state_dict()
+def check_state(arch_name: str, own: dict[str, torch.Tensor], shapes: list[tuple[str, list[int]]]) -> None:
+    """The file's tensors (name, shape) against a module's state: every floating tensor present
+    once, nothing extra, shapes equal."""
     names = {n for n, _ in shapes}
     missing = [k for k in own if k not in names and own[k].is_floating_point()]
     unexpected = [n for n, _ in shapes if n not in own]
     if missing or unexpected:
-        raise PackedFormatError(f"file does not match architecture {arch['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise PackedFormatError(f"file does not match architecture {arch_name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, shape in shapes:
         if tuple(shape) != tuple(own[name].shape):
             raise PackedFormatError(f"tensor {name}: shape {tuple(shape)} in file, {tuple(own[name].shape)} in architecture")
+
+
+def check_against_architecture(arch: dict, shapes: list[tuple[str, list[int]]]) -> nn.Module | None:
+    """The file's tensors (name, shape) against the architecture's state (see check_state).
+    Returns the meta-device model; None for a ``custom:`` architecture, which only the skeleton
+    given to the loader can check."""
+    if is_custom(arch):
+        return None
+    model = build_arch(arch, "meta")
+    check_state(arch["name"], model.state_dict(), shapes)
     return model
+
+
+def check_packable(arch: dict, shapes: list[tuple[str, list[int]]]) -> None:
+    """At pack time: the architecture the file will name rebuilds a module with exactly these
+    tensors, so that ``load_packed`` can load the file; else one ValueError naming the escape."""
+    try:
+        check_arch_schema(arch)
+        check_against_architecture(arch, shapes)
+    except PackedFormatError as e:
+        reason = str(e).removeprefix("corrupted header: ")
+        raise ValueError(
+            f"cannot pack the model as architecture {arch.get('name') if isinstance(arch, dict) else arch!r}: {reason}; "
+            f"a model load_packed cannot rebuild by name is packed with arch_spec('{CUSTOM_PREFIX}<name>') and "
+            f"loaded with load_packed(path, skeleton=<an instance of its class>)") from None

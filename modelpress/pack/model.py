@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..walk import set_module
-from .arch import arch_spec, build_arch, check_against_architecture
+from .arch import arch_spec, build_arch, check_against_architecture, check_packable, check_state, is_custom
 from .codecs import EncodeOptions, codec_for, rebuild_codec
 from .container import EXTRA, Packed, file_chunks, read_packed, write_packed
 from .entries import decode_entry, encode_dense, encode_sparse
@@ -69,8 +69,13 @@ def pack_model(
     """Write ``model`` to ``path``; returns the file's size in bytes. ``entropy=False`` keeps
     every code array bit-packed (by default each is range coded where that is smaller).
     ``extra``: tensors that are not the model's (a method's state beside a checkpoint), stored
-    exactly (f32) and read back with :func:`extra_tensors`."""
+    exactly (f32) and read back with :func:`extra_tensors`.
+
+    ``arch`` (:func:`arch_spec`) must rebuild a module with exactly the model's tensors (checked
+    here, on the meta device: a ValueError otherwise, nothing written), or name the user's own
+    class as ``custom:<name>``, loaded with ``load_packed(path, skeleton=...)``."""
     entries = model_entries(model, float_dtype, codebook_dtype, entropy)
+    check_packable(arch, [(name, p["shape"]) for name, _, p, _ in entries])
     for name, t in (extra or {}).items():
         entries.append((EXTRA + name, "dense", *encode_dense(t.detach().float().cpu(), "f32")))
     return write_packed(path, arch, meta or {}, entries)
@@ -87,15 +92,25 @@ def extra_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
+def build_from_packed(packed: Packed, materialize: bool = True, skeleton: nn.Module | None = None) -> nn.Module:
     """Rebuild the nn.Module. ``materialize=True`` decodes compressed weights into ordinary
     dense layers (fastest inference); ``False`` keeps the compressed layer types (PQLayers
     with trainable codebooks, ...), as registered in codecs.py.
 
     The file's tensors are checked against the architecture (built on the meta device, its
-    arguments bounded) before the model is built or anything decoded."""
-    check_against_architecture(packed.arch, [(n, p["shape"]) for n, _, p, _ in packed.model_entries()])
-    model = build_arch(packed.arch)
+    arguments bounded) before the model is built or anything decoded. ``skeleton``: a module of
+    the architecture (its weights do not matter) to load the file into, in place, instead of
+    building one by name: required for a ``custom:`` architecture (the user's own class)."""
+    shapes = [(n, p["shape"]) for n, _, p, _ in packed.model_entries()]
+    if skeleton is not None:
+        check_state(packed.arch["name"], skeleton.state_dict(), shapes)
+        model = skeleton
+    elif is_custom(packed.arch):
+        raise PackedFormatError(f"architecture {packed.arch['name']!r} is a class of the user's own: load the file into "
+                                f"an instance of it, load_packed(path, skeleton=<model>)")
+    else:
+        check_against_architecture(packed.arch, shapes)
+        model = build_arch(packed.arch)
     state: dict[str, torch.Tensor] = {}
     for name, enc, p, buf in packed.model_entries():
         dec = decode_entry(name, enc, p, buf)
@@ -114,19 +129,13 @@ def build_from_packed(packed: Packed, materialize: bool = True) -> nn.Module:
             raise PackedFormatError(f"tensor {name!r} ({enc}): cannot rebuild its layer: {e}") from None
         set_module(model, mod, layer)
         state.update({f"{mod}.{k}": v for k, v in own.items()})
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and own[k].is_floating_point()]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise PackedFormatError(f"file does not match architecture {packed.arch['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, t in state.items():
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise PackedFormatError(f"tensor {k}: shape {tuple(t.shape)} in file, {tuple(own[k].shape)} in architecture")
+    check_state(packed.arch["name"], model.state_dict(), [(k, list(t.shape)) for k, t in state.items()])
     model.load_state_dict(state, strict=False)
     return model.eval()
 
 
-def load_packed(path: str | Path, materialize: bool = True) -> tuple[nn.Module, dict]:
-    """Load a packed file: returns (model in eval mode, metadata)."""
+def load_packed(path: str | Path, materialize: bool = True, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Load a packed file: returns (model in eval mode, metadata). ``skeleton``: see
+    :func:`build_from_packed` (a file packed as ``custom:<name>`` needs one)."""
     packed = read_packed(path)
-    return build_from_packed(packed, materialize), packed.meta
+    return build_from_packed(packed, materialize, skeleton), packed.meta

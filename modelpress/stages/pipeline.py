@@ -30,7 +30,7 @@ from ..data import fetch_files, load_dataset, sha256_file
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
 from ..methods.base import Steps, until_done
-from ..methods.pq.layer import PQLayer
+from ..methods.pq.layer import PQ_LAYERS
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
@@ -520,7 +520,7 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
         params = m.trainable(student, mcfg)
         if recipe.pack.codebook_dtype.startswith("i"):  # train against the integer codebooks the file will hold
             for layer in student.modules():
-                if isinstance(layer, PQLayer):
+                if isinstance(layer, PQ_LAYERS):
                     layer.storage = recipe.pack.codebook_dtype
         masks = m.held_zero(student, mcfg)
         if cfg.train_other:
@@ -538,9 +538,10 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
 
 
 def _is_small(name: str, model: nn.Module) -> bool:
-    """Biases and BatchNorm parameters (not dense weights of layers left unquantized)."""
+    """Biases (an attention's in_proj_bias too), BatchNorm and LayerNorm parameters (not dense
+    weights of layers left unquantized)."""
     mod = model.get_submodule(name.rpartition(".")[0])
-    return name.endswith(".bias") or isinstance(mod, nn.modules.batchnorm._BatchNorm)
+    return name.endswith((".bias", "_bias")) or isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
 
 
 def _dense_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -555,7 +556,7 @@ def _round_codebooks(model: nn.Module, dtype: str) -> None:
     (uniform layers' scales and offsets: f16 unless f32)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, PQLayer):
+            if isinstance(m, PQ_LAYERS):
                 m.codebook.copy_(round_codebook(m.codebook, dtype))
             elif isinstance(m, UniformLayer) and dtype != "f32":
                 for t in (m.scale, m.offset):

@@ -2,8 +2,8 @@
 
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQLayer
+from .layer import PQAttention, PQLayer
 from .method import METHOD
 from .quantize import plan, quantize_pq
 
-__all__ = ["METHOD", "BlockSpec", "PQConfig", "PQLayer", "gram_kmeans", "plan", "quantize_pq"]
+__all__ = ["METHOD", "BlockSpec", "PQAttention", "PQConfig", "PQLayer", "gram_kmeans", "plan", "quantize_pq"]

@@ -20,13 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ... import inputs as model_inputs
 from ...pack import packed_nbytes
 from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
-from ...walk import matches, named_layers, set_module
+from ...walk import matches, named_layers, set_module, weight_name, weight_of
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQLayer, input_gram, to_subvectors
+from .layer import input_gram, make_pq, to_subvectors
 
 HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
 
@@ -36,7 +37,7 @@ class BudgetError(ValueError):
 
 
 def block_candidates(layer: nn.Module) -> list[int]:
-    row = layer.weight[0].numel()
+    row = weight_of(layer)[0].numel()
     if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
         kk = layer.kernel_size[0] * layer.kernel_size[1]
         sizes = [kk, 2 * kk]
@@ -60,8 +61,9 @@ def layer_bytes(numel: int, spec: BlockSpec | None, float_dtype: str = "f16", co
 
 
 def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
-    """The layers a budget allocates: every Conv2d/Linear not excluded (grouped convolutions too)."""
-    return [(n, m) for n, m in named_layers(model) if not matches(n, cfg.exclude)]
+    """The layers a budget allocates: every Conv2d/Linear/attention in-projection not excluded
+    (grouped convolutions too)."""
+    return [(n, m) for n, m in named_layers(model, attention=True) if not matches(n, cfg.exclude)]
 
 
 def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
@@ -69,29 +71,29 @@ def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, cfg: PQConfig, images: torch.Tensor) -> dict[str, list[dict]]:
+def measure(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs) -> dict[str, list[dict]]:
     """Every candidate's bytes and damage, per layer (in forward order)."""
 
     model = copy.deepcopy(model).eval()
     device = next(model.parameters()).device
-    images = images.to(device)
-    ref = model(images)
+    images = model_inputs.to(images, device)
+    ref = model_inputs.call(model, images)
     layers = _candidate_layers(model, cfg)
     table: dict[str, list[dict]] = {}
     total = sum(len(block_candidates(m)) * len(cfg.budget_k) for _, m in layers)
     prog = Progress("budget: candidates", total, unit="candidate")
     for index, (name, layer) in enumerate(layers):
-        numel = layer.weight.numel()
+        numel = weight_of(layer).numel()
         rows = [{"spec": None, "bytes": layer_bytes(numel, None), "damage": 0.0}]
         for block in block_candidates(layer):
-            w = to_subvectors(layer.weight.detach().cpu(), block)
+            w = to_subvectors(weight_of(layer).detach().cpu(), block)
             g = input_gram(model, layer, images, block)
             for k in sorted(set(min(k, w.shape[0]) for k in cfg.budget_k)):
                 spec = BlockSpec(block_size=block, k=k)
                 c, codes, _ = gram_kmeans(w, k, g, iters=min(cfg.kmeans_iters, 15), seed=cfg.seed + index,
                                           init=cfg.kmeans_init, repair_empty=cfg.repair_empty)
-                set_module(model, name, PQLayer(layer, c, codes, block))
-                damage = _kl(model(images), ref)
+                set_module(model, name, make_pq(layer, c, codes, block))
+                damage = _kl(model_inputs.call(model, images), ref)
                 set_module(model, name, layer)
                 rows.append({"spec": spec, "bytes": layer_bytes(numel, spec), "damage": damage})
                 prog.update(layer=name, block=block, k=k, kl=damage)
@@ -106,7 +108,7 @@ def fixed_bytes(model: nn.Module, names: list[str], float_dtype: str = "f16", ar
     stub = copy.deepcopy(model)
     for name in names:
         layer = stub.get_submodule(name)
-        layer.weight = nn.Parameter(layer.weight.detach().new_zeros(0))
+        setattr(layer, weight_name(layer), nn.Parameter(weight_of(layer).detach().new_zeros(0)))
     return packed_nbytes(stub, float_dtype, "f16", arch, meta) + HEADER_MARGIN
 
 
@@ -163,7 +165,7 @@ def measure_key(cfg: PQConfig) -> dict:
                                                  "repair_empty", "exclude", "seed"})
 
 
-def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dtype: str = "f16",
+def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, float_dtype: str = "f16",
                 arch: dict | None = None, meta: dict | None = None,
                 table: dict[str, list[dict]] | None = None, codebook_dtype: str = "f16") -> tuple[PQConfig, list[dict]]:
     """Turn ``cfg.target_bytes`` into explicit per-layer settings: returns the PQConfig to run
@@ -172,8 +174,8 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: torch.Tensor, float_dty
     Each candidate is costed here for ``float_dtype`` and ``codebook_dtype`` (the damages do
     not depend on them)."""
     if table is None:
-        table = measure(model, cfg, images[: cfg.budget_images])
-    table = {n: [{**r, "bytes": layer_bytes(model.get_submodule(n).weight.numel(), r["spec"], float_dtype, codebook_dtype)}
+        table = measure(model, cfg, model_inputs.take(images, 0, cfg.budget_images))
+    table = {n: [{**r, "bytes": layer_bytes(weight_of(model.get_submodule(n)).numel(), r["spec"], float_dtype, codebook_dtype)}
                  for r in rows] for n, rows in table.items()}
     fixed = fixed_bytes(model, list(table), float_dtype, arch, meta)
     try:
@@ -206,10 +208,11 @@ def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", a
     layers = _candidate_layers(model, cfg)
     least = 0
     for _, m in layers:
-        options = [layer_bytes(m.weight.numel(), None, float_dtype)]
+        numel = weight_of(m).numel()
+        options = [layer_bytes(numel, None, float_dtype)]
         for block in block_candidates(m):
-            n = m.weight.numel() // block
-            options += [layer_bytes(m.weight.numel(), BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
+            n = numel // block
+            options += [layer_bytes(numel, BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
                         for k in cfg.budget_k]
         least += min(options)
     smallest = least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)

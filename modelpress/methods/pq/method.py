@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ... import inputs as model_inputs
 from ..base import Context, Method, codebooks
 from .budget import check_reachable, measure, measure_key, plan_budget, table_from_json, table_to_json
 from .config import PQConfig
-from .layer import PQLayer
+from .layer import PQ_LAYERS
 from .quantize import plan, quantize_pq
 
 
@@ -25,7 +26,7 @@ def plan_settings(model: nn.Module, cfg: PQConfig, ctx: Context) -> tuple[PQConf
         return cfg, []
 
     def damage() -> dict:
-        return table_to_json(measure(model, cfg, ctx.calibration[: cfg.budget_images]))
+        return table_to_json(measure(model, cfg, model_inputs.take(ctx.calibration, 0, cfg.budget_images)))
 
     cached = ctx.cache("budget-damage", measure_key(cfg), damage) if ctx.cache else damage()
     return plan_budget(model, cfg, ctx.calibration, ctx.float_dtype, ctx.arch, ctx.meta, table_from_json(cached),
@@ -40,6 +41,6 @@ def apply(model: nn.Module, cfg: PQConfig, ctx: Context) -> list[dict]:
 
 METHOD = Method(
     name="pq", config=PQConfig, summary="product quantization, layer by layer (Stock et al. 2019)",
-    check=check, plan=plan_settings, apply=apply, trainable=codebooks, layers=(PQLayer,),
+    check=check, plan=plan_settings, apply=apply, trainable=codebooks, layers=PQ_LAYERS,
     calibration=lambda cfg: (cfg.calibration_images, cfg.seed),
 )

@@ -1,6 +1,6 @@
 """Layer-by-layer product quantization of a whole model (the driver around kmeans.py).
 
-For each Conv2d/Linear in forward order: capture the layer's inputs from the *already
+For each Conv2d/Linear (and attention in-projection) in forward order: capture the layer's inputs from the *already
 compressed* student on in-domain images (only their Gram matrix is kept), cluster the weight's
 sub-vectors in that metric, swap in a PQLayer, then tune its codebook by distillation.
 """
@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 from ...pack.codebook import code_bits  # noqa: F401  (the one bits-per-code formula; re-exported)
 from ...progress import Progress, log
 from ...train import distill, reseed
-from ...walk import check_patterns, matches, named_layers, set_module
+from ...walk import check_patterns, is_attention, matches, named_layers, set_module, weight_of
 from .budget import plan_budget, pq_bytes
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQLayer, input_gram, to_subvectors
+from .layer import PQ_LAYERS, PQAttention, PQLayer, input_gram, make_pq, to_subvectors
 
 LayerCallback = Callable[[str, nn.Module, dict], None]
 
@@ -34,24 +34,25 @@ def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
     for pattern, spec in cfg.overrides.items():
         if matches(name, [pattern]):
             return spec
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or is_attention(layer):
         return cfg.linear
     return cfg.pointwise if layer.kernel_size == (1, 1) else cfg.conv
 
 
 def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[tuple[str, BlockSpec]]:
     """Layers to quantize, in order, with their settings. Validates names and block sizes."""
-    check_patterns(model, cfg.exclude, "exclude")
-    check_patterns(model, list(cfg.overrides), "overrides")
+    check_patterns(model, cfg.exclude, "exclude", attention=True)
+    check_patterns(model, list(cfg.overrides), "overrides", attention=True)
     out = []
-    for name, layer in named_layers(model):
+    for name, layer in named_layers(model, attention=True):
         spec = layer_spec(name, layer, cfg)
         if spec is None:
             continue
-        if pq_bytes(layer.weight.numel(), spec, codebook_dtype) >= 2 * layer.weight.numel():
-            log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, layer.weight.numel())
+        weight = weight_of(layer)
+        if pq_bytes(weight.numel(), spec, codebook_dtype) >= 2 * weight.numel():
+            log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, weight.numel())
             continue
-        row = layer.weight[0].numel()
+        row = weight[0].numel()
         if row % spec.block_size:
             raise ValueError(
                 f"layer {name}: block size {spec.block_size} does not divide its input size {row}; "
@@ -59,7 +60,7 @@ def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[t
             )
         out.append((name, spec))
     if not out:
-        raise ValueError("no layer to quantize: every Conv2d/Linear is excluded or too small")
+        raise ValueError("no layer to quantize: every Conv2d/Linear/attention is excluded or too small")
     return out
 
 
@@ -70,9 +71,10 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor) -> float
     return float(((r @ g) * r).sum() / ((w @ g) * w).sum().clamp_min(1e-30))
 
 
-def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cfg: PQConfig, seed: int) -> tuple[PQLayer, dict]:
-    """Cluster one layer's sub-vectors and return the PQLayer that replaces it."""
-    w = to_subvectors(layer.weight.detach().cpu(), spec.block_size)
+def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cfg: PQConfig,
+                   seed: int) -> tuple[PQLayer | PQAttention, dict]:
+    """Cluster one layer's sub-vectors and return the PQ module that replaces it."""
+    w = to_subvectors(weight_of(layer).detach().cpu(), spec.block_size)
     k = min(spec.k, w.shape[0])
     t0 = time.perf_counter()
     codebook, codes, info = gram_kmeans(
@@ -86,7 +88,7 @@ def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cf
         "empty_repaired": info["empty_repaired"],
         "weight_rel_error": float((w - codebook[codes]).norm() / w.norm().clamp_min(1e-30)),
     }
-    return PQLayer(layer, codebook, codes, spec.block_size), stats
+    return make_pq(layer, codebook, codes, spec.block_size), stats
 
 
 def quantize_pq(
@@ -100,7 +102,7 @@ def quantize_pq(
 ) -> tuple[nn.Module, list[dict]]:
     """Quantize ``student`` in place, layer by layer, and return it with per-layer stats.
 
-    Layers that are already PQLayers are skipped, so passing a partially quantized student
+    Layers that are already PQ modules are skipped, so passing a partially quantized student
     (a checkpoint) resumes the loop; the dense ``teacher`` is then required (the plan and the
     per-layer seeds come from it). Otherwise it defaults to a copy of the student as given.
     ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
@@ -108,7 +110,7 @@ def quantize_pq(
     what a byte budget buys.
     """
     if teacher is None:
-        if any(isinstance(m, PQLayer) for m in student.modules()):
+        if any(isinstance(m, PQ_LAYERS) for m in student.modules()):
             raise ValueError("resuming a partly quantized student needs the dense teacher (teacher=...)")
         teacher = copy.deepcopy(student)
     teacher.eval()
@@ -118,13 +120,13 @@ def quantize_pq(
     stats_all, prog = [], Progress("pq layers", len(todo), every_s=0, unit="layer")
     for index, (name, spec) in enumerate(todo):
         layer = student.get_submodule(name)
-        if isinstance(layer, PQLayer):
+        if isinstance(layer, PQ_LAYERS):
             prog.update(layer=name, status="done before")
             continue
         g = input_gram(student, layer, calibration, spec.block_size) if cfg.activation_weighted else None
         g_eval = g if g is not None else input_gram(student, layer, calibration, spec.block_size)
         pq, stats = quantize_layer(layer, spec, g, cfg, seed=cfg.seed + index)
-        w = to_subvectors(layer.weight.detach().cpu(), spec.block_size)
+        w = to_subvectors(weight_of(layer).detach().cpu(), spec.block_size)
         stats["output_rel_error"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
         set_module(student, name, pq)
         if cfg.layer_finetune_epochs > 0 and train_batches is not None:
@@ -132,7 +134,8 @@ def quantize_pq(
             distill(student, teacher, train_batches, [pq.codebook], cfg.layer_finetune_epochs, cfg.layer_finetune_lr,
                     temperature=cfg.temperature, stage=f"tune {name}", train_mode=False)
             stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
-        stats.update(layer=name, index=index, weights=layer.weight.numel(), bytes=pq_bytes(layer.weight.numel(), spec, codebook_dtype))
+        numel = weight_of(layer).numel()
+        stats.update(layer=name, index=index, weights=numel, bytes=pq_bytes(numel, spec, codebook_dtype))
         stats_all.append(stats)
         prog.update(layer=name, k=stats["k"], out_err=stats["output_rel_error"], kmeans_s=stats["kmeans_s"])
         if on_layer:
