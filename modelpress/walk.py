@@ -1,10 +1,17 @@
 """One module walker shared by every method: layers by fully qualified name.
 
-A layer is a Conv2d or a Linear (``.weight``); with ``attention=True`` also an
-nn.MultiheadAttention whose query, key and value share the input size: its packed in-projection
-``in_proj_weight`` (3 * embed, embed) is a weight matrix like a Linear's, the inputs of its rows
-being the attention's query, key and value. ``weight_of`` and ``weight_name`` give a layer's matrix
-whatever its type. (Its ``out_proj`` is an nn.Linear, a layer of its own.)"""
+A layer is a Conv2d or a Linear (``.weight``); with ``extended=True`` (what product quantization
+handles) also:
+
+- an nn.MultiheadAttention whose query, key and value share the input size: its packed
+  in-projection ``in_proj_weight`` (3 * embed, embed) is a weight matrix like a Linear's, the
+  inputs of its rows being the attention's query, key and value (its ``out_proj`` is an
+  nn.Linear, a layer of its own);
+- a Hugging Face ``Conv1D`` (GPT-2 style): a Linear whose ``weight`` is stored transposed,
+  (in, out); recognised by its type's name and attributes, without importing transformers.
+
+``weight_of`` gives a layer's matrix as (out, in...) whatever its type, ``weight_name`` the
+attribute that holds it."""
 
 from __future__ import annotations
 
@@ -22,24 +29,32 @@ def is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) and bool(module._qkv_same_embed_dim)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face Conv1D: ``x @ weight + bias`` with ``weight`` of shape (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
 def weight_name(layer: nn.Module) -> str:
     """The attribute that holds a layer's weight matrix."""
     return "in_proj_weight" if is_attention(layer) else "weight"
 
 
 def weight_of(layer: nn.Module) -> torch.Tensor:
-    """A layer's weight matrix: ``weight``, or an attention's ``in_proj_weight``."""
-    return getattr(layer, weight_name(layer))
+    """A layer's weight matrix as (out, in...): ``weight``, an attention's ``in_proj_weight``, a
+    Conv1D's weight transposed (a view)."""
+    weight = getattr(layer, weight_name(layer))
+    return weight.T if is_transposed_linear(layer) else weight
 
 
 def named_layers(
-    model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None, attention: bool = False,
+    model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None, extended: bool = False,
 ) -> Iterator[tuple[str, nn.Module]]:
-    """Yield (fqn, module) for Conv2d/Linear layers in registration order; ``attention``: the
-    attentions' in-projections too (each before its out_proj, as in the forward pass)."""
+    """Yield (fqn, module) for Conv2d/Linear layers in registration order; ``extended``: the
+    attentions' in-projections (each before its out_proj, as in the forward pass) and Hugging
+    Face Conv1D layers too."""
     for name, module in model.named_modules():
-        if (isinstance(module, COMPRESSIBLE) or (attention and is_attention(module))) and (
-                filter_fn is None or filter_fn(name, module)):
+        wanted = isinstance(module, COMPRESSIBLE) or (extended and (is_attention(module) or is_transposed_linear(module)))
+        if wanted and (filter_fn is None or filter_fn(name, module)):
             yield name, module
 
 
@@ -48,10 +63,14 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def check_patterns(model: nn.Module, patterns: list[str], what: str, attention: bool = False) -> None:
+def check_patterns(model: nn.Module, patterns: list[str], what: str, extended: bool = False) -> None:
     """Refuse a pattern that matches no compressible layer: it is almost always a typo."""
-    names = [n for n, _ in named_layers(model, attention=attention)]
-    kinds = "Conv2d/Linear/MultiheadAttention" if attention and any(map(is_attention, model.modules())) else "Conv2d/Linear"
+    names = [n for n, _ in named_layers(model, extended=extended)]
+    kinds = "Conv2d/Linear"
+    if extended and any(map(is_attention, model.modules())):
+        kinds += "/MultiheadAttention"
+    if extended and any(map(is_transposed_linear, model.modules())):
+        kinds += "/Conv1D"
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise ValueError(f"{what}: {p!r} matches no {kinds} layer; layers are: {', '.join(names)}")

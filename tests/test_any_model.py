@@ -321,3 +321,40 @@ def test_every_method_compresses_a_vision_transformer_and_its_file_loads(tmp_pat
     loaded, _ = load_packed(path)
     with torch.no_grad():
         assert torch.allclose(loaded(images[:8]), student.eval()(images[:8]), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_layers_are_quantized_and_their_entries_keep_the_stored_layout(tmp_path):
+    """Hugging Face Conv1D (GPT-2: ``x @ weight + bias``, weight stored (in, out)) is product
+    quantized as the Linear it is, rows of its transpose; the packed entry keeps the stored
+    (in, out) shape, marked transposed, so that the file rebuilds GPT-2 by reference and gives the
+    compressed model's outputs exactly, with plain or quantized layers."""
+    transformers = pytest.importorskip("transformers")
+    from modelpress.models.hf import hf_arch
+    from modelpress.pack import load_packed, pack_model, read_packed
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    model = transformers.GPT2Model(config).eval()
+    conv1d = {n: m for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert len(conv1d) == 2 * 4  # per block: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    ids = torch.randint(1, 100, (8, 12))
+    mask = (torch.arange(12)[None, :] < torch.randint(3, 13, (8, 1))).long()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    cfg = PQConfig(kmeans_iters=2, layer_finetune_epochs=0, linear=BlockSpec(block_size=4, k=16))
+    assert set(dict(plan(model, cfg))) == set(conv1d)
+    student, _ = quantize_pq(copy.deepcopy(model), cfg, batch, teacher=model)
+    for name, layer in conv1d.items():
+        pq = student.get_submodule(name)
+        assert isinstance(pq, PQLayer) and pq.weight_shape == tuple(layer.weight.T.shape)
+    path = tmp_path / "gpt2.mpk"
+    pack_model(student, path, hf_arch(student), float_dtype="f32", codebook_dtype="f32")
+    entries = {name: p for name, _, p, _ in read_packed(path).entries}
+    for name, layer in conv1d.items():
+        assert entries[f"{name}.weight"]["shape"] == list(layer.weight.shape) and entries[f"{name}.weight"]["t"] == 1
+    plain, _ = load_packed(path)
+    coded, _ = load_packed(path, materialize=False)
+    with torch.no_grad():
+        expected = student(**batch).last_hidden_state
+        assert torch.equal(plain(**batch).last_hidden_state, expected)
+        assert torch.equal(coded(**batch).last_hidden_state, expected)
+    assert type(plain.get_submodule(next(iter(conv1d)))).__name__ == "Conv1D"

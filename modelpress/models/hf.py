@@ -14,14 +14,16 @@ from typing import Any
 import torch.nn as nn
 
 HF_PREFIX = "hf:"
-# Encoder classes whose weight matrices are nn.Linear layers (what the methods compress).
+# Encoders whose weight matrices are nn.Linear layers, and GPT-2 (Conv1D layers: product
+# quantization handles them; the other methods leave them dense).
 HF_CLASSES = ("BertModel", "BertForSequenceClassification", "DistilBertModel", "DistilBertForSequenceClassification",
-              "RobertaModel", "RobertaForSequenceClassification")
+              "RobertaModel", "RobertaForSequenceClassification", "GPT2Model", "GPT2LMHeadModel")
 MAX_CONFIG_CHARS = 65_536
 # Sizes a configuration may ask for (a crafted file must not make the builder allocate gigabytes).
 CONFIG_BOUNDS = {"vocab_size": 1_000_000, "hidden_size": 16_384, "num_hidden_layers": 256, "num_attention_heads": 256,
                  "intermediate_size": 65_536, "max_position_embeddings": 65_536, "type_vocab_size": 1024, "dim": 16_384,
-                 "hidden_dim": 65_536, "n_layers": 256, "n_heads": 256, "num_labels": 100_000}
+                 "hidden_dim": 65_536, "n_layers": 256, "n_heads": 256, "num_labels": 100_000,
+                 "n_embd": 16_384, "n_layer": 256, "n_head": 256, "n_positions": 65_536, "n_inner": 65_536}
 
 
 def parse_config(arch: str, config: Any) -> dict:

@@ -136,12 +136,15 @@ def decode_lowrank(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- pq -----------------------------------------------------------------------------------
 
 def encode_pq(codebook: torch.Tensor, codes: torch.Tensor, shape: tuple, cb_dtype: str,
-              entropy: bool = True) -> tuple[dict, bytes]:
+              entropy: bool = True, transposed: bool = False) -> tuple[dict, bytes]:
+    """``transposed``: ``shape`` is (in, out) and the codes cover the (out, in) transpose (a
+    Hugging Face Conv1D's weight); the entry then has ``"t": 1``."""
     k, d = codebook.shape
     bits = code_bits(k)
     cp, coded = encode_codes(codes.detach().cpu().numpy(), k, bits, entropy)
     data = encode_codebook(codebook, cb_dtype) + coded
-    return {"shape": list(shape), "d": d, "k": k, "bits": bits, "cb": cb_dtype, **cp, "n": len(data)}, data
+    t = {"t": 1} if transposed else {}
+    return {"shape": list(shape), "d": d, "k": k, "bits": bits, "cb": cb_dtype, **t, **cp, "n": len(data)}, data
 
 
 def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +281,7 @@ def sparse_weight(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tenso
 
 _KEYS = {
     "dense": ({"dtype", "shape", "n"}, set()),
-    "pq": ({"shape", "d", "k", "bits", "cb", "n"}, {"coder", "hist_n"}),
+    "pq": ({"shape", "d", "k", "bits", "cb", "n"}, {"coder", "hist_n", "t"}),
     "affine": ({"shape", "bits", "cb", "n"}, {"coder", "hist_n"}),
     "lowrank": ({"shape", "rank", "dtype", "n"}, set()),
     "sparse": ({"shape", "count", "pos", "pos_n", "values", "n"}, {"pos_bits", "tokens", "d", "k", "bits", "cb", "coder", "hist_n"}),
@@ -347,6 +350,10 @@ def check_entry(enc: str, p: dict) -> int:
         k = _int(p, "k", 1, 2 ** MAX_CODE_BITS)
         _int(p, "bits", code_bits(k), code_bits(k))
         cb = _choice(p, "cb", CODEBOOK_DTYPES)
+        if "t" in p:
+            _int(p, "t", 1, 1)
+            if len(shape) != 2:
+                raise PackedFormatError(f"a transposed (t=1) pq entry of shape {shape}, not a matrix")
         if numel % d or k * d > MAX_ENTRY_ELEMENTS:
             raise PackedFormatError(f"block d={d} does not divide the shape's {numel} values, or k*d is too large")
         head = codebook_nbytes(k, d, cb)
@@ -423,6 +430,8 @@ class Decoded:
             return (q["u"] @ q["v"]).reshape(self.shape)
         if self.kind == "affine":
             return affine_weight({"shape": list(self.shape)}, q["scale"], q["offset"], q["codes"])
+        if q["mask"] is None and q.get("t"):
+            return q["codebook"][q["codes"]].reshape(self.shape[1], self.shape[0]).T.contiguous()
         if q["mask"] is None:
             return q["codebook"][q["codes"]].reshape(self.shape)
         return sparse_weight(q["mask"], q["codebook"], q["codes"])
@@ -445,7 +454,7 @@ def decode_entry(name: str, enc: str, p: dict, buf: bytes) -> Decoded:
             return Decoded("lowrank", shape, {"u": u, "v": v})
         if enc == "pq":
             codebook, codes = decode_pq(p, buf)
-            return Decoded("pq", shape, {"codebook": codebook, "codes": codes, "mask": None, "d": p["d"]})
+            return Decoded("pq", shape, {"codebook": codebook, "codes": codes, "mask": None, "d": p["d"], "t": p.get("t", 0)})
         weight, pq = decode_sparse(p, buf)
         if pq is None:
             return Decoded("dense", shape, {"weight": weight})

@@ -63,7 +63,7 @@ def layer_bytes(numel: int, spec: BlockSpec | None, float_dtype: str = "f16", co
 def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Module]]:
     """The layers a budget allocates: every Conv2d/Linear/attention in-projection not excluded
     (grouped convolutions too)."""
-    return [(n, m) for n, m in named_layers(model, attention=True) if not matches(n, cfg.exclude)]
+    return [(n, m) for n, m in named_layers(model, extended=True) if not matches(n, cfg.exclude)]
 
 
 def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:

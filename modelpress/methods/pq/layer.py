@@ -28,7 +28,7 @@ from ...pack.codebook import round_codebook
 from ...pack.codecs import EncodeOptions, register_layer_codec
 from ...pack.entries import encode_pq, encode_sparse_pq
 from ...progress import log
-from ...walk import is_attention
+from ...walk import is_attention, is_transposed_linear, weight_of
 
 
 def to_subvectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -158,7 +158,10 @@ class PQLayer(nn.Module):
     ):
         super().__init__()
         self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
-        self.weight_shape = tuple(layer.weight.shape)
+        # a Hugging Face Conv1D stores its weight (in, out): quantized and computed as the Linear
+        # it is, (out, in); the packed entry keeps its layout (transposed=True)
+        self.transposed = is_transposed_linear(layer)
+        self.weight_shape = tuple(weight_of(layer).shape)
         self.block_size = block_size
         if self.kind == "conv2d":
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
@@ -193,7 +196,8 @@ class PQLayer(nn.Module):
 
     def extra_repr(self) -> str:
         sparse = "" if self.mask is None else f", kept={self.kept}"
-        return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}{sparse}"
+        stored = ", stored transposed" if self.transposed else ""
+        return f"{self.kind}, shape={self.weight_shape}, block={self.block_size}, k={self.k}{sparse}{stored}"
 
 
 class PQAttention(nn.MultiheadAttention):
@@ -259,7 +263,8 @@ def _encode(m: PQLayer, name: str, opts: EncodeOptions) -> list:
     if m.mask is not None:
         p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, opts.codebook_dtype, opts.entropy)
         return [(f"{name}.weight", "sparse", p, data)]
-    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, opts.codebook_dtype, opts.entropy)
+    shape = m.weight_shape[::-1] if m.transposed else m.weight_shape
+    p, data = encode_pq(m.codebook, m.codes, shape, opts.codebook_dtype, opts.entropy, transposed=m.transposed)
     return [(f"{name}.weight", "pq", p, data)]
 
 

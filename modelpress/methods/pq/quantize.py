@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ...pack.codebook import code_bits  # noqa: F401  (the one bits-per-code formula; re-exported)
 from ...progress import Progress, log
 from ...train import distill, reseed
-from ...walk import check_patterns, is_attention, matches, named_layers, set_module, weight_of
+from ...walk import check_patterns, is_attention, is_transposed_linear, matches, named_layers, set_module, weight_of
 from .budget import plan_budget, pq_bytes
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
@@ -34,17 +34,17 @@ def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
     for pattern, spec in cfg.overrides.items():
         if matches(name, [pattern]):
             return spec
-    if isinstance(layer, nn.Linear) or is_attention(layer):
+    if isinstance(layer, nn.Linear) or is_attention(layer) or is_transposed_linear(layer):
         return cfg.linear
     return cfg.pointwise if layer.kernel_size == (1, 1) else cfg.conv
 
 
 def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[tuple[str, BlockSpec]]:
     """Layers to quantize, in order, with their settings. Validates names and block sizes."""
-    check_patterns(model, cfg.exclude, "exclude", attention=True)
-    check_patterns(model, list(cfg.overrides), "overrides", attention=True)
+    check_patterns(model, cfg.exclude, "exclude", extended=True)
+    check_patterns(model, list(cfg.overrides), "overrides", extended=True)
     out = []
-    for name, layer in named_layers(model, attention=True):
+    for name, layer in named_layers(model, extended=True):
         spec = layer_spec(name, layer, cfg)
         if spec is None:
             continue
