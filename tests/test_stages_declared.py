@@ -75,6 +75,17 @@ def test_an_optional_field_left_empty_keeps_the_keys_of_earlier_work():
     assert changed == {"teacher", "compress", "finetune", "pack", "evaluate"}
 
 
+def test_pq_metric_left_empty_keeps_the_keys_of_earlier_work():
+    """method.metric (PQ's per-position metric) came after runs were made: empty, it is not
+    written, so no key changes; set, the stages from compress on are new work."""
+    base = Recipe()
+    assert "metric" not in base.model_dump(mode="json")["method"]
+    per_position = base.with_overrides({"method.metric": "position"})
+    assert per_position.model_dump(mode="json")["method"]["metric"] == "position"
+    changed = {n for n in SPECS if stages.stage_key(per_position, n) != stages.stage_key(base, n)}
+    assert changed == {"compress", "finetune", "pack", "evaluate"}
+
+
 def test_byte_budget_key_covers_the_float_storage():
     """A byte budget costs dense layers in pack.float_dtype: the compress key must follow it."""
     base = Recipe.parse({"method": {"target_bytes": 40000}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class BlockSpec(BaseModel):
@@ -33,6 +33,10 @@ class PQConfig(BaseModel):
                                 description="Centroid counts the byte budget chooses from (each 2..65536).")
     budget_images: int = Field(256, ge=16, description="Calibration images on which each candidate's damage is measured.")
     activation_weighted: bool = Field(True, description="Minimise ||X(W - W_hat)||^2 on in-domain inputs instead of ||W - W_hat||^2.")
+    metric: Literal["shared", "position"] | None = Field(
+        None, description="The activation metric of a layer's k-means: one Gram matrix shared by every block position "
+                          "of a row ('shared', the default when empty), or one per block position ('position': input "
+                          "channels with outlier activations, as transformers have, keep their weight).")
     calibration_images: int = Field(1024, ge=16, description="In-domain images whose activations define each layer's objective.")
     kmeans_iters: int = Field(30, ge=1, le=1000)
     kmeans_init: Literal["kmeans++", "random", "linear"] = Field(
@@ -57,6 +61,14 @@ class PQConfig(BaseModel):
         if self.kmeans_init == "linear" and (self.target_bytes or any(s.block_size != 1 for s in specs)):
             raise ValueError("kmeans_init 'linear' needs block_size 1 for every layer (and no target_bytes)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_empty_new_fields(self, handler):
+        """``metric`` left empty is not written: the keys of work done before it existed stay."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("metric", "") is None:
+            del data["metric"]
+        return data
 
     def key_params(self) -> str:
         if self.target_bytes:

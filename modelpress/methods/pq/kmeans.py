@@ -9,6 +9,12 @@ so the activations enter only through G. Assignment is an (n x k) matrix product
 centroid minimising the sum over its members is their plain mean (for any PSD G). No step
 touches the activation rows, which is what makes this orders of magnitude faster than
 broadcasting over them.
+
+One G shared by every block position of a row averages the input channels together; a few
+channels with much larger activations (transformers have them) then weigh little. With one Gram
+per block position (``position_kmeans``: G_p over the input channels of position p) each
+sub-vector is measured in its own position's metric, and a centroid is the G-weighted mean of its
+members, c = (sum G_p(i))^-1 sum G_p(i) w_i.
 """
 
 from __future__ import annotations
@@ -120,3 +126,69 @@ def gram_kmeans(
     c[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(w.dtype)
     info = {"objective": objective(w, c, codes, g), "empty_repaired": repaired, "empty_final": int((counts == 0).sum())}
     return c.float(), codes, info
+
+
+# ---- one Gram per block position --------------------------------------------------------------
+
+def _assign_positions(wp: torch.Tensor, c: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """(P, m) index of the nearest centroid of each sub-vector wp[p, i] in its position's metric."""
+    step = max(1, _CHUNK // max(1, wp.shape[1] * c.shape[0]))
+    out = []
+    for i in range(0, wp.shape[0], step):
+        w, g = wp[i:i + step], gs[i:i + step]
+        cgc = torch.einsum("kd,pde,ke->pk", c, g, c)
+        out.append((cgc.unsqueeze(1) - 2.0 * torch.matmul(torch.matmul(w, g), c.T)).argmin(2))
+    return torch.cat(out)
+
+
+def _weighted_centroids(wp: torch.Tensor, codes: torch.Tensor, gs: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Each centroid: argmin_c sum over its members of (w - c)^T G_p (w - c); empty ones stay."""
+    p_count, m, d = wp.shape
+    k = c.shape[0]
+    flat = (torch.arange(p_count).unsqueeze(1) * k + codes).reshape(-1)
+    counts = torch.bincount(flat, minlength=p_count * k).reshape(p_count, k).to(wp.dtype)
+    sums = torch.zeros(p_count * k, d, dtype=wp.dtype).index_add_(0, flat, wp.reshape(-1, d)).reshape(p_count, k, d)
+    a = torch.einsum("pk,pde->kde", counts, gs)
+    b = torch.einsum("pde,pke->kd", gs, sums)
+    new = c.clone()
+    nonempty = counts.sum(0) > 0
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30) / d
+    a = a + ridge[:, None, None] * torch.eye(d, dtype=wp.dtype)
+    solved, info = torch.linalg.solve_ex(a[nonempty], b[nonempty])
+    means = sums.sum(0)[nonempty] / counts.sum(0)[nonempty].unsqueeze(1)
+    new[nonempty] = torch.where((info == 0).unsqueeze(1), solved, means)  # a singular metric: the plain mean
+    return new
+
+
+def position_kmeans(
+    w: torch.Tensor,
+    k: int,
+    gs: torch.Tensor,
+    iters: int = 20,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """k-means of the sub-vectors of a weight ``w`` (rows, P * d), one metric per block position:
+    ``gs`` (P, d, d), G_p over the input channels p * d .. (p + 1) * d. Seeded by k-means++ in the
+    mean metric. Returns ``(centroids (k, d), codes (rows * P,) in to_subvectors order, info)``."""
+    p_count, d = gs.shape[0], gs.shape[1]
+    rows = w.detach().double().reshape(-1, p_count, d)
+    wp = rows.transpose(0, 1).contiguous()  # (P, rows, d)
+    flat_w = rows.reshape(-1, d)
+    if k > flat_w.shape[0]:
+        raise ValueError(f"k={k} centroids for only {flat_w.shape[0]} sub-vectors")
+    gs = gs.detach().double()
+    gen = torch.Generator().manual_seed(seed)
+    c = _kmeans_pp(flat_w, k, gs.mean(0), gen)
+    codes = _assign_positions(wp, c, gs)
+    for _ in range(iters):
+        c = _weighted_centroids(wp, codes, gs, c)
+        new_codes = _assign_positions(wp, c, gs)
+        if torch.equal(new_codes, codes):
+            break
+        codes = new_codes
+    c = _weighted_centroids(wp, codes, gs, c)
+    r = wp - c[codes]
+    objective_ = float(torch.einsum("pmd,pde,pme->", r, gs, r))
+    codes_flat = codes.T.reshape(-1)  # back to row-major (row, position) order
+    counts = torch.bincount(codes_flat, minlength=k)
+    return c.float(), codes_flat, {"objective": objective_, "empty_repaired": 0, "empty_final": int((counts == 0).sum())}

@@ -71,19 +71,25 @@ def _attention_owning(model: nn.Module, layer: nn.Module) -> nn.MultiheadAttenti
 
 @torch.no_grad()
 def input_gram(model: nn.Module, layer: nn.Module, images: model_inputs.Inputs, block_size: int,
-               batch_size: int = 256) -> torch.Tensor:
+               batch_size: int = 256, per_position: bool = False) -> torch.Tensor:
     """G = X^T X over the layer's input blocks, X taken from ``model`` on ``images`` (a tensor,
     or a tuple or dict of tensors: see modelpress.inputs). With an ``attention_mask`` among the
-    inputs, the padding tokens' rows are left out of every (batch, tokens, features) input."""
+    inputs, the padding tokens' rows are left out of every (batch, tokens, features) input.
+    ``per_position``: one Gram per block position of a row, (positions, d, d)."""
     device = next(model.parameters()).device
-    g = torch.zeros(block_size, block_size, dtype=torch.float64, device=device)
+    positions = weight_of(layer)[0].numel() // block_size if per_position else 1
+    g = torch.zeros(positions, block_size, block_size, dtype=torch.float64, device=device)
     mask: list[torch.Tensor | None] = [None]
     calls = [0]
 
     def add(x: torch.Tensor) -> None:
         x = x.detach() if isinstance(layer, nn.Conv2d) else model_inputs.token_rows(x.detach(), mask[0])
         rows = input_rows(layer, x, block_size).double()
-        g.add_(rows.T @ rows)
+        if positions == 1:
+            g[0].add_(rows.T @ rows)
+        else:
+            rows = rows.reshape(-1, positions, block_size)
+            g.add_(torch.einsum("npd,npe->pde", rows, rows))
 
     def hook(_m, args, kwargs):
         calls[0] += 1
@@ -129,8 +135,8 @@ def input_gram(model: nn.Module, layer: nn.Module, images: model_inputs.Inputs, 
     if not calls[0]:  # a layer the forward pass does not use: weight-space k-means (G = I)
         log.warning("pq: the model never called a %s on the calibration inputs: its codebook is fitted to "
                     "the weights alone", type(layer).__name__)
-        return torch.eye(block_size, dtype=torch.float64)
-    return g.cpu()
+        g = torch.eye(block_size, dtype=torch.float64).expand(positions, -1, -1).clone()
+    return g.cpu() if per_position else g[0].cpu()
 
 
 def _lookup(codebook: torch.Tensor, codes: torch.Tensor, storage: str | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ...train import distill, reseed
 from ...walk import check_patterns, is_attention, is_transposed_linear, matches, named_layers, set_module, weight_of
 from .budget import plan_budget, pq_bytes
 from .config import BlockSpec, PQConfig
-from .kmeans import gram_kmeans
+from .kmeans import gram_kmeans, position_kmeans
 from .layer import PQ_LAYERS, PQAttention, PQLayer, input_gram, make_pq, to_subvectors
 
 LayerCallback = Callable[[str, nn.Module, dict], None]
@@ -65,9 +65,13 @@ def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[t
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor) -> float:
-    """Relative layer-output error ||X(W - W_hat)||^2 / ||X W||^2 from the Gram matrix."""
+    """Relative layer-output error ||X(W - W_hat)||^2 / ||X W||^2 from the Gram matrix (d, d), or
+    from one Gram per block position (P, d, d), ``w`` being the sub-vectors in row-major order."""
     w, w_hat, g = w.double(), w_hat.double(), g.double()
     r = w - w_hat
+    if g.dim() == 3:
+        r, w = (t.reshape(-1, g.shape[0], g.shape[1]) for t in (r, w))
+        return float(torch.einsum("npd,pde,npe->", r, g, r) / torch.einsum("npd,pde,npe->", w, g, w).clamp_min(1e-30))
     return float(((r @ g) * r).sum() / ((w @ g) * w).sum().clamp_min(1e-30))
 
 
@@ -77,9 +81,12 @@ def quantize_layer(layer: nn.Module, spec: BlockSpec, g: torch.Tensor | None, cf
     w = to_subvectors(weight_of(layer).detach().cpu(), spec.block_size)
     k = min(spec.k, w.shape[0])
     t0 = time.perf_counter()
-    codebook, codes, info = gram_kmeans(
-        w, k, g, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init, repair_empty=cfg.repair_empty
-    )
+    if g is not None and g.dim() == 3:  # one metric per block position
+        codebook, codes, info = position_kmeans(weight_of(layer).detach().cpu(), k, g, iters=cfg.kmeans_iters, seed=seed)
+    else:
+        codebook, codes, info = gram_kmeans(
+            w, k, g, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init, repair_empty=cfg.repair_empty
+        )
     stats = {
         "block_size": spec.block_size,
         "k": k,
@@ -123,7 +130,8 @@ def quantize_pq(
         if isinstance(layer, PQ_LAYERS):
             prog.update(layer=name, status="done before")
             continue
-        g = input_gram(student, layer, calibration, spec.block_size) if cfg.activation_weighted else None
+        per_position = cfg.metric == "position"
+        g = input_gram(student, layer, calibration, spec.block_size, per_position=per_position) if cfg.activation_weighted else None
         g_eval = g if g is not None else input_gram(student, layer, calibration, spec.block_size)
         pq, stats = quantize_layer(layer, spec, g, cfg, seed=cfg.seed + index)
         w = to_subvectors(weight_of(layer).detach().cpu(), spec.block_size)
