@@ -386,3 +386,24 @@ def test_one_metric_per_block_position_keeps_outlier_input_channels_in_weight():
         position, stats = error("position", x)
         assert position < shared / 1.5, (shared, position)
     assert abs(stats["output_rel_error"] - error("position", calibration)[0]) < 1e-4  # the stat measures the same
+
+
+def test_byte_budget_on_a_hugging_face_encoder_with_padded_token_batches(tmp_path):
+    """The byte budget measures each candidate's damage on the encoder's own output (its hidden
+    states, not logits) through dict inputs, and its plan fits the budget."""
+    from modelpress.methods.pq.budget import plan_budget
+    from modelpress.models.hf import hf_arch, load_hf_folder
+
+    model = load_hf_folder(_tiny_bert_folder(tmp_path))
+    ids = torch.randint(1, 100, (16, 12))
+    mask = (torch.arange(12)[None, :] < torch.randint(3, 13, (16, 1))).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    dense = sum(p.numel() for p in model.parameters()) * 2
+    cfg = PQConfig(kmeans_iters=2, budget_k=[16, 64], budget_images=16, target_bytes=int(dense * 0.6))
+    planned, rows = plan_budget(model, cfg, batch, arch=hf_arch(model))
+    assert {r["layer"] for r in rows} == {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert all(r["kl_alone"] >= 0 for r in rows) and any(r["k"] for r in rows), [r["kl_alone"] for r in rows]
+    student, _ = quantize_pq(copy.deepcopy(model), planned.model_copy(update={"layer_finetune_epochs": 0}), batch, teacher=model)
+    from modelpress.pack import pack_model
+
+    assert pack_model(student, tmp_path / "bert.mpk", hf_arch(model)) <= cfg.target_bytes

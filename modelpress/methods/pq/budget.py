@@ -24,6 +24,7 @@ from ... import inputs as model_inputs
 from ...pack import packed_nbytes
 from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
+from ...train import output_tensor
 from ...walk import matches, named_layers, set_module, weight_name, weight_of
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
@@ -66,7 +67,15 @@ def _candidate_layers(model: nn.Module, cfg: PQConfig) -> list[tuple[str, nn.Mod
     return [(n, m) for n, m in named_layers(model, extended=True) if not matches(n, cfg.exclude)]
 
 
-def _kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
+def _kl(out, ref) -> float:
+    """The damage of a candidate: KL(teacher || model) on logits (a (batch, classes) tensor, or
+    the ``logits`` of a Hugging Face output); on any other output (embeddings, hidden states:
+    modelpress.train.output_tensor) the squared error relative to the teacher output's energy."""
+    is_logits = (isinstance(out, torch.Tensor) and out.dim() == 2) or (isinstance(out, dict) and "logits" in out)
+    logits, ref = output_tensor(out), output_tensor(ref)
+    if not is_logits:
+        return float(((logits - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
+    logits, ref = logits.reshape(-1, logits.shape[-1]), ref.reshape(-1, ref.shape[-1])
     return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean"))
 
 
