@@ -209,9 +209,11 @@ class FinetuneConfig(_Section):
 
 class PackConfig(_Section):
     float_dtype: Literal["f16", "f32"] = Field("f16", description="Storage of every tensor that is not quantized.")
-    codebook_dtype: Literal["f16", "f32", "i8", "i6", "i5", "i4"] = Field(
+    codebook_dtype: Literal["f16", "f32", "i8", "i6", "i5", "i4", "g8", "g6", "g5", "g4"] = Field(
         "f16", description="Storage of PQ codebooks: iB = B-bit integers with one f16 scale per sub-vector position "
-                           "(i8: half the bytes of f16; a byte budget then buys more centroids).")
+                           "(i8: half the bytes of f16; a byte budget then buys more centroids); gB = the same with "
+                           "one scale per position and group of 16 centroids (outlier centroids, as transformers have, "
+                           "coarsen only their group).")
 
 
 class RegistryConfig(_Section):

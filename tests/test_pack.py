@@ -551,3 +551,37 @@ def test_a_model_no_name_rebuilds_fails_at_pack_time_and_loads_into_its_skeleton
     with torch.no_grad():
         assert torch.equal(loaded(images), student(images)) and torch.equal(coded(images), student(images))
     assert read_packed(path).summary()  # inspect reads it without a skeleton
+
+
+def test_grouped_integer_codebooks_survive_outlier_centroids(tmp_path):
+    """An integer codebook with one scale per position lets a few outlier centroids (transformers'
+    outlier weights) coarsen every centroid's grid; with one scale row per group of 16 centroids
+    (g6) the others keep a fine grid: a several times lower error at 6 bits, for the bytes of the
+    extra scales. The file holds exactly the rounded codebook."""
+    from modelpress.pack.codebook import GROUP, codebook_nbytes
+
+    torch.manual_seed(0)
+    k, d = 256, 4
+    codebook = torch.randn(k, d) * 0.05
+    codebook[[3, 200]] *= 40  # two outlier centroids
+    errors = {}
+    for dtype in ("i6", "g6"):
+        rounded = round_codebook(codebook, dtype)
+        errors[dtype] = float((rounded - codebook).norm() / codebook.norm())
+        errors[dtype + " without the outlier groups"] = float(
+            (rounded[GROUP:192] - codebook[GROUP:192]).norm() / codebook[GROUP:192].norm())
+    assert errors["g6"] < errors["i6"] / 2, errors
+    assert errors["g6 without the outlier groups"] < errors["i6 without the outlier groups"] / 10, errors
+    assert codebook_nbytes(k, d, "g6") - codebook_nbytes(k, d, "i6") == (k // GROUP - 1) * d * 2
+
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    cfg = PQConfig(kmeans_iters=3, layer_finetune_epochs=0, linear=BlockSpec(block_size=4, k=64))
+    student, _ = quantize_pq(model, cfg, torch.randn(64, 64))
+    with torch.no_grad():
+        student[0].codebook.copy_(round_codebook(student[0].codebook, "g5"))
+    path = tmp_path / "g5.mpk"
+    pack_model(student, path, arch_spec("custom:Sequential"), float_dtype="f32", codebook_dtype="g5")
+    entry = next(p for name, _, p, _ in read_packed(path).entries if name == "0.weight")
+    assert entry["cb"] == "g5"
+    loaded, _ = load_packed(path, skeleton=nn.Sequential(nn.Linear(64, 32)))
+    assert torch.equal(loaded[0].weight, student[0].weight)

@@ -45,7 +45,6 @@ from .bits import MAX_CODE_BITS, decode_codes, encode_codes, pack_bits, packed_n
 from .codebook import (
     CODEBOOK_DTYPES,
     FLOAT_DTYPES,
-    INT_BITS,
     code_bits,
     codebook_nbytes,
     decode_codebook,
@@ -53,6 +52,7 @@ from .codebook import (
     encode_codebook,
     encode_float,
     float_nbytes,
+    is_int_codebook,
 )
 from .errors import PackedFormatError
 
@@ -160,7 +160,7 @@ def decode_pq(p: dict, buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 def affine_scale_dtype(codebook_dtype: str) -> str:
     """The dtype of uniform layers' scales and offsets for a file's ``codebook_dtype`` (an
     integer codebook dtype leaves them f16)."""
-    return "f16" if codebook_dtype in INT_BITS else codebook_dtype
+    return "f16" if is_int_codebook(codebook_dtype) else codebook_dtype
 
 
 def encode_affine(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, bits: int, shape: tuple,

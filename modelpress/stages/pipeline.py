@@ -45,6 +45,7 @@ from ..pack import (
     read_packed,
     round_codebook,
 )
+from ..pack.codebook import is_int_codebook
 from ..progress import log
 from ..recipe import Recipe
 from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
@@ -518,7 +519,7 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
     if cfg.epochs > 0:
         mcfg = method_config(recipe)
         params = m.trainable(student, mcfg)
-        if recipe.pack.codebook_dtype.startswith("i"):  # train against the integer codebooks the file will hold
+        if is_int_codebook(recipe.pack.codebook_dtype):  # train against the integer codebooks the file will hold
             for layer in student.modules():
                 if isinstance(layer, PQ_LAYERS):
                     layer.storage = recipe.pack.codebook_dtype
