@@ -225,6 +225,19 @@ def test_compress_distils_an_embedder_with_the_cosine_loss_and_dropout_off():
     assert 0 < after < 0.8 * before, (before, after)
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No connection leaves this process: building, saving and loading a Hugging Face model must
+    not download anything."""
+    import socket
+
+    def refuse(self, address, *args):
+        raise AssertionError(f"a network connection was attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
 def _tiny_bert_folder(tmp_path):
     """A BERT-style encoder built offline from a configuration (random weights), saved as a
     Hugging Face folder: config.json and model.safetensors."""
@@ -237,7 +250,7 @@ def _tiny_bert_folder(tmp_path):
     return folder
 
 
-def test_hugging_face_encoder_by_reference_compresses_packs_and_loads_exactly(tmp_path):
+def test_hugging_face_encoder_by_reference_compresses_packs_and_loads_exactly(tmp_path, offline):
     """A BERT-style encoder from a local folder (config.json + model.safetensors, no download):
     product quantization on padded token batches, a packed file that names the class and carries
     the configuration, rebuilt offline with the same outputs; a class off the allow-list is
@@ -323,7 +336,7 @@ def test_every_method_compresses_a_vision_transformer_and_its_file_loads(tmp_pat
         assert torch.allclose(loaded(images[:8]), student.eval()(images[:8]), atol=1e-5, rtol=1e-5)
 
 
-def test_gpt2_conv1d_layers_are_quantized_and_their_entries_keep_the_stored_layout(tmp_path):
+def test_gpt2_conv1d_layers_are_quantized_and_their_entries_keep_the_stored_layout(tmp_path, offline):
     """Hugging Face Conv1D (GPT-2: ``x @ weight + bias``, weight stored (in, out)) is product
     quantized as the Linear it is, rows of its transpose; the packed entry keeps the stored
     (in, out) shape, marked transposed, so that the file rebuilds GPT-2 by reference and gives the
@@ -388,7 +401,7 @@ def test_one_metric_per_block_position_keeps_outlier_input_channels_in_weight():
     assert abs(stats["output_rel_error"] - error("position", calibration)[0]) < 1e-4  # the stat measures the same
 
 
-def test_byte_budget_on_a_hugging_face_encoder_with_padded_token_batches(tmp_path):
+def test_byte_budget_on_a_hugging_face_encoder_with_padded_token_batches(tmp_path, offline):
     """The byte budget measures each candidate's damage on the encoder's own output (its hidden
     states, not logits) through dict inputs, and its plan fits the budget."""
     from modelpress.methods.pq.budget import plan_budget
