@@ -420,3 +420,35 @@ def test_byte_budget_on_a_hugging_face_encoder_with_padded_token_batches(tmp_pat
     from modelpress.pack import pack_model
 
     assert pack_model(student, tmp_path / "bert.mpk", hf_arch(model)) <= cfg.target_bytes
+
+
+def test_a_budget_over_the_allocated_layers_alone_with_block_size_two(tmp_path, offline):
+    """A transformer whose embeddings stay fp16: a file-wide budget of 8x its Linear weights'
+    fp16 bytes cannot be met (the embeddings alone are larger); the same budget over the allocated
+    layers' weights alone (budget_scope: layers) is met, counted on the packed entries, with
+    block size 2 among the Linear candidates (budget_linear_blocks). Left empty, the new fields
+    change no key of earlier work."""
+    from modelpress.methods.pq.budget import BudgetError, allocated_nbytes, check_reachable, measure_key, plan_budget
+    from modelpress.models.hf import hf_arch, load_hf_folder
+
+    model = load_hf_folder(_tiny_bert_folder(tmp_path))
+    ids = torch.randint(1, 100, (16, 12))
+    mask = (torch.arange(12)[None, :] < torch.randint(3, 13, (16, 1))).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    linear_bytes = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    target = linear_bytes // 8
+    file_wide = PQConfig(kmeans_iters=2, budget_k=[4, 16, 64], budget_images=16, target_bytes=target)
+    with pytest.raises(BudgetError, match="cannot be met"):
+        check_reachable(model, file_wide, arch=hf_arch(model))
+    cfg = file_wide.model_copy(update={"budget_scope": "layers", "budget_linear_blocks": [2, 4, 8, 16]})
+    check_reachable(model, cfg, arch=hf_arch(model))
+    planned, rows = plan_budget(model, cfg, batch, arch=hf_arch(model))
+    assert sum(r["bytes"] for r in rows) <= target
+    student, _ = quantize_pq(copy.deepcopy(model), planned.model_copy(update={"layer_finetune_epochs": 0}), batch, teacher=model)
+    assert allocated_nbytes(student, []) <= target < linear_bytes
+
+    from modelpress.methods.pq.budget import measure
+    table = measure(model, cfg.model_copy(update={"budget_k": [4]}), {k: v[:8] for k, v in batch.items()})
+    assert any(r["spec"] is not None and r["spec"].block_size == 2 for rows_ in table.values() for r in rows_)
+    assert "budget_linear_blocks" not in measure_key(file_wide) and "budget_linear_blocks" in measure_key(cfg)
+    assert not {"budget_scope", "budget_linear_blocks", "metric"} & set(PQConfig().model_dump())

@@ -30,6 +30,7 @@ from ..data import fetch_files, load_dataset, sha256_file
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
 from ..methods.base import Steps, until_done
+from ..methods.pq.budget import allocated_nbytes
 from ..methods.pq.layer import PQ_LAYERS
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
@@ -582,7 +583,11 @@ def pack_stage(recipe: Recipe, _key: str) -> Path:
     student = build_from_packed(read_packed(p["finetuned"]), materialize=False)
     meta = _final_meta(recipe)
     budget = getattr(recipe.method, "target_bytes", None)
-    if budget is not None:
+    if budget is not None and getattr(recipe.method, "budget_scope", None) == "layers":
+        size = allocated_nbytes(student, recipe.method.exclude, recipe.pack.float_dtype, recipe.pack.codebook_dtype)
+        if size > budget:
+            raise StageError(f"the allocated layers' weights would be {size} bytes, over method.target_bytes={budget}")
+    elif budget is not None:
         size = packed_nbytes(student, recipe.pack.float_dtype, recipe.pack.codebook_dtype, _arch(recipe), meta)
         if size > budget:
             raise StageError(f"packed file would be {size} bytes, over method.target_bytes={budget}")

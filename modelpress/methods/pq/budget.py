@@ -21,14 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import inputs as model_inputs
-from ...pack import packed_nbytes
+from ...pack import model_entries, packed_nbytes
 from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
 from ...train import output_tensor
 from ...walk import matches, named_layers, set_module, weight_name, weight_of
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import input_gram, make_pq, to_subvectors
+from .layer import PQ_LAYERS, PQAttention, input_gram, make_pq, to_subvectors
 
 HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
 
@@ -37,7 +37,12 @@ class BudgetError(ValueError):
     """The byte budget cannot be met; the message names the smallest reachable size."""
 
 
-def block_candidates(layer: nn.Module) -> list[int]:
+LINEAR_BLOCKS = [4, 8, 16]
+
+
+def block_candidates(layer: nn.Module, linear_blocks: list[int] | None = None) -> list[int]:
+    """Block sizes a budget tries for a layer; ``linear_blocks``: for Linear layers and attention
+    in-projections (default LINEAR_BLOCKS)."""
     row = weight_of(layer)[0].numel()
     if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
         kk = layer.kernel_size[0] * layer.kernel_size[1]
@@ -45,7 +50,7 @@ def block_candidates(layer: nn.Module) -> list[int]:
     elif isinstance(layer, nn.Conv2d):
         sizes = [4, 8]
     else:
-        sizes = [4, 8, 16]
+        sizes = linear_blocks or LINEAR_BLOCKS
     return [b for b in sizes if row % b == 0]
 
 
@@ -89,12 +94,12 @@ def measure(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs) -> dic
     ref = model_inputs.call(model, images)
     layers = _candidate_layers(model, cfg)
     table: dict[str, list[dict]] = {}
-    total = sum(len(block_candidates(m)) * len(cfg.budget_k) for _, m in layers)
+    total = sum(len(block_candidates(m, cfg.budget_linear_blocks)) * len(cfg.budget_k) for _, m in layers)
     prog = Progress("budget: candidates", total, unit="candidate")
     for index, (name, layer) in enumerate(layers):
         numel = weight_of(layer).numel()
         rows = [{"spec": None, "bytes": layer_bytes(numel, None), "damage": 0.0}]
-        for block in block_candidates(layer):
+        for block in block_candidates(layer, cfg.budget_linear_blocks):
             w = to_subvectors(weight_of(layer).detach().cpu(), block)
             g = input_gram(model, layer, images, block)
             for k in sorted(set(min(k, w.shape[0]) for k in cfg.budget_k)):
@@ -171,7 +176,7 @@ def measure_key(cfg: PQConfig) -> dict:
     """The settings a damage table depends on (not the budget): points of a sweep over budgets
     share one table."""
     return cfg.model_dump(mode="json", include={"budget_k", "budget_images", "calibration_images", "kmeans_iters", "kmeans_init",
-                                                 "repair_empty", "exclude", "seed"})
+                                                 "repair_empty", "exclude", "seed", "budget_linear_blocks"})
 
 
 def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, float_dtype: str = "f16",
@@ -186,7 +191,8 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, fl
         table = measure(model, cfg, model_inputs.take(images, 0, cfg.budget_images))
     table = {n: [{**r, "bytes": layer_bytes(weight_of(model.get_submodule(n)).numel(), r["spec"], float_dtype, codebook_dtype)}
                  for r in rows] for n, rows in table.items()}
-    fixed = fixed_bytes(model, list(table), float_dtype, arch, meta)
+    # scope "layers": the budget is the allocated layers' weights alone (nothing else is counted)
+    fixed = 0 if cfg.budget_scope == "layers" else fixed_bytes(model, list(table), float_dtype, arch, meta)
     try:
         choice = allocate(table, cfg.target_bytes - fixed)
     except BudgetError as e:
@@ -209,6 +215,15 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, fl
     return new, rows
 
 
+def allocated_nbytes(model: nn.Module, exclude: list[str], float_dtype: str = "f16", codebook_dtype: str = "f16") -> int:
+    """Bytes in the packed file of what a budget of scope "layers" counts: the weight entry of
+    every PQ layer and of every other Conv2d/Linear/attention/Conv1D not in ``exclude``."""
+    names = {f"{n}.{'in_proj_weight' if isinstance(m, PQAttention) else 'weight'}"
+             for n, m in model.named_modules() if isinstance(m, PQ_LAYERS)}
+    names |= {f"{n}.{weight_name(m)}" for n, m in named_layers(model, extended=True) if not matches(n, exclude)}
+    return sum(len(data) for name, _, _, data in model_entries(model, float_dtype, codebook_dtype) if name in names)
+
+
 def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", arch: dict | None = None,
                     meta: dict | None = None, codebook_dtype: str = "f16") -> None:
     """Fail fast (no data, no training) when no allocation can meet ``cfg.target_bytes``."""
@@ -219,12 +234,14 @@ def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", a
     for _, m in layers:
         numel = weight_of(m).numel()
         options = [layer_bytes(numel, None, float_dtype)]
-        for block in block_candidates(m):
+        for block in block_candidates(m, cfg.budget_linear_blocks):
             n = numel // block
             options += [layer_bytes(numel, BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
                         for k in cfg.budget_k]
         least += min(options)
-    smallest = least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
+    if cfg.budget_scope != "layers":
+        least += fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
+    smallest = least
     if smallest > cfg.target_bytes:
         raise BudgetError(
             f"target_bytes={cfg.target_bytes} cannot be met: the smallest reachable packed size is {smallest} bytes "
