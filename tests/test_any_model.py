@@ -452,3 +452,18 @@ def test_a_budget_over_the_allocated_layers_alone_with_block_size_two(tmp_path, 
     assert any(r["spec"] is not None and r["spec"].block_size == 2 for rows_ in table.values() for r in rows_)
     assert "budget_linear_blocks" not in measure_key(file_wide) and "budget_linear_blocks" in measure_key(cfg)
     assert not {"budget_scope", "budget_linear_blocks", "metric"} & set(PQConfig().model_dump())
+
+
+def test_kernels_of_other_sizes_get_one_kernel_row_per_block():
+    """The conv default (block 9, one 3x3 kernel) does not divide a 7x7 stem's rows (3 x 49) nor
+    a 4x4 patch embedding's (3 x 16): those get one kernel row per block instead of an error; an
+    explicit override that does not divide is still refused."""
+    from modelpress.models import build_model
+
+    resnet = build_model("torchvision:resnet18", num_classes=10)
+    planned = dict(plan(resnet, PQConfig()))
+    assert planned["conv1"].block_size == 7 and planned["layer1.0.conv1"].block_size == 9
+    vit, _ = _small_vit()
+    assert dict(plan(vit, PQConfig()))["conv_proj"].block_size == 4
+    with pytest.raises(ValueError, match="block size 9 does not divide its input size 147"):
+        plan(resnet, PQConfig(overrides={"conv1": BlockSpec(block_size=9, k=256)}))

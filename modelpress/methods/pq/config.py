@@ -23,7 +23,8 @@ class PQConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["pq"] = "pq"
-    conv: BlockSpec = Field(BlockSpec(block_size=9, k=256), description="k x k convolutions (k > 1); block 9 = one 3x3 kernel.")
+    conv: BlockSpec = Field(BlockSpec(block_size=9, k=256), description="k x k convolutions (k > 1); block 9 = one 3x3 kernel "
+                                                                         "(a layer whose rows it does not divide, e.g. a 7x7 stem: one kernel row per block).")
     pointwise: BlockSpec = Field(BlockSpec(block_size=4, k=256), description="1x1 convolutions.")
     linear: BlockSpec = Field(BlockSpec(block_size=8, k=256), description="Fully connected layers.")
     overrides: dict[str, BlockSpec] = Field({}, description="Per-layer settings by layer name (glob patterns allowed).")

@@ -36,7 +36,13 @@ def layer_spec(name: str, layer: nn.Module, cfg: PQConfig) -> BlockSpec | None:
             return spec
     if isinstance(layer, nn.Linear) or is_attention(layer) or is_transposed_linear(layer):
         return cfg.linear
-    return cfg.pointwise if layer.kernel_size == (1, 1) else cfg.conv
+    if layer.kernel_size == (1, 1):
+        return cfg.pointwise
+    row, width = layer.weight[0].numel(), layer.kernel_size[1]
+    if row % cfg.conv.block_size and row % width == 0 and width <= 64:
+        # another kernel size than the block was chosen for (a 7x7 stem, 4x4 or 16x16 patches): one kernel row per block
+        return BlockSpec(block_size=width, k=cfg.conv.k)
+    return cfg.conv
 
 
 def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[tuple[str, BlockSpec]]:
