@@ -119,6 +119,7 @@ BAD_SETTINGS = [
     ("data.files={}", "data.files"), ("data.files={a.gz: xyz}", "data.files"), ("data.sources=[]", "data.sources"),
     ("data.name=imagenet", "data.name"), ("data.batch_size=0", "data.batch_size"),
     ("teacher.arch=resnet9000", "resnet9000"), ("teacher.epochs=0", "teacher.epochs"),
+    ("teacher.arch=torchvision:mobilenet_v2", "does not take fashion-mnist's inputs (1x28x28)"),
     ("teacher.snapshots=[1.5]", "teacher.snapshots"), ("teacher.lr=-1", "teacher.lr"),
     ("teacher.batch_size=0", "teacher.batch_size"), ("teacher.weights_sha256=xyz", "teacher.weights_sha256"),
     ("finetune.epochs=-1", "finetune.epochs"), ("finetune.lr=0", "finetune.lr"), ("finetune.temperature=0", "finetune.temperature"),

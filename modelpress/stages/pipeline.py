@@ -159,12 +159,27 @@ def preflight(recipe: Recipe) -> None:
                                  "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
         else:
             load_weights(model, Path(weights), recipe.teacher.weights_sha256)
+    _check_takes_inputs(model, recipe)
     src = recipe.finetune.distill_from
     if src is not None:
         build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture
         if not Path(src.weights).is_file():
             raise ValueError(f"finetune.distill_from.weights {src.weights}: no such file")
     method(recipe).check(model, method_config(recipe), _context(recipe))
+
+
+def _check_takes_inputs(model: nn.Module, recipe: Recipe) -> None:
+    """One forward pass of a zero input of the data set's shape: an architecture that cannot take
+    it (a torchvision model made for 3 channels on grey images, a ViT of another image size) fails
+    here, before any work."""
+    shape = tuple(DATASET_INFO[recipe.data.name]["input_shape"])
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"teacher.arch {recipe.teacher.arch} does not take {recipe.data.name}'s inputs "
+                         f"({'x'.join(map(str, shape))}): {first}") from None
 
 
 # ---- fetch, teacher ------------------------------------------------------------------------------
