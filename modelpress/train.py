@@ -135,6 +135,14 @@ def fit(
     return losses
 
 
+def is_bias_or_norm(model: nn.Module, name: str) -> bool:
+    """A parameter that fine-tuning trains besides what a method makes trainable: a bias (an
+    attention's in_proj_bias too) or a BatchNorm or LayerNorm parameter (not the dense weight of
+    a layer left unquantized)."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return name.endswith((".bias", "_bias")) or isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+
+
 def dropout_off(model: nn.Module) -> None:
     """Put every dropout of a model (its Dropout modules, the attention dropout of its
     nn.MultiheadAttention) in eval mode; the rest keeps its mode."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Union
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
-from ..train import distill
+from ..train import distill, is_bias_or_norm
 from . import kmeans, lc, pq, prune, uniform, wfn
 from .base import Context, Method
 from .kmeans import KMeansConfig, quantize_kmeans
@@ -63,7 +63,7 @@ def compress(model: nn.Module, config: BaseModel, *, finetune_epochs: float = 0.
     fields (calibration=, train_batches=, teacher=, ...).
 
     ``finetune_epochs`` > 0: then distil, for that many passes over ``train_batches``, what the
-    method made trainable (codebooks, ...), the biases and the normalisation layers from
+    method made trainable (codebooks, ...), the biases and the BatchNorm and LayerNorm parameters from
     ``teacher`` (no labels), with the student's dropout off. ``loss``: ``kl`` on logits (the
     default), ``mse`` or ``cosine`` on embeddings, or a function (student output, teacher output)
     -> loss (modelpress.train.distill_loss).
@@ -77,17 +77,11 @@ def compress(model: nn.Module, config: BaseModel, *, finetune_epochs: float = 0.
     stats = method.run(model, config, ctx)
     if finetune_epochs > 0 and ctx.teacher is not None and ctx.train_batches is not None:
         params = method.trainable(model, config)
-        params += [p for n, p in model.named_parameters() if _is_small(model, n) and all(p is not q for q in params)]
+        params += [p for n, p in model.named_parameters() if is_bias_or_norm(model, n) and all(p is not q for q in params)]
         distill(model, ctx.teacher, ctx.train_batches, params, finetune_epochs, finetune_lr, temperature=temperature,
                 stage="finetune", device=ctx.device, loss=loss, dropout=False)
     return model, stats
 
-
-def _is_small(model: nn.Module, name: str) -> bool:
-    """Biases and the parameters of normalisation layers."""
-    owner = model.get_submodule(name.rpartition(".")[0])
-    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-    return name.endswith((".bias", "_bias")) or isinstance(owner, norms)
 
 
 __all__ = [

@@ -49,7 +49,7 @@ from ..pack import (
 from ..pack.codebook import is_int_codebook
 from ..progress import log
 from ..recipe import Recipe
-from ..train import distill, evaluate, loader, recalibrate_batchnorm, resolve_device, train_classifier
+from ..train import distill, evaluate, is_bias_or_norm, loader, recalibrate_batchnorm, resolve_device, train_classifier
 from .declare import file_content, stage, stage_key
 from .layout import StageError, paths, read_json, write_json
 from .records import Summary, TeacherInfo
@@ -541,7 +541,7 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
                     layer.storage = recipe.pack.codebook_dtype
         masks = m.held_zero(student, mcfg)
         if cfg.train_other:
-            params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and _is_small(n, student)]
+            params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and is_bias_or_norm(student, n)]
             params += [w for w in _dense_weights(student) if all(w is not q for q in params)]
         with keep_masks(student, masks):
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
@@ -552,13 +552,6 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
     pack_model(student, p["finetuned"], _arch(recipe), {"key": key, "input": _input_meta(recipe)}, "f32", "f32")
     return p["finetuned"]
-
-
-def _is_small(name: str, model: nn.Module) -> bool:
-    """Biases (an attention's in_proj_bias too), BatchNorm and LayerNorm parameters (not dense
-    weights of layers left unquantized)."""
-    mod = model.get_submodule(name.rpartition(".")[0])
-    return name.endswith((".bias", "_bias")) or isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
 
 
 def _dense_weights(model: nn.Module) -> list[nn.Parameter]:

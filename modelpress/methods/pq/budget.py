@@ -18,17 +18,16 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ... import inputs as model_inputs
 from ...pack import model_entries, packed_nbytes
 from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
-from ...train import output_tensor
+from ...train import distill_loss, output_tensor
 from ...walk import matches, named_layers, set_module, weight_name, weight_of
 from .config import BlockSpec, PQConfig
 from .kmeans import gram_kmeans
-from .layer import PQ_LAYERS, PQAttention, input_gram, make_pq, to_subvectors
+from .layer import PQ_LAYERS, input_gram, make_pq, to_subvectors
 
 HEADER_MARGIN = 512  # bytes of header growth allowed for by the plan (stage metadata)
 
@@ -77,11 +76,10 @@ def _kl(out, ref) -> float:
     the ``logits`` of a Hugging Face output); on any other output (embeddings, hidden states:
     modelpress.train.output_tensor) the squared error relative to the teacher output's energy."""
     is_logits = (isinstance(out, torch.Tensor) and out.dim() == 2) or (isinstance(out, dict) and "logits" in out)
-    logits, ref = output_tensor(out), output_tensor(ref)
-    if not is_logits:
-        return float(((logits - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
-    logits, ref = logits.reshape(-1, logits.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean"))
+    if is_logits:
+        return float(distill_loss(out, ref))  # the distillation's own KL, at temperature 1
+    out, ref = output_tensor(out), output_tensor(ref)
+    return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
 
 
 @torch.no_grad()
@@ -218,8 +216,7 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, fl
 def allocated_nbytes(model: nn.Module, exclude: list[str], float_dtype: str = "f16", codebook_dtype: str = "f16") -> int:
     """Bytes in the packed file of what a budget of scope "layers" counts: the weight entry of
     every PQ layer and of every other Conv2d/Linear/attention/Conv1D not in ``exclude``."""
-    names = {f"{n}.{'in_proj_weight' if isinstance(m, PQAttention) else 'weight'}"
-             for n, m in model.named_modules() if isinstance(m, PQ_LAYERS)}
+    names = {f"{n}.{weight_name(m)}" for n, m in model.named_modules() if isinstance(m, PQ_LAYERS)}
     names |= {f"{n}.{weight_name(m)}" for n, m in named_layers(model, extended=True) if not matches(n, exclude)}
     return sum(len(data) for name, _, _, data in model_entries(model, float_dtype, codebook_dtype) if name in names)
 
@@ -239,9 +236,7 @@ def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", a
             options += [layer_bytes(numel, BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
                         for k in cfg.budget_k]
         least += min(options)
-    if cfg.budget_scope != "layers":
-        least += fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
-    smallest = least
+    smallest = least if cfg.budget_scope == "layers" else least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
     if smallest > cfg.target_bytes:
         raise BudgetError(
             f"target_bytes={cfg.target_bytes} cannot be met: the smallest reachable packed size is {smallest} bytes "
