@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .data.datasets import DATASET_INFO
 from .methods import METHOD_NAMES, MethodConfig
@@ -96,6 +96,18 @@ def merge_recipe(base: dict, over: dict) -> dict:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields added after runs were made: left empty (None), they are not written, so the keys of
+    # work done before they existed stay.
+    _later: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_empty_later_fields(self, handler):
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._later:
+                if name in data and data[name] is None:
+                    del data[name]
+        return data
 
 
 # Names that become file names, MLflow names or URL parts: letters, digits, '.', '_', '-'.
@@ -113,13 +125,18 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["fashion-mnist", "cifar10"] = Field("fashion-mnist", description="Dataset format to read.")
+    _later = ("max_tokens",)
+    name: Literal["fashion-mnist", "cifar10", "text-jsonl"] = Field(
+        "fashion-mnist", description="Dataset format to read: fashion-mnist (IDX files), cifar10 (npz), text-jsonl "
+                                     "(train.jsonl and test.jsonl, one {\"text\": ...} per line, for a teacher.arch hf:<folder>).")
     sources: list[str] = Field(
         list(_FMNIST["sources"]), min_length=1,
         description="Where to get the files, tried in order: local directory, http(s):// base URL or s3://bucket/prefix.",
     )
     files: dict[str, str] = Field(dict(_FMNIST["files"]), min_length=1, description="File name -> expected sha256.")
     batch_size: int = Field(256, ge=1, le=65536, description="Batch size for evaluation and calibration.")
+    max_tokens: int | None = Field(None, ge=2, le=65536, description="text-jsonl: tokens per text (longer texts are "
+                                                                      "truncated); empty: 128.")
     test_images: int | None = Field(
         None, ge=1,
         description="Measure every top-1 of the run (teacher, steps, packed file) on the first N test images; empty: "
@@ -146,7 +163,14 @@ class DataConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    arch: str = Field("fmnist_cnn", description="Project model (fmnist_cnn, cifar_resnet20/32/44/56) or torchvision:<name>.")
+    _later = ("arch_kwargs",)
+    arch: str = Field("fmnist_cnn", description="Project model (fmnist_cnn, cifar_resnet20/32/44/56, cifar_vit), "
+                                                "torchvision:<name>, or hf:<folder> (a local Hugging Face model folder: "
+                                                "config.json, model.safetensors, tokenizer.json; never a download).")
+    arch_kwargs: dict[str, int | float | bool | str | None] | None = Field(
+        None, description="Keyword arguments of the architecture's builder besides num_classes and in_channels, e.g. "
+                          "{image_size: 32} for torchvision:vit_b_16, {width_mult: 0.5} for torchvision:mobilenet_v2, "
+                          "{num_layers: 6, hidden_dim: 128, mlp_dim: 256} for cifar_vit; recorded in the packed file.")
     weights: str | None = Field(
         None, description="Weights: a checkpoint path (loaded with weights_only=True) or an MLflow models:/ or runs:/ URI. Empty: train one."
     )
@@ -163,6 +187,18 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _sha_needs_weights(self) -> TeacherConfig:
+        from .models.hf import is_folder_ref
+
+        if is_folder_ref(self.arch) and self.weights:
+            raise ValueError(f"weights must be empty for {self.arch}: a Hugging Face model folder carries its weights")
+        if self.arch_kwargs:
+            from .models import check_kwargs
+
+            if is_folder_ref(self.arch):
+                raise ValueError(f"arch_kwargs must be empty for {self.arch}: the folder's config.json sets the architecture")
+            if {"num_classes", "in_channels"} & set(self.arch_kwargs):
+                raise ValueError("arch_kwargs: num_classes and in_channels come from the data set")
+            check_kwargs(self.arch, self.arch_kwargs)
         if self.weights_sha256 and not self.weights:
             raise ValueError("weights_sha256 is given but weights is empty (the teacher would be trained, not checked)")
         return self
@@ -195,10 +231,14 @@ class DistillFrom(_Section):
 
 
 class FinetuneConfig(_Section):
+    _later = ("loss",)
     epochs: float = Field(1.0, ge=0, le=1000, description="Distillation epochs over all codebooks together (0 skips).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW, cosine schedule).")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     augment: bool = Field(False, description="Distil on randomly flipped and shifted images (CIFAR-style augmentation).")
+    loss: Literal["kl", "mse", "cosine"] | None = Field(
+        None, description="Distillation loss: kl on logits, mse or cosine on an encoder's hidden states; empty: kl, "
+                          "or cosine for a text encoder (data.name text-jsonl).")
     batch_size: int = Field(128, ge=1, le=65536)
     train_other: bool = Field(True, description="Also tune biases, BatchNorm scales and the weights of layers left dense (e.g. a first conv kept fp16), not only codebooks.")
     bn_batches: int = Field(100, ge=0, description="Batches used to re-estimate BatchNorm statistics (0 skips).")
@@ -310,6 +350,25 @@ class Recipe(_Section):
         blob = json.dumps([self.model_dump(include=set(sections), mode="json"), extra], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @model_validator(mode="after")
+    def _text_needs_an_encoder_folder(self) -> Recipe:
+        from .models.hf import is_folder_ref
+
+        if self.data.name == "text-jsonl" and not is_folder_ref(self.teacher.arch):
+            raise ValueError(f"data.name text-jsonl needs teacher.arch hf:<folder> (a local model folder with its "
+                             f"tokenizer.json), not {self.teacher.arch}")
+        if is_folder_ref(self.teacher.arch) and self.data.name != "text-jsonl":
+            raise ValueError(f"teacher.arch {self.teacher.arch} is a text encoder: it needs data.name text-jsonl")
+        if self.data.name == "text-jsonl" and self.finetune.loss == "kl":
+            raise ValueError("finetune.loss kl compares logits; a text encoder is distilled with cosine or mse")
+        return self
+
     def registered_name(self) -> str:
+        from .models.hf import is_folder_ref
+
+        if is_folder_ref(self.teacher.arch):
+            folder = Path(self.teacher.arch[3:]).resolve().name
+            arch = "hf-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in folder)[:60]
+            return self.registry.model_name or f"{arch}-{self.method.name}"
         arch = self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-")
         return self.registry.model_name or f"{arch}-{self.method.name}"

@@ -28,11 +28,12 @@ LIBRARY = Path(modelpress.__file__).resolve().parent
 # in the logged model's requirements.txt (MLflow adds its own pin), so that the model's
 # environment can be rebuilt from the registry alone.
 RUNTIME_PACKAGES = ("torch", "numpy", "pydantic", "constriction")
+TEXT_PACKAGES = ("transformers", "tokenizers")  # a text encoder's: its class, its tokenizer
 T = registry.TAG
 
 
-def runtime_requirements() -> list[str]:
-    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+def runtime_requirements(text: bool = False) -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES + (TEXT_PACKAGES if text else ())]
 
 
 def _not_library(folder: str, names: list[str]) -> set[str]:
@@ -138,7 +139,9 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
                 "model_uri": existing.source, "duplicate": True, "promotion": decision}
     registry.use_experiment(recipe.registry.experiment)
     tags = version_tags(recipe, summary)
-    input_shape = read_packed(packed_path).meta["input"]["shape"]
+    inputs = read_packed(packed_path).meta["input"]
+    text = inputs.get("kind") == "tokens"
+    input_shape = ["text"] if text else inputs["shape"]
     layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
     owner = registry.owner_tag(recipe.run.workdir)
     registry.end_stale_runs(recipe.registry.experiment, owner)  # a killed registration's run, still RUNNING
@@ -154,12 +157,15 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
             # What reproduces this version: its parameters and dvc.lock (`modelpress reproduce`).
             for f in sorted(lineage_dir(recipe).glob("*")):
                 mlflow.log_artifact(str(f), artifact_path="lineage")
+            artifacts = {"packed": packed_path}
+            if text:  # the consumer tokenizes strings as the run did
+                artifacts["tokenizer"] = str(stages.tokenizer_file(recipe))
             with tempfile.TemporaryDirectory() as tmp:
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(PYFUNC_CODE), artifacts={"packed": packed_path},
+                    name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts,
                     code_paths=[str(_library_copy(Path(tmp)))],
-                    input_example=np.zeros([2, *input_shape], dtype=np.float32),
-                    pip_requirements=runtime_requirements(),
+                    input_example=["a short sentence", "another one"] if text else np.zeros([2, *input_shape], dtype=np.float32),
+                    pip_requirements=runtime_requirements(text),
                 )
             card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
             version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card, info.model_id)

@@ -174,9 +174,7 @@ def model_card(name: str, tags: dict, summary: dict, version: str | None = None)
 file of {summary['packed_bytes']:,} bytes, {summary['compression_ratio']:.1f}x smaller than the teacher's
 {summary['teacher_fp32_bytes']:,} fp32 bytes.
 
-**Accuracy** (top-1, {tags[TAG + 'dataset']} test set, {summary['test_images']:,} images, measured on the
-packed file loaded in a fresh process): {summary['compressed_top1']:.2f} % (teacher {summary['teacher_top1']:.2f} %,
-drop {summary['top1_drop']:.2f} points).
+{_quality(tags, summary)}
 
 **How it was made**: teacher `{tags[TAG + 'teacher_source']}` (sha256 {tags[TAG + 'teacher_sha256'][:16]}...),
 data set {tags[TAG + 'dataset']}, git commit {tags[TAG + 'git_commit'][:12]}, Prefect flow run
@@ -192,19 +190,52 @@ pip install -r "$(python -c 'import mlflow; print(mlflow.pyfunc.get_model_depend
 mlflow models predict -m {ref} -i batch.json -t json --env-manager local   # or --env-manager uv: builds the env itself
 ```
 
-```python
-import mlflow
-model = mlflow.pyfunc.load_model("{ref}")
-logits = model.predict(batch)          # float32 array shaped like the input example
-net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module
-```
+{_usage(ref, summary)}
 
 `models:/{name}@candidate` is the newest version; `models:/{name}@champion` exists once a version meets
 the promotion rule (see its `modelpress.promotion` tag).
 
-Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's
-mean/std (stored in the packed file's metadata).
+{_inputs(summary)}
 """
+
+
+def _is_text(summary: dict) -> bool:
+    return summary.get("metric") == "embedding_cosine"
+
+
+def _quality(tags: dict, summary: dict) -> str:
+    where = (f"{tags[TAG + 'dataset']} test set, {summary['test_images']:,} {'texts' if _is_text(summary) else 'images'}, "
+             "measured on the\npacked file loaded in a fresh process")
+    if _is_text(summary):
+        return (f"**Quality** (mean cosine of its sentence embeddings to the teacher's, {where}): "
+                f"{summary['compressed_top1']:.2f} % (drop {summary['top1_drop']:.2f} points).")
+    return (f"**Accuracy** (top-1, {where}): {summary['compressed_top1']:.2f} % (teacher {summary['teacher_top1']:.2f} %,\n"
+            f"drop {summary['top1_drop']:.2f} points).")
+
+
+def _usage(ref: str, summary: dict) -> str:
+    if _is_text(summary):
+        return f"""```python
+import mlflow
+model = mlflow.pyfunc.load_model("{ref}")
+vectors = model.predict(["first sentence", "second sentence"])  # float32 (2, hidden): sentence embeddings
+net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module (a transformers encoder)
+```"""
+    return f"""```python
+import mlflow
+model = mlflow.pyfunc.load_model("{ref}")
+logits = model.predict(batch)          # float32 array shaped like the input example
+net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module
+```"""
+
+
+def _inputs(summary: dict) -> str:
+    if _is_text(summary):
+        return ("Inputs: strings (a list, or a one-column table). They are tokenized with the tokenizer carried in the\n"
+                "model version (`tokenizer.json`), at most the packed file's `max_tokens` tokens each; the output is the\n"
+                "mean of the encoder's last hidden states over the real tokens.")
+    return (f"Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's\n"
+            "mean/std (stored in the packed file's metadata).")
 
 
 def describe_version(name: str, version: str, tags: dict, summary: dict) -> None:

@@ -467,3 +467,29 @@ def test_kernels_of_other_sizes_get_one_kernel_row_per_block():
     assert dict(plan(vit, PQConfig()))["conv_proj"].block_size == 4
     with pytest.raises(ValueError, match="block size 9 does not divide its input size 147"):
         plan(resnet, PQConfig(overrides={"conv1": BlockSpec(block_size=9, k=256)}))
+
+
+def test_teacher_arch_kwargs_reach_the_builder_and_the_packed_file(tmp_path):
+    """teacher.arch_kwargs: a builder's own arguments (a compact ViT's width and depth, a
+    MobileNetV2's width) are checked with the recipe, build the teacher, and are recorded in the
+    packed file's architecture; the data set's num_classes and in_channels stay the pipeline's."""
+    from modelpress import stages
+    from modelpress.recipe import Recipe, RecipeError
+    from modelpress.stages.pipeline import _arch
+
+    raw = {"data": {"name": "cifar10", "files": {"cifar10-train.npz": "0" * 64, "cifar10-test.npz": "1" * 64}},
+           "teacher": {"arch": "cifar_vit", "arch_kwargs": {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128}}}
+    r = Recipe.parse(raw)
+    arch = _arch(r)
+    assert arch == {"name": "cifar_vit", "kwargs": {"num_classes": 10, "in_channels": 3, "num_layers": 2, "hidden_dim": 64,
+                                                    "mlp_dim": 128}}
+    stages.preflight(r)  # builds it and runs a 3x32x32 input through it
+    with pytest.raises(RecipeError, match="takes no argument 'depth'"):
+        Recipe.parse({**raw, "teacher": {"arch": "cifar_vit", "arch_kwargs": {"depth": 2}}})
+    with pytest.raises(RecipeError, match="num_classes and in_channels come from the data set"):
+        Recipe.parse({**raw, "teacher": {"arch": "cifar_vit", "arch_kwargs": {"num_classes": 100}}})
+    with pytest.raises(RecipeError, match="out of bounds"):
+        Recipe.parse({**raw, "teacher": {"arch": "cifar_vit", "arch_kwargs": {"hidden_dim": 10**7}}})
+    wide = Recipe.parse({**raw, "teacher": {"arch": "torchvision:mobilenet_v2", "arch_kwargs": {"width_mult": 0.5}}})
+    assert _arch(wide)["kwargs"] == {"num_classes": 10, "width_mult": 0.5}
+    assert "arch_kwargs" not in Recipe().model_dump(mode="json")["teacher"]  # empty: no key of earlier runs changes

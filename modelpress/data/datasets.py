@@ -68,6 +68,7 @@ DATASET_INFO: dict[str, dict] = {
 DATASET_FILES: dict[str, tuple[str, ...]] = {  # the files each loader reads
     "fashion-mnist": tuple(DATASET_INFO["fashion-mnist"]["files"]),
     "cifar10": ("cifar10-train.npz", "cifar10-test.npz"),
+    "text-jsonl": ("train.jsonl", "test.jsonl"),  # modelpress.data.text: tokenized with the model's tokenizer
 }
 
 _IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions

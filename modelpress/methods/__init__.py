@@ -66,12 +66,14 @@ def compress(model: nn.Module, config: BaseModel, *, finetune_epochs: float = 0.
     method made trainable (codebooks, ...), the biases and the BatchNorm and LayerNorm parameters from
     ``teacher`` (no labels), with the student's dropout off. ``loss``: ``kl`` on logits (the
     default), ``mse`` or ``cosine`` on embeddings, or a function (student output, teacher output)
-    -> loss (modelpress.train.distill_loss).
+    -> loss (modelpress.train.distill_loss); the method's own distillation (PQ's per-codebook
+    tuning) minimises it too.
 
     Returns the compressed model and per-layer (or per-cycle) statistics.
     """
     method = method_of(config)
     ctx = Context.of(**data)
+    ctx.loss = loss
     if finetune_epochs > 0 and (ctx.teacher is None or ctx.train_batches is None):
         raise ValueError("finetune_epochs needs teacher= and train_batches= (distillation from the teacher)")
     stats = method.run(model, config, ctx)

@@ -59,6 +59,7 @@ class Context:
     previous: dict | None = None  # the record of the step before this one (its "state" carries a method's own state)
     arch: dict | None = None  # the packed file's architecture and metadata (exact sizes of what is not compressed)
     meta: dict | None = None
+    loss: Any = "kl"  # what a method's own distillation minimises: a distill_loss kind, or a function (student out, teacher out)
 
     @classmethod
     def of(cls, **data: Any) -> Context:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from .cnn import FashionCNN
-from .hf import HF_PREFIX, build_hf, parse_config
+from .hf import HF_PREFIX, build_hf, is_folder_ref, load_hf_folder, parse_config
 from .resnet_cifar import cifar_resnet
 from .vit import cifar_vit
 
@@ -52,7 +52,7 @@ class UnknownModelError(ValueError):
 
 
 def known_models() -> list[str]:
-    return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>", HF_PREFIX + "<allow-listed class>"]
+    return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>", HF_PREFIX + "<allow-listed class>", HF_PREFIX + "<folder>/"]
 
 
 def is_known(arch: str) -> bool:
@@ -63,6 +63,8 @@ def is_known(arch: str) -> bool:
         import torchvision
 
         return arch[len(TORCHVISION_PREFIX):] in torchvision.models.list_models()
+    if is_folder_ref(arch):
+        return True  # a local folder: checked when it is read (preflight)
     if arch.startswith(HF_PREFIX):
         from .hf import HF_CLASSES
 
@@ -108,10 +110,12 @@ def check_kwargs(arch: str, kwargs: dict) -> None:
 
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
-    """Build an untrained model by registry name, or ``torchvision:<name>``.
+    """Build an untrained model by registry name, ``torchvision:<name>`` or ``hf:<Class>``; or
+    load the model of a local Hugging Face folder (``hf:<folder>/``, its weights included).
 
     Torchvision models are always built with ``weights=None``: weights come from a file,
-    never from a download.
+    never from a download. A packed file can never name a folder (its arguments are checked
+    first: an ``hf:`` architecture takes exactly its configuration).
     """
     if arch in _REGISTRY:
         return _REGISTRY[arch](**kwargs)
@@ -122,6 +126,10 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
         if name not in torchvision.models.list_models():
             raise UnknownModelError(f"unknown torchvision model {name!r}")
         return torchvision.models.get_model(name, weights=None, **kwargs)
+    if is_folder_ref(arch):
+        if kwargs:
+            raise ValueError(f"{arch}: a model folder takes no architecture arguments (got {', '.join(kwargs)})")
+        return load_hf_folder(arch[len(HF_PREFIX):])
     if arch.startswith(HF_PREFIX):
         try:
             return build_hf(arch, **kwargs)

@@ -74,24 +74,56 @@ def hf_arch(model: nn.Module) -> dict:
     return {"name": HF_PREFIX + name, "kwargs": {"config": json.dumps(config, sort_keys=True)}}
 
 
+def is_folder_ref(arch: str) -> bool:
+    """``hf:<folder>`` (a path: it holds a '/'), as a pipeline's teacher.arch, against
+    ``hf:<Class>``, an allow-listed class built from a configuration."""
+    return arch.startswith(HF_PREFIX) and "/" in arch[len(HF_PREFIX):]
+
+
+def _folder_config(folder: Path) -> tuple[str, dict]:
+    """(class name, config.json contents less its bookkeeping) of a model folder, checked."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face model folder holds config.json and model.safetensors)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    classes = raw.get("architectures") or []
+    if len(classes) != 1:
+        raise ValueError(f"{config_file}: architectures must name one class, not {classes}")
+    raw = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    parse_config(HF_PREFIX + classes[0], json.dumps(raw))
+    return classes[0], raw
+
+
+def folder_arch(path: str | Path) -> dict:
+    """The architecture reference (as :func:`hf_arch` gives it) of the model a folder holds, from
+    its config.json alone (no weights are read, no model is built)."""
+    name, raw = _folder_config(Path(path))
+    import transformers
+
+    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw).to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype"):
+        config.pop(key, None)
+    return {"name": HF_PREFIX + name, "kwargs": {"config": json.dumps(config, sort_keys=True)}}
+
+
 def load_hf_folder(path: str | Path) -> nn.Module:
     """A local folder with ``config.json`` and ``model.safetensors`` (what ``save_pretrained``
     writes), loaded offline: the class named by config.json's ``architectures`` (allow-listed),
     weights from safetensors (no pickle)."""
     folder = Path(path)
-    config_file, weights = folder / "config.json", folder / "model.safetensors"
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{folder}: no {f.name} (a Hugging Face model folder holds config.json and model.safetensors)")
-    raw = json.loads(config_file.read_text())
-    classes = raw.get("architectures") or []
-    if len(classes) != 1:
-        raise ValueError(f"{config_file}: architectures must name one class, not {classes}")
-    raw = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
-    model = build_hf(HF_PREFIX + classes[0], json.dumps(raw))
+    weights = folder / "model.safetensors"
+    name, raw = _folder_config(folder)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder}: no model.safetensors (a Hugging Face model folder holds config.json and model.safetensors)")
+    model = build_hf(HF_PREFIX + name, json.dumps(raw))
     from safetensors.torch import load_file
 
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
-        raise ValueError(f"{weights}: does not match {classes[0]}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{weights}: does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()

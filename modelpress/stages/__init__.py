@@ -28,6 +28,7 @@ from .pipeline import (
     step_key,
     summarize,
     teacher,
+    tokenizer_file,
     unless_skipped,
 )
 from .records import Summary, TeacherInfo
@@ -36,5 +37,5 @@ __all__ = [
     "STAGES", "StageError", "Summary", "TeacherInfo", "calibration_images", "compress_stage", "cycle_path",
     "dvc_yaml", "evaluate_file", "fetch", "file_content", "finetune_stage", "is_current", "load_weights", "method",
     "method_config", "method_step", "pack_stage", "paths", "preflight", "read_json", "read_teacher", "snapshot_path",
-    "stage_key", "step_key", "summarize", "teacher", "unless_skipped", "workdir", "write_json",
+    "stage_key", "step_key", "summarize", "teacher", "tokenizer_file", "unless_skipped", "workdir", "write_json",
 ]

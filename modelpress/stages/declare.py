@@ -34,6 +34,7 @@ class StageSpec:
     params: tuple[str, ...]  # recipe fields it reads (a section stands for all its fields)
     deps: tuple[str, ...] = ()  # earlier stages whose outputs it reads
     files: tuple[str, ...] = ()  # recipe fields naming input files: their content is in the key
+    folders: tuple[str, ...] = ()  # recipe fields that may name a model folder (hf:<folder>/): its files' content too
     code: tuple[str, ...] = ()  # library code it runs (DVC dependencies)
     outs: tuple[str, ...] = ()  # layout names (stages.layout.paths) of its outputs
     result: str = ""  # layout name of the output the stage returns
@@ -48,7 +49,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("fetch", params=("data.name", "data.sources", "data.files"), code=("modelpress/data",),
               outs=("data",), result="data", identity=("data.name", "data.files"),
               note="sources only say where to get the same files: they do not change what later stages read"),
-    StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images"), deps=("fetch",), files=("teacher.weights",),
+    StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images", "data.max_tokens"), deps=("fetch",),
+              files=("teacher.weights",), folders=("teacher.arch",),
               code=("modelpress/models", "modelpress/train.py"), outs=("teacher_dir",), result="teacher", resumable=True),
     StageSpec("compress", params=("method", "pack", "finetune.batch_size", "teacher.epochs", "teacher.lr",
                                   "teacher.weight_decay", "teacher.batch_size", "data.test_images"),
@@ -88,6 +90,20 @@ def file_content(path: str | None) -> str | None:
     return _sha256_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
+FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def folder_content(arch: str | None) -> str | None:
+    """sha256 over the files of the model folder an ``hf:<folder>/`` architecture names (None
+    for any other architecture)."""
+    from ..models.hf import is_folder_ref
+
+    if not arch or not is_folder_ref(arch):
+        return None
+    folder = Path(arch[len("hf:"):])
+    return hashlib.sha256(json.dumps([[f, file_content(str(folder / f))] for f in FOLDER_FILES]).encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: str, _mtime_ns: int, _size: int) -> str:
     return sha256_file(path)
@@ -107,7 +123,8 @@ def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
     blob = [
         name,
         _params(dump, spec.params),
-        {f: file_content(_value(dump, f)) for f in spec.files},
+        {f: file_content(_value(dump, f)) for f in spec.files}
+        | {f: c for f in spec.folders if (c := folder_content(_value(dump, f))) is not None},
         [identity_key(recipe, d, dump) for d in spec.deps],
     ]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]

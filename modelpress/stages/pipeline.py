@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_write
 from ..data import fetch_files, load_dataset, sha256_file
+from ..data import text as text_data
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
 from ..methods.base import Steps, until_done
@@ -35,6 +36,7 @@ from ..methods.pq.layer import PQ_LAYERS
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
+from ..models.hf import folder_arch, is_folder_ref
 from ..pack import (
     Packed,
     arch_spec,
@@ -83,9 +85,38 @@ def _device(recipe: Recipe) -> torch.device:
     return device
 
 
+TEXT = "text-jsonl"
+DEFAULT_MAX_TOKENS = 128
+
+
+def is_text(recipe: Recipe) -> bool:
+    """A text encoder on a JSON Lines data set (teacher.arch hf:<folder>)."""
+    return recipe.data.name == TEXT
+
+
+def _folder(recipe: Recipe) -> Path:
+    """The local Hugging Face model folder of teacher.arch hf:<folder>."""
+    return Path(recipe.teacher.arch[len("hf:"):])
+
+
+def tokenizer_file(recipe: Recipe) -> Path:
+    """The text encoder's tokenizer.json as the teacher stage kept it (what a consumer tokenizes with)."""
+    return paths(recipe)["teacher_dir"] / text_data.TOKENIZER_FILE
+
+
+def _max_tokens(recipe: Recipe) -> int:
+    return recipe.data.max_tokens or DEFAULT_MAX_TOKENS
+
+
 def _datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
-    """(train, test); test holds the first ``data.test_images`` images when that is set."""
-    train, test = load_dataset(recipe.data.name, paths(recipe)["data"])
+    """(train, test); test holds the first ``data.test_images`` images when that is set. Texts
+    come tokenized with the teacher folder's tokenizer.json."""
+    train: Dataset
+    test: Dataset
+    if is_text(recipe):
+        train, test = text_data.load_text(paths(recipe)["data"], text_data.load_tokenizer(_folder(recipe)), _max_tokens(recipe))
+    else:
+        train, test = load_dataset(recipe.data.name, paths(recipe)["data"])
     return train, _first(test, recipe.data.test_images)
 
 
@@ -95,6 +126,8 @@ def _first(dataset: Dataset, n: int | None) -> Dataset:
 
 
 def _input_meta(recipe: Recipe) -> dict:
+    if is_text(recipe):  # what a consumer needs to feed the model: its tokenizer's tokens; the embedding it gives
+        return {"dataset": recipe.data.name, "kind": "tokens", "max_tokens": _max_tokens(recipe), "embedding": "mean"}
     info = DATASET_INFO[recipe.data.name]
     return {
         "dataset": recipe.data.name,
@@ -113,15 +146,38 @@ def calibration_images(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def _arch_kwargs(recipe: Recipe, arch: str | None = None) -> dict:
+    if is_folder_ref(arch or recipe.teacher.arch):
+        return {}
     info = DATASET_INFO[recipe.data.name]
     kwargs = {"num_classes": info["num_classes"]}
     if not (arch or recipe.teacher.arch).startswith("torchvision:"):
         kwargs["in_channels"] = info["input_shape"][0]
+    if arch is None and recipe.teacher.arch_kwargs:  # the teacher's own builder arguments (image_size, width_mult...)
+        kwargs.update(recipe.teacher.arch_kwargs)
     return kwargs
 
 
 def _arch(recipe: Recipe) -> dict:
+    if is_folder_ref(recipe.teacher.arch):  # the packed file names the class and carries config.json, not the folder
+        return folder_arch(_folder(recipe))
     return arch_spec(recipe.teacher.arch, **_arch_kwargs(recipe))
+
+
+def _distill_loss(recipe: Recipe) -> Any:
+    """finetune.loss: a loss kind on logits, or for a text encoder a loss on its hidden states."""
+    if is_text(recipe):
+        return text_data.hidden_state_loss(recipe.finetune.loss or "cosine")
+    return recipe.finetune.loss or "kl"
+
+
+def quality(recipe: Recipe, model: nn.Module, test: Dataset, device: torch.device) -> float:
+    """The figure a run is judged by, in %: top-1 on the test set; for a text encoder, the mean
+    cosine of its sentence embeddings to the teacher's on the held-out texts."""
+    batches = loader(test, recipe.data.batch_size, False)
+    if not is_text(recipe):
+        return evaluate(model, batches, device)
+    reference = text_data.embeddings(_load_teacher(recipe, device), batches, device)
+    return text_data.embedding_cosine(text_data.embeddings(model, batches, device), reference)
 
 
 def _size_fn(recipe: Recipe):
@@ -132,7 +188,7 @@ def _size_fn(recipe: Recipe):
 def _context(recipe: Recipe, **more: Any) -> Context:
     """What the method gets from the pipeline (the rest is added where it is loaded)."""
     return Context(float_dtype=recipe.pack.float_dtype, codebook_dtype=recipe.pack.codebook_dtype,
-                   size_fn=_size_fn(recipe), arch=_arch(recipe), meta={"input": _input_meta(recipe)},
+                   size_fn=_size_fn(recipe), arch=_arch(recipe), meta={"input": _input_meta(recipe)}, loss=_distill_loss(recipe),
                    snapshots=None if recipe.teacher.weights else list(recipe.teacher.snapshots), **more)
 
 
@@ -149,7 +205,14 @@ def preflight(recipe: Recipe) -> None:
     teacher is trained or a dataset fetched. Raises ValueError naming the problem."""
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device is 'cuda' but this machine has no CUDA device (use auto or cpu)")
-    model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
+    if is_folder_ref(recipe.teacher.arch):  # a folder without its weights or tokenizer fails now
+        try:
+            text_data.load_tokenizer(_folder(recipe))
+            model = build_model(recipe.teacher.arch)
+        except OSError as e:
+            raise ValueError(f"teacher.arch {recipe.teacher.arch}: {e}") from None
+    else:
+        model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
     weights = recipe.teacher.weights
     if weights:  # a file that is missing, torn, unsafe or of another architecture fails now, not after the fetch
         scheme, sep, _ = weights.partition(":/")
@@ -172,10 +235,15 @@ def _check_takes_inputs(model: nn.Module, recipe: Recipe) -> None:
     """One forward pass of a zero input of the data set's shape: an architecture that cannot take
     it (a torchvision model made for 3 channels on grey images, a ViT of another image size) fails
     here, before any work."""
-    shape = tuple(DATASET_INFO[recipe.data.name]["input_shape"])
+    if is_text(recipe):
+        shape: tuple = ("tokens",)
+        dummy: Any = {"input_ids": torch.zeros(1, 2, dtype=torch.int64), "attention_mask": torch.ones(1, 2, dtype=torch.int64)}
+    else:
+        shape = tuple(DATASET_INFO[recipe.data.name]["input_shape"])
+        dummy = torch.zeros(1, *shape)
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *shape))
+            model.eval()(**dummy) if isinstance(dummy, dict) else model.eval()(dummy)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"teacher.arch {recipe.teacher.arch} does not take {recipe.data.name}'s inputs "
@@ -254,7 +322,10 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     train, test = _datasets(recipe)
     t0 = time.perf_counter()
     source = weights_path or recipe.teacher.weights
-    if source:
+    if is_folder_ref(recipe.teacher.arch):  # build_model read the folder's weights
+        source = str(_folder(recipe))
+        model.to(device)
+    elif source:
         load_weights(model, Path(source), recipe.teacher.weights_sha256)
         model.to(device)
     else:
@@ -267,13 +338,16 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
             stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model), on_epoch=save, resume=resume,
         )
         state_path.unlink(missing_ok=True)
-    top1 = evaluate(model, loader(test, recipe.data.batch_size, False), device)
-    log.info("teacher: %s top-1 %.2f%% on %d test images", recipe.teacher.arch, top1, len(cast(Sized, test)))
+    if is_text(recipe):  # kept with the run's outputs: the registry hands it to consumers
+        atomic_write(tokenizer_file(recipe), [(_folder(recipe) / text_data.TOKENIZER_FILE).read_bytes()])
     pack_model(model, p["teacher"], _arch(recipe), {"input": _input_meta(recipe)}, float_dtype="f32")
+    top1 = quality(recipe, model, test, device)  # a text encoder: its cosine to itself as packed (100 %)
+    log.info("teacher: %s %s %.2f%% on %d test %s", recipe.teacher.arch, _metric(recipe), top1, len(cast(Sized, test)),
+             "texts" if is_text(recipe) else "images")
     info = TeacherInfo(
         arch=recipe.teacher.arch, top1=top1, params=sum(q.numel() for q in model.parameters()),
         fp32_bytes=parameter_bytes(model), source=source or "trained", trained=not source,
-        seconds=time.perf_counter() - t0, num_classes=DATASET_INFO[recipe.data.name]["num_classes"],
+        seconds=time.perf_counter() - t0, num_classes=0 if is_text(recipe) else DATASET_INFO[recipe.data.name]["num_classes"],
         sha256=sha256_file(p["teacher"]),
     )
     write_json(p["teacher_info"], info.model_dump(mode="json"))
@@ -388,7 +462,7 @@ def method_step(recipe: Recipe, index: int) -> dict:
         return {"cycle": index + 1, "done": True, "skipped": True}
     shown = steps.view(model, cfg, record) if steps.view else model  # what the step's figures are of
     tensors = record.pop("tensors", None)
-    record["top1"] = evaluate(shown, loader(test, recipe.data.batch_size, False), device)
+    record["top1"] = quality(recipe, shown, test, device)
     record["packed_bytes"] = _size_fn(recipe)(shown)
     log.info("compress: step %d: top-1 %.2f%%, %d bytes packed%s", index + 1, record["top1"], record["packed_bytes"],
              " (goal reached)" if record["done"] else "")
@@ -546,7 +620,7 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
         with keep_masks(student, masks):
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
                     cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
-                    seed=recipe.run.seed)
+                    seed=recipe.run.seed, loss=_distill_loss(recipe), dropout=not is_text(recipe))
     _round_codebooks(student, recipe.pack.codebook_dtype)  # before BatchNorm sees the weights it will run with
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
@@ -613,9 +687,13 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
     load_s = time.perf_counter() - t0
     _, test = _datasets(recipe)
     test = _first(test, limit)
-    top1 = evaluate(model.to(device), loader(test, recipe.data.batch_size, False), device)
+    top1 = quality(recipe, model.to(device), test, device)
     return {"top1": top1, "test_images": len(cast(Sized, test)), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
             "sha256": sha256_file(packed_path)}
+
+
+def _metric(recipe: Recipe) -> str:
+    return "embedding_cosine" if is_text(recipe) else "top1"
 
 
 def summarize(recipe: Recipe, evaluation: dict) -> dict:
@@ -633,6 +711,7 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
         test_images=evaluation["test_images"],
         layers_quantized=len(layers),
         method=recipe.method.name,
+        metric=_metric(recipe),
         packed_sha256=evaluation["sha256"],
         device=str(_device(recipe)),
         host=platform.node(),
@@ -642,6 +721,8 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
     out = summary.model_dump(mode="json")
     if summary.sparsity is None:
         out.pop("sparsity")
+    if summary.metric == "top1":  # the figures are top-1 unless said otherwise
+        out.pop("metric")
     write_json(p["metrics"], out)
     return out
 
@@ -650,5 +731,5 @@ __all__ = [
     "calibration_images", "compress_stage", "cycle_path", "evaluate_file", "fetch", "file_content", "finetune_stage",
     "unless_skipped",
     "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher",
-    "snapshot_path", "step_key", "summarize", "teacher",
+    "snapshot_path", "step_key", "summarize", "teacher", "tokenizer_file",
 ]

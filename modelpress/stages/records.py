@@ -19,7 +19,7 @@ class TeacherInfo(_Record):
     source: str  # the weights file or URI, or "trained"
     trained: bool
     seconds: float
-    num_classes: int
+    num_classes: int  # 0: an encoder (no classes)
     sha256: str  # of teacher/teacher.mpk
 
 
@@ -39,3 +39,4 @@ class Summary(_Record):
     device: str
     host: str
     sparsity: float | None = None
+    metric: str = "top1"  # what *_top1 hold: top-1 (%) or, for a text encoder, embedding_cosine (% cosine to the teacher)

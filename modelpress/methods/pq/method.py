@@ -36,7 +36,8 @@ def plan_settings(model: nn.Module, cfg: PQConfig, ctx: Context) -> tuple[PQConf
 def apply(model: nn.Module, cfg: PQConfig, ctx: Context) -> list[dict]:
     if ctx.calibration is None:
         raise ValueError("pq needs calibration images (calibration=...): in-domain inputs, no labels")
-    return quantize_pq(model, cfg, ctx.calibration, ctx.train_batches, ctx.teacher, ctx.on_layer, ctx.codebook_dtype)[1]
+    return quantize_pq(model, cfg, ctx.calibration, ctx.train_batches, ctx.teacher, ctx.on_layer, ctx.codebook_dtype,
+                       loss=ctx.loss)[1]
 
 
 METHOD = Method(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,7 @@ def quantize_pq(
     teacher: nn.Module | None = None,
     on_layer: LayerCallback | None = None,
     codebook_dtype: str = "f16",
+    loss: Any = "kl",
 ) -> tuple[nn.Module, list[dict]]:
     """Quantize ``student`` in place, layer by layer, and return it with per-layer stats.
 
@@ -120,7 +121,8 @@ def quantize_pq(
     per-layer seeds come from it). Otherwise it defaults to a copy of the student as given.
     ``on_layer(name, student, stats)`` is called after each layer (e.g. to checkpoint).
     ``codebook_dtype``: how the packed file will store codebooks (f16, f32, i8, i6, ...), which sets
-    what a byte budget buys.
+    what a byte budget buys. ``loss``: what each codebook's distillation minimises
+    (modelpress.train.distill: ``kl`` on logits, ``cosine`` or ``mse``, or a function).
     """
     if teacher is None:
         if any(isinstance(m, PQ_LAYERS) for m in student.modules()):
@@ -146,7 +148,7 @@ def quantize_pq(
         if cfg.layer_finetune_epochs > 0 and train_batches is not None:
             reseed(train_batches, cfg.seed + index)  # same batches whether or not the loop was resumed
             distill(student, teacher, train_batches, [pq.codebook], cfg.layer_finetune_epochs, cfg.layer_finetune_lr,
-                    temperature=cfg.temperature, stage=f"tune {name}", train_mode=False)
+                    temperature=cfg.temperature, stage=f"tune {name}", train_mode=False, loss=loss)
             stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
         numel = weight_of(layer).numel()
         stats.update(layer=name, index=index, weights=numel, bytes=pq_bytes(numel, spec, codebook_dtype))

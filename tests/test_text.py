@@ -1,0 +1,220 @@
+"""Text encoders end to end: a JSON Lines data set tokenized with the model folder's own
+tokenizer, a teacher read from a local Hugging Face folder (hf:<folder>/), PQ distilled on hidden
+states, quality as embedding cosine to the teacher, and a registered model that takes strings and
+returns sentence embeddings, with the tokenizer carried in the model version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from text_fixtures import write_encoder_folder, write_text_dataset
+
+from modelpress.data import text
+from modelpress.inputs import call
+from modelpress.recipe import Recipe, RecipeError
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    return write_encoder_folder(tmp_path_factory.mktemp("enc") / "encoder")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("corpus")
+    return folder, write_text_dataset(folder)
+
+
+def _recipe(workdir: Path, encoder: Path, corpus: tuple[Path, dict], **sections) -> Recipe:
+    raw = {"run": {"name": "text-pq", "workdir": str(workdir)},
+           "data": {"name": "text-jsonl", "sources": [str(corpus[0])], "files": corpus[1], "max_tokens": 48, "batch_size": 32},
+           "teacher": {"arch": f"hf:{encoder}/"},
+           "method": {"name": "pq", "linear": {"block_size": 4, "k": 16}, "calibration_images": 32, "kmeans_iters": 5,
+                      "layer_finetune_epochs": 0.2},
+           "finetune": {"epochs": 1, "batch_size": 16}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Recipe.parse(raw)
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    cases = {
+        '{"text": "fine"}\nnot json\n': "line 2: not JSON",
+        '{"text": 3}\n': 'line 1: expected an object with a "text" string',
+        '{"text": "a", "label": -1}\n': "line 1: \"label\" must be a non-negative integer",
+        '{"text": "a", "label": 1}\n{"text": "b"}\n': "1 of 2 lines have a \"label\"",
+        "\n\n": "no texts",
+    }
+    for content, message in cases.items():
+        path.write_text(content)
+        with pytest.raises(text.TextDataError, match=message) as e:
+            text.read_jsonl(path)
+        assert str(path) in str(e.value)
+    path.write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(text.TextDataError, match="not UTF-8"):
+        text.read_jsonl(path)
+    path.write_text('{"text": "one", "label": 2}\n\n{"text": "two", "label": 0}\n')
+    assert text.read_jsonl(path) == (["one", "two"], [2, 0])
+
+
+def test_tokenized_batches_are_padded_and_masked_as_the_texts_alone(encoder):
+    """Each text's tokens and embedding are the same alone or padded in a batch with longer ones;
+    truncation keeps max_tokens tokens."""
+    tok = text.load_tokenizer(encoder)
+    texts = ["A short one.", "A much longer sentence about compressing models into small files on disk."]
+    batch = text.tokenize(tok, texts, max_tokens=64)
+    alone = text.tokenize(tok, texts[:1], max_tokens=64)
+    n = int(alone["attention_mask"].sum())
+    assert batch["input_ids"].shape[1] > n and int(batch["attention_mask"][0].sum()) == n
+    assert torch.equal(batch["input_ids"][0, :n], alone["input_ids"][0])
+    assert (batch["input_ids"][0, n:] == tok.token_to_id("[PAD]")).all()
+    assert text.tokenize(tok, texts, max_tokens=5)["input_ids"].shape == (2, 5)
+    from modelpress.models import build_model
+
+    model = build_model(f"hf:{encoder}/")
+    with torch.no_grad():
+        e_batch = text.sentence_embedding(call(model, batch), batch["attention_mask"])
+        e_alone = text.sentence_embedding(call(model, alone), alone["attention_mask"])
+    torch.testing.assert_close(e_batch[0], e_alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_cosine_is_centred_on_the_teacher():
+    """Embeddings that share a large common part: raw cosine hides the error, the centred one
+    shows it; a perfect copy scores 100."""
+    g = torch.Generator().manual_seed(0)
+    common = torch.full((1, 16), 5.0)
+    teacher = common + torch.randn(64, 16, generator=g)
+    noisy = teacher + torch.randn(64, 16, generator=g)
+    assert text.embedding_cosine(teacher, teacher) == pytest.approx(100.0, abs=1e-4)
+    raw = float(torch.nn.functional.cosine_similarity(noisy, teacher).mean()) * 100
+    assert raw > 95 > text.embedding_cosine(noisy, teacher) > 50
+
+
+def test_recipe_checks_for_text(tmp_path, encoder, corpus):
+    r = _recipe(tmp_path, encoder, corpus)
+    assert r.registered_name() == "hf-encoder-pq"
+    with pytest.raises(RecipeError, match="text-jsonl needs teacher.arch hf:<folder>"):
+        _recipe(tmp_path, encoder, corpus, teacher={"arch": "fmnist_cnn"})
+    with pytest.raises(RecipeError, match="needs data.name text-jsonl"):
+        Recipe.parse({"teacher": {"arch": f"hf:{encoder}/"}})
+    with pytest.raises(RecipeError, match="carries its weights"):
+        _recipe(tmp_path, encoder, corpus, teacher={"weights": "x.pt"})
+    with pytest.raises(RecipeError, match="cosine or mse"):
+        _recipe(tmp_path, encoder, corpus, finetune={"loss": "kl"})
+    with pytest.raises(RecipeError, match="files does not list test.jsonl"):
+        _recipe(tmp_path, encoder, corpus, data={"files": {"train.jsonl": "0" * 64}})
+    # Left empty, the new fields change no key of image runs (they are not written).
+    dump = Recipe().model_dump(mode="json")
+    assert "max_tokens" not in dump["data"] and "loss" not in dump["finetune"]
+
+
+def test_preflight_names_a_folder_without_its_tokenizer(tmp_path, encoder, corpus):
+    import shutil
+
+    from modelpress import stages
+
+    bare = tmp_path / "bare"
+    shutil.copytree(encoder, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(text.TextDataError, match="no tokenizer.json"):
+        stages.preflight(_recipe(tmp_path, bare, corpus))
+    shutil.copy(encoder / "tokenizer.json", bare)
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        stages.preflight(_recipe(tmp_path, bare, corpus))
+
+
+def test_teacher_key_follows_the_folder_content(tmp_path, encoder, corpus):
+    """Replacing the folder's weights at the same path invalidates the teacher and what follows."""
+    import shutil
+
+    from modelpress.stages import stage_key
+
+    folder = tmp_path / "enc"
+    shutil.copytree(encoder, folder)
+    r = _recipe(tmp_path, folder, corpus)
+    before = stage_key(r, "teacher"), stage_key(r, "finetune")
+    write_encoder_folder(folder, seed=1)
+    after = stage_key(r, "teacher"), stage_key(r, "finetune")
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_stages_compress_a_text_encoder_and_the_file_gives_the_same_embeddings(tmp_path, encoder, corpus):
+    """fetch -> teacher (from the folder, not trained) -> PQ with cosine distillation -> pack ->
+    evaluate: every Linear layer quantized, the file several times smaller, the embeddings of the
+    packed file (loaded in this process) those the evaluate stage scored."""
+    from modelpress import stages
+    from modelpress.pack import load_packed
+
+    r = _recipe(tmp_path / "w", encoder, corpus)
+    stages.preflight(r)
+    stages.fetch(r)
+    stages.teacher(r)
+    info = stages.read_teacher(r)
+    assert info.source == str(encoder) and not info.trained and info.top1 == pytest.approx(100.0, abs=1e-3)
+    assert stages.tokenizer_file(r).read_bytes() == (encoder / "tokenizer.json").read_bytes()
+    stages.compress_stage(r)
+    stages.finetune_stage(r)
+    packed = stages.pack_stage(r)
+    ev = stages.evaluate_file(packed, r)
+    summary = stages.summarize(r, ev)
+    assert summary["metric"] == "embedding_cosine" and summary["layers_quantized"] == 13  # 2 x 6 Linear + pooler
+    assert 50 < summary["compressed_top1"] < 100 and summary["compression_ratio"] > 3
+    model, meta = load_packed(packed)
+    assert meta["input"] == {"dataset": "text-jsonl", "kind": "tokens", "max_tokens": 48, "embedding": "mean"}
+    teacher, _ = load_packed(stages.paths(r)["teacher"])
+    _, test = text.load_text(stages.paths(r)["data"], text.load_tokenizer(encoder), 48)
+    batches = torch.utils.data.DataLoader(test, batch_size=32)
+    got = text.embedding_cosine(text.embeddings(model, batches), text.embeddings(teacher, batches))
+    assert got == pytest.approx(ev["top1"], abs=1e-4)
+
+
+@pytest.mark.pipeline
+def test_registered_text_encoder_takes_strings_and_returns_embeddings(prefect_server, own_store, tmp_path, encoder, corpus):
+    """The flow registers the packed encoder with its tokenizer; a consumer process (no Prefect,
+    no modelpress install) loads the version by alias and embeds strings: the same vectors as
+    load_packed + the tokenizer + mean pooling."""
+    from modelpress import stages
+    from modelpress.flows.compress import compress_flow
+    from modelpress.pack import load_packed
+    from modelpress.tasks import registry
+
+    r = _recipe(tmp_path / "w", encoder, corpus, registry={"model_name": "text-encoder-pq", "max_top1_drop": 100})
+    summary = compress_flow(r)
+    reg = summary["registered"]
+    mv = registry.client().get_model_version("text-encoder-pq", reg["version"])
+    assert mv.tags["modelpress.teacher_arch"] == f"hf:{encoder}/"
+    assert "sentence embeddings" in mv.description and "tokenizer.json" in mv.description
+
+    sentences = ["Compression keeps the accuracy.", "A registry consumer loads the champion."]
+    consumer = r"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("prefect", "dvc", "flows"):
+            raise ImportError(f"consumer must not need {name}")
+sys.meta_path.insert(0, Block())
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(json.loads(sys.argv[2])))
+"""
+    proc = subprocess.run([sys.executable, "-c", consumer, "models:/text-encoder-pq@candidate", json.dumps(sentences),
+                           tmp_path / "e.npy"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "e.npy")
+    model, _ = load_packed(stages.paths(r)["packed"])
+    x = text.tokenize(text.load_tokenizer(encoder), sentences, 48)
+    with torch.no_grad():
+        expected = text.sentence_embedding(model(**x), x["attention_mask"]).numpy()
+    assert got.shape == (2, 32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
