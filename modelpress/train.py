@@ -4,7 +4,7 @@ BatchNorm re-estimation. Pure PyTorch."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -189,6 +189,16 @@ def distill_loss(student_out, teacher_out, temperature: float = 1.0, kind: str =
     if kind == "cosine":
         return (1 - F.cosine_similarity(s.float(), t_out.float(), dim=-1)).mean()
     raise ValueError(f"unknown distillation loss {kind!r} (one of {', '.join(LOSSES)})")
+
+
+def as_loss(loss: str | Callable, temperature: float = 1.0) -> Callable[[Any, Any], torch.Tensor]:
+    """A distillation loss as a function (student output, teacher output) -> loss: a
+    :func:`distill_loss` kind at ``temperature``, or the function itself."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r} (one of {', '.join(LOSSES)})")
+    return lambda s, t: distill_loss(s, t, temperature, loss)
 
 
 def flip_and_crop(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

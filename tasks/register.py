@@ -75,6 +75,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "packed_bytes": summary["packed_bytes"], "compression_ratio": f"{summary['compression_ratio']:.3f}",
         "teacher_top1": f"{summary['teacher_top1']:.2f}", "compressed_top1": f"{summary['compressed_top1']:.2f}",
         "top1_drop": f"{summary['top1_drop']:.2f}",
+        "metric": summary.get("metric", "top1"),  # what the *_top1 figures are (embedding_cosine for a text encoder)
         "teacher_arch": recipe.teacher.arch, "teacher_source": teacher.get("source", ""),
         "teacher_sha256": teacher.get("sha256", ""),
         "dataset": recipe.data.name,

@@ -5,6 +5,7 @@ returns sentence embeddings, with the tokenizer carried in the model version."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -42,6 +43,8 @@ def _recipe(workdir: Path, encoder: Path, corpus: tuple[Path, dict], **sections)
                       "layer_finetune_epochs": 0.2},
            "finetune": {"epochs": 1, "batch_size": 16}}
     for section, values in sections.items():
+        if section == "method" and values.get("name", "pq") != "pq":
+            raw["method"] = {}  # another method: the PQ settings do not apply
         raw.setdefault(section, {}).update(values)
     return Recipe.parse(raw)
 
@@ -111,6 +114,11 @@ def test_recipe_checks_for_text(tmp_path, encoder, corpus):
         _recipe(tmp_path, encoder, corpus, teacher={"weights": "x.pt"})
     with pytest.raises(RecipeError, match="cosine or mse"):
         _recipe(tmp_path, encoder, corpus, finetune={"loss": "kl"})
+    from modelpress import stages
+
+    with pytest.raises(ValueError, match="method.loss labels: a text encoder has no labels"):
+        stages.preflight(_recipe(tmp_path, encoder, corpus, method={"name": "prune", "target_sparsity": 0.5, "epochs": 1,
+                                                                    "lr": 0.01, "weight_decay": 0.0}))
     with pytest.raises(RecipeError, match="files does not list test.jsonl"):
         _recipe(tmp_path, encoder, corpus, data={"files": {"train.jsonl": "0" * 64}})
     # Left empty, the new fields change no key of image runs (they are not written).
@@ -194,6 +202,7 @@ def test_registered_text_encoder_takes_strings_and_returns_embeddings(prefect_se
     reg = summary["registered"]
     mv = registry.client().get_model_version("text-encoder-pq", reg["version"])
     assert mv.tags["modelpress.teacher_arch"] == f"hf:{encoder}/"
+    assert mv.tags["modelpress.metric"] == "embedding_cosine"
     assert "sentence embeddings" in mv.description and "tokenizer.json" in mv.description
 
     sentences = ["Compression keeps the accuracy.", "A registry consumer loads the champion."]
@@ -218,3 +227,47 @@ np.save(sys.argv[3], model.predict(json.loads(sys.argv[2])))
         expected = text.sentence_embedding(model(**x), x["attention_mask"]).numpy()
     assert got.shape == (2, 32)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+TEXT_METHODS = {
+    "pq": {"linear": {"block_size": 4, "k": 16}, "kmeans_iters": 3},
+    "prune": {"target_sparsity": 0.5, "epochs": 0.2, "lr": 0.001, "weight_decay": 0.0, "batch_size": 16, "loss": "distill"},
+    "prune_pq": {"prune": {"target_sparsity": 0.5, "epochs": 0.2, "lr": 0.001, "weight_decay": 0.0, "batch_size": 16,
+                           "loss": "distill"}},
+    "kmeans": {},
+    "uniform": {},
+    "wfn": {"epochs_per_iteration": 0.2, "fractions": [0.5, 1.0]},
+    "lc": {"lc_steps": 2, "l_step_epochs": 0.2},
+}
+
+
+@pytest.mark.parametrize("method", sorted(TEXT_METHODS))
+def test_every_method_compresses_a_text_encoder_on_token_batches(tmp_path, encoder, corpus, method):
+    """Each registered method compresses the encoder from padded token batches (dict inputs),
+    its own retraining distilling the hidden states (cosine); the packed file rebuilds by class and
+    configuration to the same outputs."""
+    from modelpress import compress
+    from modelpress.methods import REGISTRY
+    from modelpress.models import build_model
+    from modelpress.models.hf import folder_arch
+    from modelpress.pack import load_packed, pack_model
+    from modelpress.train import loader
+
+    assert set(REGISTRY) <= set(TEXT_METHODS), "a new method: add it here"
+    torch.manual_seed(0)
+    model = build_model(f"hf:{encoder}/")
+    train, test = text.load_text(corpus[0], text.load_tokenizer(encoder), 32)
+    calibration = next(iter(loader(train, 32, False)))[0]
+    config = REGISTRY[method].config(**TEXT_METHODS[method])
+    student, _ = compress(copy.deepcopy(model), config, calibration=calibration, teacher=model,
+                          train_batches=loader(train, 16, True), loss=text.hidden_state_loss("cosine"))
+    path = tmp_path / "encoder.mpk"
+    pack_model(student, path, folder_arch(encoder), float_dtype="f32", codebook_dtype="f32")
+    loaded, _ = load_packed(path)
+    x = next(iter(loader(test, 8, False)))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(text.last_hidden(call(loaded, x)), text.last_hidden(call(student.eval(), x)),
+                                   atol=1e-5, rtol=1e-5)
+        cosine = text.embedding_cosine(text.embeddings(student, loader(test, 32, False)),
+                                       text.embeddings(model, loader(test, 32, False)))
+    assert 0 < cosine < 100

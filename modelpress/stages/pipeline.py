@@ -223,6 +223,12 @@ def preflight(recipe: Recipe) -> None:
         else:
             load_weights(model, Path(weights), recipe.teacher.weights_sha256)
     _check_takes_inputs(model, recipe)
+    if is_text(recipe):
+        cfg = method_config(recipe)
+        for where, c in (("method", cfg), ("method.prune", getattr(cfg, "prune", None))):
+            if getattr(c, "loss", None) == "labels":
+                raise ValueError(f"{where}.loss labels: a text encoder has no labels to train on; use distill "
+                                 "(its hidden states, as finetune.loss says)")
     src = recipe.finetune.distill_from
     if src is not None:
         build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture

@@ -29,10 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ... import inputs as model_inputs
 from ...flops import output_positions
 from ...pack.codebook import FLOAT_DTYPES, float_nbytes, is_int_codebook
 from ...progress import log
-from ...train import distill_loss, fit, reseed
+from ...train import as_loss, fit, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
 from ..base import Context, Method, Steps, batch_size_of_teacher, codebooks, run_steps
 from ..pq import PQLayer
@@ -237,14 +238,16 @@ def l_step(model: nn.Module, cfg: LCConfig, index: int, mu: float, targets: dict
     pairs = [(model.get_submodule(n).weight, t.to(model.get_submodule(n).weight.device)) for n, t in targets.items()]
     lr = cfg.lr * cfg.lr_decay ** (index - 1)
 
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
+    distill_task = as_loss(ctx.loss)
+
+    def loss_fn(x, y: torch.Tensor) -> torch.Tensor:
+        out = model_inputs.call(model, x)
         if cfg.loss == "labels":
             return F.cross_entropy(out, y)
         assert teacher is not None
         with torch.no_grad():
-            t = teacher(x)
-        return distill_loss(out, t, 1.0)
+            t = model_inputs.call(teacher, x)
+        return distill_task(out, t)
 
     return fit(model, model.parameters(), ctx.train_batches, loss_fn, cfg.l_step_epochs, lr, optimizer=cfg.optimizer,
                weight_decay=cfg.weight_decay, stage=f"lc L step {index}", device=ctx.device, schedule="constant",

@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ... import inputs as model_inputs
 from ...pack import packed_nbytes
-from ...train import distill_loss, fit, reseed
+from ...train import as_loss, fit, reseed
 from .config import PruneConfig
 from .magnitude import keep_masks, prune_to, schedule, sparsity
 
@@ -86,6 +87,7 @@ def prune_cycle(
     teacher: nn.Module | None = None,
     device: torch.device | None = None,
     rewind_state: dict[str, torch.Tensor] | None = None,
+    distill_with: str | Callable = "kl",
 ) -> dict:
     """Cycle ``index`` (0-based): prune globally to ``target`` sparsity, then retrain the
     survivors with the configured schedule while the masks hold. Returns the cycle's stats.
@@ -111,10 +113,12 @@ def prune_cycle(
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y)
     else:
-        def loss_fn(x, _y):
+        task = as_loss(distill_with)
+
+        def loss_fn(x, _y):  # inputs of any structure (a dict of input_ids and attention_mask...)
             with torch.no_grad():
-                t = teacher(x)
-            return distill_loss(model(x), t, 1.0)
+                t = model_inputs.call(teacher, x)
+            return task(model_inputs.call(model, x), t)
     if cfg.retrain in ("lr_rewind", "weight_rewind"):
         sched = dict(lr=cfg.lr, schedule="cosine", schedule_epochs=cfg.epochs, warmup_frac=cfg.warmup_fraction)
     else:

@@ -77,7 +77,7 @@ def run_cycle(model: nn.Module, cfg: PruneConfig, index: int, ctx: Context) -> d
         target = steps[index] if index < len(steps) else None
     if target is None:
         return None
-    stats = prune_cycle(model, cfg, index, target, ctx.train_batches, ctx.teacher, ctx.device, ctx.rewind_state)
+    stats = prune_cycle(model, cfg, index, target, ctx.train_batches, ctx.teacher, ctx.device, ctx.rewind_state, ctx.loss)
     stats["done"] = index == len(steps) - 1 if steps is not None else next_sparsity(model, cfg, size_fn) is None
     log.info("prune: cycle %d done, sparsity %.2f%%", stats["cycle"], 100 * stats["sparsity"])
     return stats

@@ -126,7 +126,7 @@ def run_iteration(model: nn.Module, cfg: WFNConfig, index: int, ctx: Context) ->
     losses: list[float] = []
     if not done and cfg.epochs_per_iteration > 0:
         used_with_zero = np.union1d(used, [0.0])
-        losses = retrain(model, cfg, masks, used_with_zero, index, ctx.train_batches, ctx.teacher, ctx.device)
+        losses = retrain(model, cfg, masks, used_with_zero, index, ctx.train_batches, ctx.teacher, ctx.device, ctx.loss)
     total = sum(m.numel() for m in masks.values())
     n_fixed = sum(int(m.sum()) for m in masks.values())
     unique, entropy = value_stats(_fixed_values(model, masks))

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ...train import distill_loss, fit, reseed
+from ... import inputs as model_inputs
+from ...train import as_loss, fit, reseed
 from .config import WFNConfig
 from .values import nearest
 
@@ -79,7 +80,8 @@ def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.nda
 
 
 def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], values: np.ndarray, index: int,
-            batches: DataLoader | None, teacher: nn.Module | None, device: torch.device | None) -> list[float]:
+            batches: DataLoader | None, teacher: nn.Module | None, device: torch.device | None,
+            distill_with: str | Callable = "kl") -> list[float]:
     """``cfg.epochs_per_iteration`` epochs on every parameter but the fixed weights (biases and
     BatchNorm included), seeded by the iteration (a re-run gives the same weights).
 
@@ -96,15 +98,17 @@ def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], va
     if teacher is not None:
         teacher.eval()
 
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
+    distill_task = as_loss(distill_with)
+
+    def loss_fn(x, y: torch.Tensor) -> torch.Tensor:
+        out = model_inputs.call(model, x)
         if cfg.loss == "labels":
             task = F.cross_entropy(out, y)
         else:
             assert source is not None
             with torch.no_grad():
-                t = source(x)
-            task = distill_loss(out, t, 1.0)
+                t = model_inputs.call(source, x)
+            task = distill_task(out, t)
         if reg is None:
             return task
         r = reg()
