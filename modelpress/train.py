@@ -260,20 +260,21 @@ def train_classifier(model: nn.Module, batches: DataLoader, epochs: float, lr: f
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: DataLoader, device: torch.device | None = None) -> torch.Tensor:
-    """Logits for every sample, in order."""
+    """Logits for every sample, in order (inputs of any structure; a Hugging Face output's logits)."""
     device = device or next(model.parameters()).device
     model.eval()
-    return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
+    return torch.cat([output_tensor(model_inputs.call(model, model_inputs.to(x, device))).float().cpu() for x, _ in batches])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: DataLoader, device: torch.device | None = None) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (inputs of any structure; a Hugging Face output's logits)."""
     device = device or next(model.parameters()).device
     model.eval()
     correct = total = 0
     for x, y in batches:
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        out = output_tensor(model_inputs.call(model, model_inputs.to(x, device)))
+        correct += int((out.argmax(1).cpu() == y).sum())
         total += len(y)
     return 100.0 * correct / total
 

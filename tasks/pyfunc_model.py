@@ -2,8 +2,9 @@
 
 MLflow stores this file with the model; at load time it rebuilds the network from the packed
 file alone (no pickle). An image model predicts logits for a float32 batch shaped like the input
-example; a text encoder (its file's input ``kind`` is ``tokens``) takes strings, tokenizes them
-with the ``tokenizer.json`` logged beside the file and returns their sentence embeddings.
+example; a text model (its file's input ``kind`` is ``tokens``) takes strings, tokenizes them
+with the ``tokenizer.json`` logged beside the file and returns their sentence embeddings (an
+encoder) or their labels (a sequence classifier).
 """
 
 import mlflow
@@ -37,7 +38,10 @@ class PackedModel(mlflow.pyfunc.PythonModel):
         texts = [str(t) for t in list(model_input)]
         x = tokenize(self.tokenizer, texts, int(self.meta["input"]["max_tokens"]))
         with torch.no_grad():
-            return sentence_embedding(self.model(**x), x["attention_mask"]).numpy()
+            out = self.model(**x)
+        if "classes" in self.meta["input"]:  # a sequence classifier: the label of each text
+            return out["logits"].argmax(-1).numpy()
+        return sentence_embedding(out, x["attention_mask"]).numpy()
 
 
 mlflow.models.set_model(PackedModel())

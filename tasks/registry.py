@@ -200,13 +200,17 @@ the promotion rule (see its `modelpress.promotion` tag).
 
 
 def _is_text(summary: dict) -> bool:
+    return summary.get("input_shape") == ["text"]
+
+
+def _is_encoder(summary: dict) -> bool:
     return summary.get("metric") == "embedding_cosine"
 
 
 def _quality(tags: dict, summary: dict) -> str:
     where = (f"{tags[TAG + 'dataset']} test set, {summary['test_images']:,} {'texts' if _is_text(summary) else 'images'}, "
              "measured on the\npacked file loaded in a fresh process")
-    if _is_text(summary):
+    if _is_encoder(summary):
         return (f"**Quality** (mean cosine of its sentence embeddings to the teacher's, {where}): "
                 f"{summary['compressed_top1']:.2f} % (drop {summary['top1_drop']:.2f} points).")
     return (f"**Accuracy** (top-1, {where}): {summary['compressed_top1']:.2f} % (teacher {summary['teacher_top1']:.2f} %,\n"
@@ -215,11 +219,14 @@ def _quality(tags: dict, summary: dict) -> str:
 
 def _usage(ref: str, summary: dict) -> str:
     if _is_text(summary):
+        what = ("vectors = model.predict(texts)  # float32 (2, hidden): sentence embeddings" if _is_encoder(summary) else
+                "labels = model.predict(texts)   # int64 (2,): the class of each text")
         return f"""```python
 import mlflow
 model = mlflow.pyfunc.load_model("{ref}")
-vectors = model.predict(["first sentence", "second sentence"])  # float32 (2, hidden): sentence embeddings
-net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module (a transformers encoder)
+texts = ["first sentence", "second sentence"]
+{what}
+net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module (a transformers model)
 ```"""
     return f"""```python
 import mlflow
@@ -232,8 +239,9 @@ net = model.unwrap_python_model().model  # the rebuilt torch.nn.Module
 def _inputs(summary: dict) -> str:
     if _is_text(summary):
         return ("Inputs: strings (a list, or a one-column table). They are tokenized with the tokenizer carried in the\n"
-                "model version (`tokenizer.json`), at most the packed file's `max_tokens` tokens each; the output is the\n"
-                "mean of the encoder's last hidden states over the real tokens.")
+                "model version (`tokenizer.json`), at most the packed file's `max_tokens` tokens each; the output is " +
+                ("the\nmean of the encoder's last hidden states over the real tokens." if _is_encoder(summary) else
+                 "the\nlabel of each text (the argmax of the classifier's logits)."))
     return (f"Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's\n"
             "mean/std (stored in the packed file's metadata).")
 

@@ -112,10 +112,10 @@ def test_recipe_checks_for_text(tmp_path, encoder, corpus):
         Recipe.parse({"teacher": {"arch": f"hf:{encoder}/"}})
     with pytest.raises(RecipeError, match="carries its weights"):
         _recipe(tmp_path, encoder, corpus, teacher={"weights": "x.pt"})
-    with pytest.raises(RecipeError, match="cosine or mse"):
-        _recipe(tmp_path, encoder, corpus, finetune={"loss": "kl"})
     from modelpress import stages
 
+    with pytest.raises(ValueError, match="finetune.loss kl compares logits.*cosine or mse"):
+        stages.preflight(_recipe(tmp_path, encoder, corpus, finetune={"loss": "kl"}))
     with pytest.raises(ValueError, match="method.loss labels: a text encoder has no labels"):
         stages.preflight(_recipe(tmp_path, encoder, corpus, method={"name": "prune", "target_sparsity": 0.5, "epochs": 1,
                                                                     "lr": 0.01, "weight_decay": 0.0}))
@@ -187,26 +187,44 @@ def test_stages_compress_a_text_encoder_and_the_file_gives_the_same_embeddings(t
     assert got == pytest.approx(ev["top1"], abs=1e-4)
 
 
-@pytest.mark.pipeline
-def test_registered_text_encoder_takes_strings_and_returns_embeddings(prefect_server, own_store, tmp_path, encoder, corpus):
-    """The flow registers the packed encoder with its tokenizer; a consumer process (no Prefect,
-    no modelpress install) loads the version by alias and embeds strings: the same vectors as
-    load_packed + the tokenizer + mean pooling."""
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    return write_encoder_folder(tmp_path_factory.mktemp("cls") / "classifier", classes=2)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("labelled")
+    return folder, write_text_dataset(folder, labelled=True)
+
+
+def test_a_sequence_classifier_is_scored_by_top1_on_the_labels(tmp_path, classifier, labelled, corpus):
+    """A *ForSequenceClassification folder on labelled texts: KL on its logits, top-1 on the labels
+    (the teacher's is measured, not 100), the file records its classes; without labels in the data
+    set the teacher stage says why it cannot score it."""
     from modelpress import stages
-    from modelpress.flows.compress import compress_flow
     from modelpress.pack import load_packed
-    from modelpress.tasks import registry
 
-    r = _recipe(tmp_path / "w", encoder, corpus, registry={"model_name": "text-encoder-pq", "max_top1_drop": 100})
-    summary = compress_flow(r)
-    reg = summary["registered"]
-    mv = registry.client().get_model_version("text-encoder-pq", reg["version"])
-    assert mv.tags["modelpress.teacher_arch"] == f"hf:{encoder}/"
-    assert mv.tags["modelpress.metric"] == "embedding_cosine"
-    assert "sentence embeddings" in mv.description and "tokenizer.json" in mv.description
+    r = _recipe(tmp_path / "w", classifier, labelled)
+    stages.preflight(r)
+    stages.fetch(r)
+    stages.teacher(r)
+    info = stages.read_teacher(r)
+    assert info.num_classes == 2 and 0 < info.top1 < 100
+    stages.compress_stage(r)
+    stages.finetune_stage(r)
+    ev = stages.evaluate_file(stages.pack_stage(r), r)
+    summary = stages.summarize(r, ev)
+    assert "metric" not in summary and 0 <= summary["compressed_top1"] <= 100  # top-1, as for images
+    _, meta = load_packed(stages.paths(r)["packed"])
+    assert meta["input"]["classes"] == 2 and "embedding" not in meta["input"]
+    unlabelled = _recipe(tmp_path / "w2", classifier, corpus)
+    stages.fetch(unlabelled)
+    with pytest.raises(stages.StageError, match="test.jsonl has no \"label\".*sequence classifier \\(2 classes\\)"):
+        stages.teacher(unlabelled)
 
-    sentences = ["Compression keeps the accuracy.", "A registry consumer loads the champion."]
-    consumer = r"""
+
+CONSUMER = r"""
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -217,16 +235,44 @@ import mlflow, numpy as np
 model = mlflow.pyfunc.load_model(sys.argv[1])
 np.save(sys.argv[3], model.predict(json.loads(sys.argv[2])))
 """
-    proc = subprocess.run([sys.executable, "-c", consumer, "models:/text-encoder-pq@candidate", json.dumps(sentences),
-                           tmp_path / "e.npy"], capture_output=True, text=True, cwd=tmp_path)
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize("kind", ["encoder", "classifier"])
+def test_registered_text_model_takes_strings(prefect_server, own_store, tmp_path, encoder, corpus, classifier, labelled, kind):
+    """The flow registers the packed model with its tokenizer; a consumer process (no Prefect,
+    no modelpress install) loads the version by alias and gives it strings: an encoder returns the
+    same vectors as load_packed + the tokenizer + mean pooling, a classifier the same labels."""
+    from modelpress import stages
+    from modelpress.flows.compress import compress_flow
+    from modelpress.pack import load_packed
+    from modelpress.tasks import registry
+
+    folder, data = (encoder, corpus) if kind == "encoder" else (classifier, labelled)
+    name = f"text-{kind}-pq"
+    r = _recipe(tmp_path / "w", folder, data, registry={"model_name": name, "max_top1_drop": 100})
+    summary = compress_flow(r)
+    mv = registry.client().get_model_version(name, summary["registered"]["version"])
+    assert mv.tags["modelpress.teacher_arch"] == f"hf:{folder}/"
+    assert mv.tags["modelpress.metric"] == ("embedding_cosine" if kind == "encoder" else "top1")
+    assert ("sentence embeddings" if kind == "encoder" else "the class of each text") in mv.description
+    assert "tokenizer.json" in mv.description
+
+    sentences = ["Compression keeps the accuracy.", "A registry consumer loads the champion.", "Short."]
+    proc = subprocess.run([sys.executable, "-c", CONSUMER, f"models:/{name}@candidate", json.dumps(sentences),
+                           tmp_path / "out.npy"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = np.load(tmp_path / "e.npy")
+    got = np.load(tmp_path / "out.npy")
     model, _ = load_packed(stages.paths(r)["packed"])
-    x = text.tokenize(text.load_tokenizer(encoder), sentences, 48)
+    x = text.tokenize(text.load_tokenizer(folder), sentences, 48)
     with torch.no_grad():
-        expected = text.sentence_embedding(model(**x), x["attention_mask"]).numpy()
-    assert got.shape == (2, 32)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        out = model(**x)
+    if kind == "encoder":
+        assert got.shape == (3, 32)
+        np.testing.assert_allclose(got, text.sentence_embedding(out, x["attention_mask"]).numpy(), rtol=1e-5, atol=1e-6)
+    else:
+        assert got.shape == (3,) and got.dtype == np.int64
+        np.testing.assert_array_equal(got, out["logits"].argmax(-1).numpy())
 
 
 TEXT_METHODS = {

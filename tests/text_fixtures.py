@@ -18,10 +18,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sentences() -> list[str]:
-    """The prose sentences of README.md and bench/RESULTS.md (no code, tables or headings)."""
+DOCS = (ROOT / "README.md", ROOT / "bench" / "RESULTS.md")
+
+
+def sentences(doc: Path | None = None) -> list[str]:
+    """The prose sentences of README.md and bench/RESULTS.md (no code, tables or headings), or of one of them."""
     out = []
-    for doc in (ROOT / "README.md", ROOT / "bench" / "RESULTS.md"):
+    for doc in (doc,) if doc else DOCS:
         prose = [line for line in doc.read_text(encoding="utf-8").splitlines()
                  if line.strip() and not line.lstrip().startswith(("|", "#", "```", "    ", "-", "$"))]
         for s in re.split(r"(?<=[.!?])\s+", " ".join(prose)):
@@ -31,23 +34,27 @@ def sentences() -> list[str]:
     return sorted(set(out))
 
 
-def write_text_dataset(folder: Path, n_train: int = 96, n_test: int = 32, seed: int = 0) -> dict[str, str]:
-    """train.jsonl and test.jsonl in ``folder``; returns their sha256 (data.files)."""
-    texts = sentences()
-    random.Random(seed).shuffle(texts)
-    assert len(texts) >= n_train + n_test, f"only {len(texts)} sentences"
+def write_text_dataset(folder: Path, n_train: int = 96, n_test: int = 32, seed: int = 0, labelled: bool = False) -> dict[str, str]:
+    """train.jsonl and test.jsonl in ``folder``; returns their sha256 (data.files). ``labelled``:
+    each line's label is the document the sentence comes from (0: README, 1: RESULTS)."""
+    rows = [{"text": t, "label": label} for label, doc in enumerate(DOCS) for t in sentences(doc)]
+    rows = sorted({r["text"]: r for r in rows}.values(), key=lambda r: r["text"])
+    random.Random(seed).shuffle(rows)
+    assert len(rows) >= n_train + n_test, f"only {len(rows)} sentences"
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, part in (("train.jsonl", texts[:n_train]), ("test.jsonl", texts[n_train:n_train + n_test])):
+    for name, part in (("train.jsonl", rows[:n_train]), ("test.jsonl", rows[n_train:n_train + n_test])):
         path = folder / name
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in part), encoding="utf-8")
+        lines = [r if labelled else {"text": r["text"]} for r in part]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
         files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
 
 
-def write_encoder_folder(folder: Path, hidden: int = 32, layers: int = 2, vocab: int = 400, seed: int = 0) -> Path:
+def write_encoder_folder(folder: Path, hidden: int = 32, layers: int = 2, vocab: int = 400, seed: int = 0,
+                         classes: int = 0) -> Path:
     """A BERT-style encoder folder: config.json + model.safetensors (random weights) + tokenizer.json
-    (WordPiece, trained on :func:`sentences`)."""
+    (WordPiece, trained on :func:`sentences`); with ``classes``, a sequence classifier of that many labels."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     import torch
@@ -64,6 +71,10 @@ def write_encoder_folder(folder: Path, hidden: int = 32, layers: int = 2, vocab:
     config = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
                                      num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
     folder.mkdir(parents=True, exist_ok=True)
-    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
+    if classes:
+        config.num_labels = classes
+        transformers.BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    else:
+        transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     return folder

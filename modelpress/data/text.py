@@ -115,13 +115,13 @@ def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, tor
 
 class TokenDataset(Dataset):
     """Tokenized texts: ``dataset[i]`` is ``({"input_ids": ..., "attention_mask": ...}, label)``
-    (label 0 when the data set has none); DataLoaders stack the dicts."""
+    (label 0 when the data set has none: ``labelled`` is then False); DataLoaders stack the dicts."""
 
-    def __init__(self, tokens: dict[str, torch.Tensor], labels: torch.Tensor):
+    def __init__(self, tokens: dict[str, torch.Tensor], labels: torch.Tensor, labelled: bool = True):
         n = len(labels)
         if any(len(v) != n for v in tokens.values()):
             raise ValueError("every token tensor needs one row per label")
-        self.tokens, self.labels = tokens, labels
+        self.tokens, self.labels, self.labelled = tokens, labels, labelled
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -136,7 +136,8 @@ def load_text(directory: str | os.PathLike, tokenizer: Any, max_tokens: int) -> 
     for name in TEXT_FILES:
         texts, labels = read_jsonl(Path(directory) / name)
         out.append(TokenDataset(tokenize(tokenizer, texts, max_tokens),
-                                torch.tensor(labels if labels is not None else [0] * len(texts), dtype=torch.int64)))
+                                torch.tensor(labels if labels is not None else [0] * len(texts), dtype=torch.int64),
+                                labelled=labels is not None))
     return out[0], out[1]
 
 

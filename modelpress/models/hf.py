@@ -99,6 +99,17 @@ def _folder_config(folder: Path) -> tuple[str, dict]:
     return classes[0], raw
 
 
+def folder_class(path: str | Path) -> tuple[str, int]:
+    """(class name, number of labels) of the model a folder holds, from its config.json."""
+    name, raw = _folder_config(Path(path))
+    labels = raw.get("num_labels") or len(raw.get("id2label") or {}) or 2
+    return name, int(labels)
+
+
+def is_classifier(name: str) -> bool:
+    return name.endswith("ForSequenceClassification")
+
+
 def folder_arch(path: str | Path) -> dict:
     """The architecture reference (as :func:`hf_arch` gives it) of the model a folder holds, from
     its config.json alone (no weights are read, no model is built)."""

@@ -36,7 +36,7 @@ from ..methods.pq.layer import PQ_LAYERS
 from ..methods.prune import keep_masks
 from ..methods.uniform import UniformLayer
 from ..models import build_model, parameter_bytes
-from ..models.hf import folder_arch, is_folder_ref
+from ..models.hf import folder_arch, folder_class, is_classifier, is_folder_ref
 from ..pack import (
     Packed,
     arch_spec,
@@ -99,6 +99,17 @@ def _folder(recipe: Recipe) -> Path:
     return Path(recipe.teacher.arch[len("hf:"):])
 
 
+def text_classes(recipe: Recipe) -> int:
+    """A text run's number of classes: the folder's labels for a sequence classifier, 0 for an
+    encoder (whose output is an embedding)."""
+    name, labels = folder_class(_folder(recipe))
+    return labels if is_classifier(name) else 0
+
+
+def _is_encoder(recipe: Recipe) -> bool:
+    return is_text(recipe) and text_classes(recipe) == 0
+
+
 def tokenizer_file(recipe: Recipe) -> Path:
     """The text encoder's tokenizer.json as the teacher stage kept it (what a consumer tokenizes with)."""
     return paths(recipe)["teacher_dir"] / text_data.TOKENIZER_FILE
@@ -126,8 +137,9 @@ def _first(dataset: Dataset, n: int | None) -> Dataset:
 
 
 def _input_meta(recipe: Recipe) -> dict:
-    if is_text(recipe):  # what a consumer needs to feed the model: its tokenizer's tokens; the embedding it gives
-        return {"dataset": recipe.data.name, "kind": "tokens", "max_tokens": _max_tokens(recipe), "embedding": "mean"}
+    if is_text(recipe):  # what a consumer needs to feed the model: its tokenizer's tokens; what it gives back
+        out = {"embedding": "mean"} if _is_encoder(recipe) else {"classes": text_classes(recipe)}
+        return {"dataset": recipe.data.name, "kind": "tokens", "max_tokens": _max_tokens(recipe), **out}
     info = DATASET_INFO[recipe.data.name]
     return {
         "dataset": recipe.data.name,
@@ -165,7 +177,7 @@ def _arch(recipe: Recipe) -> dict:
 
 def _distill_loss(recipe: Recipe) -> Any:
     """finetune.loss: a loss kind on logits, or for a text encoder a loss on its hidden states."""
-    if is_text(recipe):
+    if _is_encoder(recipe):
         return text_data.hidden_state_loss(recipe.finetune.loss or "cosine")
     return recipe.finetune.loss or "kl"
 
@@ -174,7 +186,7 @@ def quality(recipe: Recipe, model: nn.Module, test: Dataset, device: torch.devic
     """The figure a run is judged by, in %: top-1 on the test set; for a text encoder, the mean
     cosine of its sentence embeddings to the teacher's on the held-out texts."""
     batches = loader(test, recipe.data.batch_size, False)
-    if not is_text(recipe):
+    if not _is_encoder(recipe):
         return evaluate(model, batches, device)
     reference = text_data.embeddings(_load_teacher(recipe, device), batches, device)
     return text_data.embedding_cosine(text_data.embeddings(model, batches, device), reference)
@@ -223,7 +235,10 @@ def preflight(recipe: Recipe) -> None:
         else:
             load_weights(model, Path(weights), recipe.teacher.weights_sha256)
     _check_takes_inputs(model, recipe)
-    if is_text(recipe):
+    if _is_encoder(recipe) and recipe.finetune.loss == "kl":
+        raise ValueError(f"finetune.loss kl compares logits; the text encoder {recipe.teacher.arch} is distilled with "
+                         "cosine or mse on its hidden states")
+    if _is_encoder(recipe):
         cfg = method_config(recipe)
         for where, c in (("method", cfg), ("method.prune", getattr(cfg, "prune", None))):
             if getattr(c, "loss", None) == "labels":
@@ -344,6 +359,8 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
             stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model), on_epoch=save, resume=resume,
         )
         state_path.unlink(missing_ok=True)
+    if is_text(recipe) and not _is_encoder(recipe):  # a sequence classifier is scored on the data set's labels
+        _check_text_labels(recipe, test)
     if is_text(recipe):  # kept with the run's outputs: the registry hands it to consumers
         atomic_write(tokenizer_file(recipe), [(_folder(recipe) / text_data.TOKENIZER_FILE).read_bytes()])
     pack_model(model, p["teacher"], _arch(recipe), {"input": _input_meta(recipe)}, float_dtype="f32")
@@ -353,11 +370,23 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     info = TeacherInfo(
         arch=recipe.teacher.arch, top1=top1, params=sum(q.numel() for q in model.parameters()),
         fp32_bytes=parameter_bytes(model), source=source or "trained", trained=not source,
-        seconds=time.perf_counter() - t0, num_classes=0 if is_text(recipe) else DATASET_INFO[recipe.data.name]["num_classes"],
+        seconds=time.perf_counter() - t0,
+        num_classes=text_classes(recipe) if is_text(recipe) else DATASET_INFO[recipe.data.name]["num_classes"],
         sha256=sha256_file(p["teacher"]),
     )
     write_json(p["teacher_info"], info.model_dump(mode="json"))
     return p["teacher"]
+
+
+def _check_text_labels(recipe: Recipe, test: Dataset) -> None:
+    base = test.dataset if isinstance(test, torch.utils.data.Subset) else test
+    classes = text_classes(recipe)
+    if not getattr(base, "labelled", False):
+        raise StageError(f"test.jsonl has no \"label\" on its lines: {recipe.teacher.arch} is a sequence classifier "
+                         f"({classes} classes), scored by top-1 on the labels")
+    top = int(base.labels.max())
+    if top >= classes:
+        raise StageError(f"test.jsonl: label {top} is outside the {classes} classes of {recipe.teacher.arch}")
 
 
 def snapshot_path(recipe: Recipe, fraction: float) -> Path:
@@ -699,7 +728,7 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
 
 
 def _metric(recipe: Recipe) -> str:
-    return "embedding_cosine" if is_text(recipe) else "top1"
+    return "embedding_cosine" if _is_encoder(recipe) else "top1"
 
 
 def summarize(recipe: Recipe, evaluation: dict) -> dict:
