@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "README.md", ROOT / "bench" / "RESULTS.md")
 
 
-def sentences(doc: Path | None = None) -> list[str]:
+def sentences(only: Path | None = None) -> list[str]:
     """The prose sentences of README.md and bench/RESULTS.md (no code, tables or headings), or of one of them."""
     out = []
-    for doc in (doc,) if doc else DOCS:
+    for doc in (only,) if only else DOCS:
         prose = [line for line in doc.read_text(encoding="utf-8").splitlines()
                  if line.strip() and not line.lstrip().startswith(("|", "#", "```", "    ", "-", "$"))]
         for s in re.split(r"(?<=[.!?])\s+", " ".join(prose)):
