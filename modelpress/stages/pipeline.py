@@ -384,7 +384,7 @@ def _check_text_labels(recipe: Recipe, test: Dataset) -> None:
     if not getattr(base, "labelled", False):
         raise StageError(f"test.jsonl has no \"label\" on its lines: {recipe.teacher.arch} is a sequence classifier "
                          f"({classes} classes), scored by top-1 on the labels")
-    top = int(base.labels.max())
+    top = int(cast(text_data.TokenDataset, base).labels.max())
     if top >= classes:
         raise StageError(f"test.jsonl: label {top} is outside the {classes} classes of {recipe.teacher.arch}")
 
