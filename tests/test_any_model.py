@@ -493,3 +493,39 @@ def test_teacher_arch_kwargs_reach_the_builder_and_the_packed_file(tmp_path):
     wide = Recipe.parse({**raw, "teacher": {"arch": "torchvision:mobilenet_v2", "arch_kwargs": {"width_mult": 0.5}}})
     assert _arch(wide)["kwargs"] == {"num_classes": 10, "width_mult": 0.5}
     assert "arch_kwargs" not in Recipe().model_dump(mode="json")["teacher"]  # empty: no key of earlier runs changes
+
+
+def test_the_budget_chooses_each_layers_codebook_storage(tmp_path):
+    """method.budget_codebooks: every candidate's damage is measured with its codebook as each
+    storage keeps it, and each layer gets its own: grouped scales (g6) for the layer whose few
+    outlier rows make outlier centroids (with one scale per position, i6, they coarsen every other
+    centroid), the cheaper i6 elsewhere. The packed file stores each layer's codebook so and
+    loads to the compressed module's outputs."""
+    from modelpress import compress
+    from modelpress.pack import load_packed, pack_model, read_packed
+    from modelpress.pack.arch import arch_spec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight[:3] *= 40  # three outlier rows: their sub-vectors become outlier centroids
+    x = torch.randn(512, 64)
+    cfg = PQConfig(target_bytes=16_000, budget_scope="layers", budget_k=[64], budget_codebooks=["i6", "g6"],
+                   budget_linear_blocks=[4], exclude=["4"], kmeans_iters=10, layer_finetune_epochs=0)
+    student, stats = compress(copy.deepcopy(model), cfg, calibration=x, teacher=model, codebook_dtype="i6")
+    own = {s["layer"]: s.get("codebook") for s in stats}
+    assert own == {"0": "g6", "2": "i6"}, own
+    path = tmp_path / "m.mpk"
+    pack_model(student, path, arch_spec("custom:mlp"), float_dtype="f32", codebook_dtype="i6", layer_codebooks=own)
+    cb = {name: p.get("cb") for name, enc, p, _ in read_packed(path).entries if enc == "pq"}
+    assert cb == {"0.weight": "g6", "2.weight": "i6"}
+    from modelpress.pack import round_codebook
+
+    with torch.no_grad():
+        for name, layer in student.named_modules():
+            if isinstance(layer, PQLayer):
+                layer.codebook.copy_(round_codebook(layer.codebook, own[name]))
+        loaded, _ = load_packed(path, skeleton=copy.deepcopy(model))
+        assert torch.equal(loaded(x[:8]), student.eval()(x[:8]))
+    with pytest.raises(ValueError, match="budget_codebooks is the byte budget's choice"):
+        PQConfig(budget_codebooks=["i6"])

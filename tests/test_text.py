@@ -317,3 +317,24 @@ def test_every_method_compresses_a_text_encoder_on_token_batches(tmp_path, encod
         cosine = text.embedding_cosine(text.embeddings(student, loader(test, 32, False)),
                                        text.embeddings(model, loader(test, 32, False)))
     assert 0 < cosine < 100
+
+
+def test_a_budget_with_per_layer_codebook_storage_through_the_stages(tmp_path, encoder, corpus):
+    """budget_codebooks in a run: the allocation names each layer's storage, fine-tuning trains
+    against it, and the packed file stores each layer's codebook as allocated, within the budget."""
+    from modelpress import stages
+    from modelpress.pack import read_packed
+
+    method = {"target_bytes": 12_000, "budget_scope": "layers", "budget_k": [16, 64], "budget_codebooks": ["i6", "g8"],
+              "budget_linear_blocks": [4], "budget_images": 16, "layer_finetune_epochs": 0}
+    r = _recipe(tmp_path / "w", encoder, corpus, method=method, pack={"codebook_dtype": "i6"})
+    stages.fetch(r)
+    stages.teacher(r)
+    stages.compress_stage(r)
+    stages.finetune_stage(r)
+    packed = read_packed(stages.pack_stage(r))
+    rows = stages.read_json(stages.paths(r)["allocation"])["layers"]
+    planned = {f"{row['layer']}.weight": row["codebook"] for row in rows if row["k"]}
+    stored = {name: p["cb"] for name, enc, p, _ in packed.entries if enc == "pq"}
+    assert stored == planned and set(planned.values()) <= {"i6", "g8"}
+    assert sum(len(buf) for name, _, _, buf in packed.entries if name in stored) <= 12_000

@@ -9,7 +9,7 @@ module that defines it); nothing in ``modelpress.pack`` imports ``modelpress.met
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,11 @@ class EncodeOptions:
     float_dtype: str = "f16"
     codebook_dtype: str = "f16"
     entropy: bool = True
+    layer_codebooks: Mapping[str, str] | None = None  # a layer's own codebook storage (a byte budget's choice)
+
+    def codebook_of(self, layer: str) -> str:
+        """The codebook storage of the layer named ``layer``."""
+        return (self.layer_codebooks or {}).get(layer, self.codebook_dtype)
 
 
 @dataclass(frozen=True)

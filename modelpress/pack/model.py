@@ -20,13 +20,15 @@ __all__ = ["arch_spec", "build_from_packed", "extra_tensors", "load_packed", "mo
 
 
 def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16",
-                  entropy: bool = True) -> list[tuple[str, str, dict, bytes]]:
+                  entropy: bool = True, layer_codebooks: dict[str, str] | None = None) -> list[tuple[str, str, dict, bytes]]:
     """Encode a (partly) compressed model's state: each registered layer type (PQ layers as
     codes + codebook, uniform layers as affine codes, ...) by its codec, the rest dense in
     ``float_dtype``. Integer buffers (BatchNorm's batch counter) are not stored.
     An integer ``codebook_dtype`` (i8, ...) applies to PQ codebooks; uniform layers' scales then stay f16.
-    ``entropy``: range-code each layer's codes where that makes it smaller (lossless)."""
-    opts = EncodeOptions(float_dtype, codebook_dtype, entropy)
+    ``entropy``: range-code each layer's codes where that makes it smaller (lossless).
+    ``layer_codebooks``: {layer name: codebook storage} for layers stored otherwise than
+    ``codebook_dtype`` (what a byte budget chose per layer)."""
+    opts = EncodeOptions(float_dtype, codebook_dtype, entropy, layer_codebooks)
     coded = {n: (m, c) for n, m in model.named_modules() if (c := codec_for(m)) is not None}
     done: set[str] = set()
     entries = []
@@ -55,26 +57,28 @@ def _dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
 
 
 def packed_nbytes(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16", arch: dict | None = None,
-                  meta: dict | None = None, entropy: bool = True) -> int:
+                  meta: dict | None = None, entropy: bool = True, layer_codebooks: dict[str, str] | None = None) -> int:
     """The size in bytes of the file ``pack_model`` would write, without writing it."""
     chunks = file_chunks(arch or {"name": type(model).__name__}, meta or {},
-                         model_entries(model, float_dtype, codebook_dtype, entropy))
+                         model_entries(model, float_dtype, codebook_dtype, entropy, layer_codebooks))
     return sum(len(c) for c in chunks)
 
 
 def pack_model(
     model: nn.Module, path: str | Path, arch: dict, meta: dict | None = None,
     float_dtype: str = "f16", codebook_dtype: str = "f16", entropy: bool = True, extra: dict[str, torch.Tensor] | None = None,
+    layer_codebooks: dict[str, str] | None = None,
 ) -> int:
     """Write ``model`` to ``path``; returns the file's size in bytes. ``entropy=False`` keeps
     every code array bit-packed (by default each is range coded where that is smaller).
     ``extra``: tensors that are not the model's (a method's state beside a checkpoint), stored
-    exactly (f32) and read back with :func:`extra_tensors`.
+    exactly (f32) and read back with :func:`extra_tensors`. ``layer_codebooks``: {layer name:
+    codebook storage} where a layer's differs from ``codebook_dtype``.
 
     ``arch`` (:func:`arch_spec`) must rebuild a module with exactly the model's tensors (checked
     here, on the meta device: a ValueError otherwise, nothing written), or name the user's own
     class as ``custom:<name>``, loaded with ``load_packed(path, skeleton=...)``."""
-    entries = model_entries(model, float_dtype, codebook_dtype, entropy)
+    entries = model_entries(model, float_dtype, codebook_dtype, entropy, layer_codebooks)
     check_packable(arch, [(name, p["shape"]) for name, _, p, _ in entries])
     for name, t in (extra or {}).items():
         entries.append((EXTRA + name, "dense", *encode_dense(t.detach().float().cpu(), "f32")))

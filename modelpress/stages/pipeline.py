@@ -638,16 +638,17 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
     p, cfg, m = paths(recipe), recipe.finetune, method(recipe)
     device = _device(recipe)
     teacher_model = _distill_source(recipe, device)
-    student = build_from_packed(read_packed(p["compressed"]), materialize=False).to(device)
+    compressed = read_packed(p["compressed"])
+    student = build_from_packed(compressed, materialize=False).to(device)
+    own = _layer_codebooks(compressed.meta.get("layers") or [])
     train, _ = _datasets(recipe)
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         mcfg = method_config(recipe)
         params = m.trainable(student, mcfg)
-        if is_int_codebook(recipe.pack.codebook_dtype):  # train against the integer codebooks the file will hold
-            for layer in student.modules():
-                if isinstance(layer, PQ_LAYERS):
-                    layer.storage = recipe.pack.codebook_dtype
+        for name, layer in student.named_modules():  # train against the integer codebooks the file will hold
+            if isinstance(layer, PQ_LAYERS) and is_int_codebook(own.get(name, recipe.pack.codebook_dtype)):
+                layer.storage = own.get(name, recipe.pack.codebook_dtype)
         masks = m.held_zero(student, mcfg)
         if cfg.train_other:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and is_bias_or_norm(student, n)]
@@ -656,11 +657,18 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
                     cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
                     seed=recipe.run.seed, loss=_distill_loss(recipe), dropout=not is_text(recipe))
-    _round_codebooks(student, recipe.pack.codebook_dtype)  # before BatchNorm sees the weights it will run with
+    _round_codebooks(student, recipe.pack.codebook_dtype, own)  # before BatchNorm sees the weights it will run with
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
-    pack_model(student, p["finetuned"], _arch(recipe), {"key": key, "input": _input_meta(recipe)}, "f32", "f32")
+    meta = {"key": key, "input": _input_meta(recipe), **({"codebooks": own} if own else {})}
+    pack_model(student, p["finetuned"], _arch(recipe), meta, "f32", "f32")
     return p["finetuned"]
+
+
+def _layer_codebooks(stats: list[dict]) -> dict[str, str]:
+    """{layer: codebook storage} for the layers whose stats name their own (a byte budget's
+    per-layer choice); the others are stored as pack.codebook_dtype."""
+    return {s["layer"]: s["codebook"] for s in stats if isinstance(s, dict) and s.get("codebook") and s.get("layer")}
 
 
 def _dense_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -670,13 +678,13 @@ def _dense_weights(model: nn.Module) -> list[nn.Parameter]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(m.weight, nn.Parameter)]
 
 
-def _round_codebooks(model: nn.Module, dtype: str) -> None:
-    """Round codebooks to their storage precision so memory and file hold the same weights
-    (uniform layers' scales and offsets: f16 unless f32)."""
+def _round_codebooks(model: nn.Module, dtype: str, own: dict[str, str] | None = None) -> None:
+    """Round codebooks to their storage precision (a layer's ``own``, else ``dtype``) so memory
+    and file hold the same weights (uniform layers' scales and offsets: f16 unless f32)."""
     with torch.no_grad():
-        for m in model.modules():
+        for name, m in model.named_modules():
             if isinstance(m, PQ_LAYERS):
-                m.codebook.copy_(round_codebook(m.codebook, dtype))
+                m.codebook.copy_(round_codebook(m.codebook, (own or {}).get(name, dtype)))
             elif isinstance(m, UniformLayer) and dtype != "f32":
                 for t in (m.scale, m.offset):
                     t.copy_(t.half().float())
@@ -697,18 +705,22 @@ def _final_meta(recipe: Recipe) -> dict:
 def pack_stage(recipe: Recipe, _key: str) -> Path:
     """Write the final compact file; its size on disk is the size we report."""
     p = paths(recipe)
-    student = build_from_packed(read_packed(p["finetuned"]), materialize=False)
+    finetuned = read_packed(p["finetuned"])
+    student = build_from_packed(finetuned, materialize=False)
+    own = finetuned.meta.get("codebooks") or None  # codebook storages a byte budget chose per layer
     meta = _final_meta(recipe)
     budget = getattr(recipe.method, "target_bytes", None)
     if budget is not None and getattr(recipe.method, "budget_scope", None) == "layers":
-        size = allocated_nbytes(student, recipe.method.exclude, recipe.pack.float_dtype, recipe.pack.codebook_dtype)
+        size = allocated_nbytes(student, recipe.method.exclude, recipe.pack.float_dtype, recipe.pack.codebook_dtype, own)
         if size > budget:
             raise StageError(f"the allocated layers' weights would be {size} bytes, over method.target_bytes={budget}")
     elif budget is not None:
-        size = packed_nbytes(student, recipe.pack.float_dtype, recipe.pack.codebook_dtype, _arch(recipe), meta)
+        size = packed_nbytes(student, recipe.pack.float_dtype, recipe.pack.codebook_dtype, _arch(recipe), meta,
+                             layer_codebooks=own)
         if size > budget:
             raise StageError(f"packed file would be {size} bytes, over method.target_bytes={budget}")
-    size = pack_model(student, p["packed"], _arch(recipe), meta, recipe.pack.float_dtype, recipe.pack.codebook_dtype)
+    size = pack_model(student, p["packed"], _arch(recipe), meta, recipe.pack.float_dtype, recipe.pack.codebook_dtype,
+                      layer_codebooks=own)
     log.info("pack: %s, %d bytes", p["packed"], size)
     return p["packed"]
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ... import inputs as model_inputs
-from ...pack import model_entries, packed_nbytes
+from ...pack import model_entries, packed_nbytes, round_codebook
 from ...pack.entries import dense_nbytes, pq_nbytes
 from ...progress import Progress, log
 from ...train import distill_loss, output_tensor
@@ -101,14 +101,17 @@ def measure(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs) -> dic
             w = to_subvectors(weight_of(layer).detach().cpu(), block)
             g = input_gram(model, layer, images, block)
             for k in sorted(set(min(k, w.shape[0]) for k in cfg.budget_k)):
-                spec = BlockSpec(block_size=block, k=k)
                 c, codes, _ = gram_kmeans(w, k, g, iters=min(cfg.kmeans_iters, 15), seed=cfg.seed + index,
                                           init=cfg.kmeans_init, repair_empty=cfg.repair_empty)
-                set_module(model, name, make_pq(layer, c, codes, block))
-                damage = _kl(model_inputs.call(model, images), ref)
-                set_module(model, name, layer)
-                rows.append({"spec": spec, "bytes": layer_bytes(numel, spec), "damage": damage})
-                prog.update(layer=name, block=block, k=k, kl=damage)
+                # each storage the budget may choose: the damage of the codebook as that storage keeps it
+                for storage in cfg.budget_codebooks or [None]:
+                    stored = c if storage is None else round_codebook(c, storage)
+                    set_module(model, name, make_pq(layer, stored, codes, block))
+                    damage = _kl(model_inputs.call(model, images), ref)
+                    set_module(model, name, layer)
+                    spec = BlockSpec(block_size=block, k=k, codebook=storage)
+                    rows.append({"spec": spec, "bytes": layer_bytes(numel, spec), "damage": damage})
+                    prog.update(layer=name, block=block, k=k, kl=damage, **({"storage": storage} if storage else {}))
         table[name] = rows
     return table
 
@@ -174,7 +177,7 @@ def measure_key(cfg: PQConfig) -> dict:
     """The settings a damage table depends on (not the budget): points of a sweep over budgets
     share one table."""
     return cfg.model_dump(mode="json", include={"budget_k", "budget_images", "calibration_images", "kmeans_iters", "kmeans_init",
-                                                 "repair_empty", "exclude", "seed", "budget_linear_blocks"})
+                                                 "repair_empty", "exclude", "seed", "budget_linear_blocks", "budget_codebooks"})
 
 
 def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, float_dtype: str = "f16",
@@ -183,11 +186,12 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, fl
     """Turn ``cfg.target_bytes`` into explicit per-layer settings: returns the PQConfig to run
     (overrides + exclusions, no budget) and the allocation table. ``table``: the damages
     :func:`measure` found before with the same :func:`measure_key` (measured here if None).
-    Each candidate is costed here for ``float_dtype`` and ``codebook_dtype`` (the damages do
-    not depend on them)."""
+    Each candidate is costed here for ``float_dtype`` and its codebook storage (its own with
+    ``budget_codebooks``, else ``codebook_dtype``: the damages do not depend on it then)."""
     if table is None:
         table = measure(model, cfg, model_inputs.take(images, 0, cfg.budget_images))
-    table = {n: [{**r, "bytes": layer_bytes(weight_of(model.get_submodule(n)).numel(), r["spec"], float_dtype, codebook_dtype)}
+    table = {n: [{**r, "bytes": layer_bytes(weight_of(model.get_submodule(n)).numel(), r["spec"], float_dtype,
+                                            (r["spec"] and r["spec"].codebook) or codebook_dtype)}
                  for r in rows] for n, rows in table.items()}
     # scope "layers": the budget is the allocated layers' weights alone (nothing else is counted)
     fixed = 0 if cfg.budget_scope == "layers" else fixed_bytes(model, list(table), float_dtype, arch, meta)
@@ -206,19 +210,22 @@ def plan_budget(model: nn.Module, cfg: PQConfig, images: model_inputs.Inputs, fl
         else:
             overrides[name] = r["spec"]
         rows.append({"layer": name, "block_size": r["spec"].block_size if r["spec"] else None,
-                     "k": r["spec"].k if r["spec"] else None, "bytes": r["bytes"], "kl_alone": r["damage"]})
+                     "k": r["spec"].k if r["spec"] else None, "bytes": r["bytes"], "kl_alone": r["damage"],
+                     **({"codebook": r["spec"].codebook} if r["spec"] and r["spec"].codebook else {})})
     planned = fixed + sum(r["bytes"] for r in choice.values())
     log.info("budget: %d bytes planned for a budget of %d (%d fixed)", planned, cfg.target_bytes, fixed)
-    new = cfg.model_copy(update={"target_bytes": None, "overrides": overrides, "exclude": exclude})
+    new = cfg.model_copy(update={"target_bytes": None, "budget_codebooks": None, "overrides": overrides, "exclude": exclude})
     return new, rows
 
 
-def allocated_nbytes(model: nn.Module, exclude: list[str], float_dtype: str = "f16", codebook_dtype: str = "f16") -> int:
+def allocated_nbytes(model: nn.Module, exclude: list[str], float_dtype: str = "f16", codebook_dtype: str = "f16",
+                     layer_codebooks: dict[str, str] | None = None) -> int:
     """Bytes in the packed file of what a budget of scope "layers" counts: the weight entry of
     every PQ layer and of every other Conv2d/Linear/attention/Conv1D not in ``exclude``."""
     names = {f"{n}.{weight_name(m)}" for n, m in model.named_modules() if isinstance(m, PQ_LAYERS)}
     names |= {f"{n}.{weight_name(m)}" for n, m in named_layers(model, extended=True) if not matches(n, exclude)}
-    return sum(len(data) for name, _, _, data in model_entries(model, float_dtype, codebook_dtype) if name in names)
+    entries = model_entries(model, float_dtype, codebook_dtype, layer_codebooks=layer_codebooks)
+    return sum(len(data) for name, _, _, data in entries if name in names)
 
 
 def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", arch: dict | None = None,
@@ -233,8 +240,8 @@ def check_reachable(model: nn.Module, cfg: PQConfig, float_dtype: str = "f16", a
         options = [layer_bytes(numel, None, float_dtype)]
         for block in block_candidates(m, cfg.budget_linear_blocks):
             n = numel // block
-            options += [layer_bytes(numel, BlockSpec(block_size=block, k=min(k, n)), float_dtype, codebook_dtype)
-                        for k in cfg.budget_k]
+            options += [layer_bytes(numel, BlockSpec(block_size=block, k=min(k, n)), float_dtype, storage)
+                        for k in cfg.budget_k for storage in cfg.budget_codebooks or [codebook_dtype]]
         least += min(options)
     smallest = least if cfg.budget_scope == "layers" else least + fixed_bytes(model, [n for n, _ in layers], float_dtype, arch, meta)
     if smallest > cfg.target_bytes:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+CodebookDtype = Literal["f16", "f32", "i8", "i6", "i5", "i4", "g8", "g6", "g5", "g4"]
+
 
 class BlockSpec(BaseModel):
     """How one layer (or one type of layer) is cut and clustered."""
@@ -13,9 +15,18 @@ class BlockSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     block_size: int = Field(ge=1, le=64, description="Length of each sub-vector of the weight.")
     k: int = Field(ge=2, le=65536, description="Centroids in the layer's codebook (capped by its number of sub-vectors).")
+    codebook: CodebookDtype | None = Field(None, description="This layer's codebook storage (a byte budget's choice); "
+                                                             "empty: pack.codebook_dtype.")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_empty_codebook(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("codebook", "") is None:
+            del data["codebook"]  # the keys of work done before the field existed stay
+        return data
 
 
-LATER_FIELDS = ("metric", "budget_linear_blocks", "budget_scope")
+LATER_FIELDS = ("metric", "budget_linear_blocks", "budget_scope", "budget_codebooks")
 
 
 class PQConfig(BaseModel):
@@ -35,6 +46,10 @@ class PQConfig(BaseModel):
     )
     budget_k: list[int] = Field([16, 32, 64, 128, 256], min_length=1,
                                 description="Centroid counts the byte budget chooses from (each 2..65536).")
+    budget_codebooks: list[CodebookDtype] | None = Field(
+        None, description="Codebook storages the byte budget chooses from per layer, each candidate's damage measured "
+                          "with its codebook so stored (e.g. [i6, g6]: grouped scales where a layer's outlier centroids "
+                          "need them); empty: every layer in pack.codebook_dtype.")
     budget_images: int = Field(256, ge=16, description="Calibration images on which each candidate's damage is measured.")
     budget_linear_blocks: list[int] | None = Field(
         None, description="Block sizes the byte budget tries for Linear layers and attention in-projections "
@@ -78,6 +93,12 @@ class PQConfig(BaseModel):
         specs = [self.conv, self.pointwise, self.linear, *self.overrides.values()]
         if self.kmeans_init == "linear" and (self.target_bytes or any(s.block_size != 1 for s in specs)):
             raise ValueError("kmeans_init 'linear' needs block_size 1 for every layer (and no target_bytes)")
+        return self
+
+    @model_validator(mode="after")
+    def _codebooks_need_a_budget(self) -> "PQConfig":
+        if self.budget_codebooks is not None and self.target_bytes is None:
+            raise ValueError("budget_codebooks is the byte budget's choice: set target_bytes too (or pack.codebook_dtype alone)")
         return self
 
     @model_serializer(mode="wrap")

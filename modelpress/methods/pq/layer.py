@@ -267,15 +267,15 @@ def make_pq(layer: nn.Module, codebook: torch.Tensor, codes: torch.Tensor, block
 
 def _encode(m: PQLayer, name: str, opts: EncodeOptions) -> list:
     if m.mask is not None:
-        p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, opts.codebook_dtype, opts.entropy)
+        p, data = encode_sparse_pq(m.mask, m.codebook, m.codes, opts.codebook_of(name), opts.entropy)
         return [(f"{name}.weight", "sparse", p, data)]
     shape = m.weight_shape[::-1] if m.transposed else m.weight_shape
-    p, data = encode_pq(m.codebook, m.codes, shape, opts.codebook_dtype, opts.entropy, transposed=m.transposed)
+    p, data = encode_pq(m.codebook, m.codes, shape, opts.codebook_of(name), opts.entropy, transposed=m.transposed)
     return [(f"{name}.weight", "pq", p, data)]
 
 
 def _encode_attention(m: PQAttention, name: str, opts: EncodeOptions) -> list:
-    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, opts.codebook_dtype, opts.entropy)
+    p, data = encode_pq(m.codebook, m.codes, m.weight_shape, opts.codebook_of(name), opts.entropy)
     return [(f"{name}.in_proj_weight", "pq", p, data)]
 
 

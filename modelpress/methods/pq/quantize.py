@@ -55,7 +55,7 @@ def plan(model: nn.Module, cfg: PQConfig, codebook_dtype: str = "f16") -> list[t
         if spec is None:
             continue
         weight = weight_of(layer)
-        if pq_bytes(weight.numel(), spec, codebook_dtype) >= 2 * weight.numel():
+        if pq_bytes(weight.numel(), spec, spec.codebook or codebook_dtype) >= 2 * weight.numel():
             log.info("pq: %s stays dense (%d weights: a codebook would not make it smaller)", name, weight.numel())
             continue
         row = weight[0].numel()
@@ -151,7 +151,9 @@ def quantize_pq(
                     temperature=cfg.temperature, stage=f"tune {name}", train_mode=False, loss=loss)
             stats["output_rel_error_tuned"] = output_error(w, pq.codebook.detach().cpu()[pq.codes.cpu()], g_eval)
         numel = weight_of(layer).numel()
-        stats.update(layer=name, index=index, weights=numel, bytes=pq_bytes(numel, spec, codebook_dtype))
+        stats.update(layer=name, index=index, weights=numel, bytes=pq_bytes(numel, spec, spec.codebook or codebook_dtype))
+        if spec.codebook:  # a byte budget's choice for this layer: the file stores its codebook so
+            stats["codebook"] = spec.codebook
         stats_all.append(stats)
         prog.update(layer=name, k=stats["k"], out_err=stats["output_rel_error"], kmeans_s=stats["kmeans_s"])
         if on_layer:
