@@ -97,13 +97,14 @@ def merge_recipe(base: dict, over: dict) -> dict:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Fields added after runs were made: left empty (None), they are not written, so the keys of
-    # work done before they existed stay.
+    # work done before they existed stay. ``model_dump(context={"every_field": True})`` writes
+    # them (a params.yaml for DVC, which wants every parameter dvc.yaml names).
     _later: tuple[str, ...] = ()
 
     @model_serializer(mode="wrap")
-    def _leave_out_empty_later_fields(self, handler):
+    def _leave_out_empty_later_fields(self, handler, info):
         data = handler(self)
-        if isinstance(data, dict):
+        if isinstance(data, dict) and not (info.context or {}).get("every_field"):
             for name in self._later:
                 if name in data and data[name] is None:
                     del data[name]

@@ -102,9 +102,10 @@ def skip_reason(recipe: Recipe, repo: Path) -> str | None:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    """A run's parameters as a params.yaml file."""
+    """A run's parameters as a params.yaml file: every parameter dvc.yaml names, those left empty
+    included (DVC refuses to record a stage whose parameter is missing)."""
     header = "# Parameters of one modelpress run (schema: modelpress/recipe.py, `modelpress schema`).\n"
-    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return header + yaml.safe_dump(recipe.model_dump(mode="json", context={"every_field": True}), sort_keys=False)
 
 
 def _write(path: Path, data: bytes) -> None:
