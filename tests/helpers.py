@@ -40,6 +40,18 @@ TINY = {
 }
 
 
+# A registry consumer's script starts with this: in the fresh interpreter it runs in, importing
+# Prefect, DVC or the flows fails, so passing proves the consumer path needs none of them.
+CONSUMER_PREAMBLE = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("prefect", "dvc", "flows"):
+            raise ImportError(f"consumer must not need {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
 def tiny_recipe(workdir: Path, **sections):
     from modelpress.recipe import Recipe
 

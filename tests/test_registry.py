@@ -21,23 +21,15 @@ from modelpress.data import load_dataset
 from modelpress.pack import PackedFormatError, load_packed
 from modelpress.tasks import registry
 
-from helpers import REPO, run_cli, tiny_recipe
+from helpers import CONSUMER_PREAMBLE, REPO, run_cli, tiny_recipe
 
 # One worker runs this module under pytest-xdist (--dist loadgroup): its tests share the registered versions.
 pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("registry")]
 
 NAME = "fmnist-cnn-pq"  # the default name, as in the README's consumer example
 
-# Runs in a fresh interpreter; importing Prefect or DVC there fails, so passing proves the
-# consumer path needs neither.
-CONSUMER = r"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("prefect", "dvc", "flows"):
-            raise ImportError(f"consumer must not need {name}")
-sys.meta_path.insert(0, Block())
-import mlflow, numpy as np
+# Runs in a fresh interpreter that cannot import Prefect or DVC (helpers.CONSUMER_PREAMBLE).
+CONSUMER = CONSUMER_PREAMBLE + r"""import mlflow, numpy as np
 model = mlflow.pyfunc.load_model(sys.argv[1])
 np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
 """

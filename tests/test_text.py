@@ -20,6 +20,8 @@ from modelpress.data import text
 from modelpress.inputs import call
 from modelpress.recipe import Recipe, RecipeError
 
+from helpers import CONSUMER_PREAMBLE
+
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.unit
 
@@ -224,13 +226,7 @@ def test_a_sequence_classifier_is_scored_by_top1_on_the_labels(tmp_path, classif
         stages.teacher(unlabelled)
 
 
-CONSUMER = r"""
-import importlib.abc, json, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("prefect", "dvc", "flows"):
-            raise ImportError(f"consumer must not need {name}")
-sys.meta_path.insert(0, Block())
+CONSUMER = CONSUMER_PREAMBLE + r"""import json
 import mlflow, numpy as np
 model = mlflow.pyfunc.load_model(sys.argv[1])
 np.save(sys.argv[3], model.predict(json.loads(sys.argv[2])))
