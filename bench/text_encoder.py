@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from run_bench import print_timings, run  # bench/, the folder of this script
 
 CONSUMER = r"""
 import json, sys
@@ -100,18 +99,9 @@ def main() -> None:
             "registry": {"model_name": "text-encoder-pq"},
         }
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        cmd = [sys.executable, "-m", "modelpress", "run", "--params", str(root / "params.yaml")]
-        for s in args.set:
-            cmd += ["-S", s]
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "PREFECT_HOME": f"{root}/prefect"}
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode:
-            sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
         work = root / "work"
-        timings = json.loads((work / "run_timings.json").read_text())
-        metrics = json.loads((work / "metrics.json").read_text())
+        timings, metrics, wall = run(root / "params.yaml", args.set, work, env)
 
         probe = test_texts[:64]
         (root / "probe.json").write_text(json.dumps(probe))
@@ -135,11 +125,7 @@ def main() -> None:
             ref = sentence_embedding(teacher(**x), x["attention_mask"])
         raw = float(torch.nn.functional.cosine_similarity(mine, ref).mean()) * 100
 
-    order = ["fetch", "teacher", "compress", "finetune", "pack", "evaluate", "register", "total"]
-    print(f"{'stage':<10} {'seconds':>8}")
-    for stage in sorted(timings, key=lambda k: order.index(k) if k in order else len(order)):
-        print(f"{stage:<10} {timings[stage]:>8.1f}")
-    print(f"{'wall':<10} {wall:>8.1f}   (whole command: imports, Prefect's temporary server, all stages)")
+    print_timings(timings, wall)
     print(f"encoder: {sum(p.numel() for p in teacher.parameters()):,} parameters, "
           f"{metrics['teacher_fp32_bytes']:,} fp32 bytes; packed {metrics['packed_bytes']:,} bytes "
           f"({metrics['compression_ratio']:.1f}x), {metrics['layers_quantized']} layers quantized")

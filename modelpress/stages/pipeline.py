@@ -235,10 +235,10 @@ def preflight(recipe: Recipe) -> None:
         else:
             load_weights(model, Path(weights), recipe.teacher.weights_sha256)
     _check_takes_inputs(model, recipe)
-    if _is_encoder(recipe) and recipe.finetune.loss == "kl":
-        raise ValueError(f"finetune.loss kl compares logits; the text encoder {recipe.teacher.arch} is distilled with "
-                         "cosine or mse on its hidden states")
     if _is_encoder(recipe):
+        if recipe.finetune.loss == "kl":
+            raise ValueError(f"finetune.loss kl compares logits; the text encoder {recipe.teacher.arch} is distilled "
+                             "with cosine or mse on its hidden states")
         cfg = method_config(recipe)
         for where, c in (("method", cfg), ("method.prune", getattr(cfg, "prune", None))):
             if getattr(c, "loss", None) == "labels":
@@ -647,8 +647,9 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
         mcfg = method_config(recipe)
         params = m.trainable(student, mcfg)
         for name, layer in student.named_modules():  # train against the integer codebooks the file will hold
-            if isinstance(layer, PQ_LAYERS) and is_int_codebook(own.get(name, recipe.pack.codebook_dtype)):
-                layer.storage = own.get(name, recipe.pack.codebook_dtype)
+            storage = own.get(name, recipe.pack.codebook_dtype)
+            if isinstance(layer, PQ_LAYERS) and is_int_codebook(storage):
+                layer.storage = storage
         masks = m.held_zero(student, mcfg)
         if cfg.train_other:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and is_bias_or_norm(student, n)]
