@@ -32,6 +32,7 @@ from modelpress.methods.wfn import (
     retrain,
     value_stats,
 )
+from modelpress.methods.wfn.values import nearest
 from modelpress.pack import build_from_packed, load_packed, pack_model, read_packed
 from modelpress.train import evaluate, loader
 
@@ -146,6 +147,30 @@ def test_fixed_weights_stay_exact_through_retraining_with_momentum_and_weight_de
         assert torch.equal(after[m], before[n][m]), f"{n}: a fixed weight moved"
         moved += int((after[~m] != before[n][~m]).sum())
     assert moved > 0.9 * sum(int((~m).sum()) for m in masks.values())  # the free ones did train
+
+
+@pytest.mark.pipeline  # trains: seconds each, kept out of the fast tier
+def test_the_regulariser_pulls_free_weights_onto_the_values_in_use(trained, data):
+    """What makes the next iteration fix onto the values already in use (few values, low
+    entropy): after retraining with the term, far more free weights lie within delta of one of
+    them than after the same retraining without it."""
+    batches, _ = _subsets(data)
+
+    def within_delta(ratio: float) -> float:
+        model = copy.deepcopy(trained)
+        cfg = WFNConfig(distance_allowed=0.01, epochs_per_iteration=1.0, regularisation_ratio=ratio)
+        masks = {n: torch.zeros(m.weight.shape, dtype=torch.bool) for n, m in fixable(model)}
+        fix_to(model, cfg, masks, 0.3)
+        used = np.union1d(np.unique(torch.cat([model.get_submodule(n).weight.detach()[m] for n, m in masks.items()]).double().numpy()), [0.0])
+        retrain(model, cfg, masks, used, 0, batches, trained, None)
+        free = torch.cat([model.get_submodule(n).weight.detach()[~m] for n, m in masks.items()]).double().numpy()
+        nearest_used = used[nearest(used, free)]
+        rel = np.where(np.abs(free) < cfg.zero_distance, 0.0, np.abs(free - nearest_used) / np.abs(free))
+        return float((rel <= cfg.distance_allowed).mean())
+
+    without, default = within_delta(0.0), within_delta(WFNConfig().regularisation_ratio)
+    print(f"free weights within delta of a value in use after retraining: {default:.1%} (ratio 5), {without:.1%} (ratio 0)")
+    assert default > 2 * without and default > 0.5, (default, without)
 
 
 @pytest.mark.pipeline  # trains: seconds each, kept out of the fast tier

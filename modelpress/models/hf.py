@@ -7,6 +7,8 @@ No download, no ``trust_remote_code``: only the allow-listed classes of the inst
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,19 @@ def is_folder_ref(arch: str) -> bool:
 
 
 def _folder_config(folder: Path) -> tuple[str, dict]:
-    """(class name, config.json contents less its bookkeeping) of a model folder, checked."""
+    """(class name, config.json contents less its bookkeeping) of a model folder, checked. Read
+    and checked once per version of the file (a run asks many times)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face model folder holds config.json and model.safetensors)")
+    st = config_file.stat()
+    name, raw = _read_folder_config(str(config_file), st.st_size, st.st_mtime_ns)
+    return name, copy.deepcopy(raw)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_folder_config(path: str, _size: int, _mtime_ns: int) -> tuple[str, dict]:
+    config_file = Path(path)
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -188,8 +188,23 @@ def quality(recipe: Recipe, model: nn.Module, test: Dataset, device: torch.devic
     batches = loader(test, recipe.data.batch_size, False)
     if not _is_encoder(recipe):
         return evaluate(model, batches, device)
-    reference = text_data.embeddings(_load_teacher(recipe, device), batches, device)
-    return text_data.embedding_cosine(text_data.embeddings(model, batches, device), reference)
+    return text_data.embedding_cosine(text_data.embeddings(model, batches, device), _teacher_embeddings(recipe, test, device))
+
+
+_TEACHER_EMBEDDINGS: dict[tuple, torch.Tensor] = {}
+
+
+def _teacher_embeddings(recipe: Recipe, test: Dataset, device: torch.device) -> torch.Tensor:
+    """The teacher's sentence embeddings of the held-out texts, computed once per process for
+    each teacher file (path, size, mtime) and test set (an iterative method scores every step)."""
+    teacher = paths(recipe)["teacher"]
+    st = teacher.stat()
+    key = (str(teacher.resolve()), st.st_size, st.st_mtime_ns, len(cast(Sized, test)), recipe.data.batch_size, str(device))
+    if key not in _TEACHER_EMBEDDINGS:
+        _TEACHER_EMBEDDINGS.clear()  # one teacher at a time
+        batches = loader(test, recipe.data.batch_size, False)
+        _TEACHER_EMBEDDINGS[key] = text_data.embeddings(_load_teacher(recipe, device), batches, device)
+    return _TEACHER_EMBEDDINGS[key]
 
 
 def _size_fn(recipe: Recipe):

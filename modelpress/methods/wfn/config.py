@@ -37,14 +37,16 @@ class WFNConfig(BaseModel):
                     "value is the power of two just below it.",
     )
     regularisation_ratio: float = Field(
-        1.0, ge=0,
+        5.0, ge=0,
         description="Weight of the term pulling free weights toward the nearest value already in use, as a ratio "
-                    "of the task loss at each step (the reference code's default: 1; 0 = no regularisation).",
+                    "of the task loss at each step (0 = no regularisation). 5: one epoch brings most free weights "
+                    "within delta of the values in use, so later iterations add few values (the reference code's 1 "
+                    "needs its 10 epochs per iteration).",
     )
     epochs_per_iteration: float = Field(
         1.0, ge=0, le=1000, description="Epochs of retraining of the free weights after each iteration but the last.",
     )
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate of each retraining (cosine decay to 0 within the iteration).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of each retraining (cosine decay to 0 within the iteration).")
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="adamw (Adam, as the reference code) or sgd (Nesterov momentum 0.9).",
     )
