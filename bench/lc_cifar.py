@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the library's progress lines (modelpress.progress)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     train, test = load_dataset("cifar10", args.data)
