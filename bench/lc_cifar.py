@@ -61,7 +61,8 @@ def trainable(model: nn.Module, cfg: LCConfig) -> list[nn.Parameter]:
 
 
 def run_point(name: str, args, train, test, teacher: nn.Module, device: torch.device) -> dict:
-    raw = {**POINTS[name], "lc_steps": args.lc_steps, "l_step_epochs": args.l_epochs, "mu0": args.mu0,
+    tasks = [dict(t, alpha=args.alpha) if args.alpha is not None and "alpha" in t else t for t in POINTS[name]["tasks"]]
+    raw = {**POINTS[name], "tasks": tasks, "lc_steps": args.lc_steps, "l_step_epochs": args.l_epochs, "mu0": args.mu0,
            "mu_growth": args.mu_growth, "lr": args.lr, "lr_decay": args.lr_decay, "batch_size": args.batch_size}
     cfg = LCConfig(**raw)
     t0 = time.perf_counter()
@@ -85,6 +86,7 @@ def run_point(name: str, args, train, test, teacher: nn.Module, device: torch.de
     row = {"point": name, "bytes": nbytes, "file_bytes": path.stat().st_size, "top1": top1, "top1_after_lc": lc_top1,
            "macs": macs, "lc_seconds": round(t_lc, 1), "seconds": round(time.perf_counter() - t0, 1),
            "last_relative_distance": records[-1]["relative_distance"], "device": str(device),
+           "ranks": (records[-1].get("state") or {}).get("ranks") or None,
            "settings": {k: v for k, v in raw.items() if k != "tasks"}, "tasks": raw["tasks"]}
     print(f"{name:>18}  {nbytes:>9,d} B  top-1 {top1:6.2f} %  (after LC {lc_top1:6.2f} %)  "
           f"MACs {macs / 1e6:6.2f} M  {row['seconds']:7.1f} s", flush=True)
@@ -103,6 +105,8 @@ def main() -> None:
     ap.add_argument("--mu-growth", type=float, default=1.3)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--lr-decay", type=float, default=0.95)
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="rank selection's weight of the cost (points with alpha): larger, lower ranks")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--finetune-epochs", type=float, default=4.0)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
