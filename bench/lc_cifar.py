@@ -86,7 +86,7 @@ def run_point(name: str, args, train, test, teacher: nn.Module, device: torch.de
     row = {"point": name, "bytes": nbytes, "file_bytes": path.stat().st_size, "top1": top1, "top1_after_lc": lc_top1,
            "macs": macs, "lc_seconds": round(t_lc, 1), "seconds": round(time.perf_counter() - t0, 1),
            "last_relative_distance": records[-1]["relative_distance"], "device": str(device),
-           "ranks": (records[-1].get("state") or {}).get("ranks") or None,
+           "ranks": {n: int(m.rank) for n, m in model.named_modules() if isinstance(getattr(m, "rank", None), int)} or None,
            "settings": {k: v for k, v in raw.items() if k != "tasks"}, "tasks": raw["tasks"]}
     print(f"{name:>18}  {nbytes:>9,d} B  top-1 {top1:6.2f} %  (after LC {lc_top1:6.2f} %)  "
           f"MACs {macs / 1e6:6.2f} M  {row['seconds']:7.1f} s", flush=True)
