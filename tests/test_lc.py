@@ -1,12 +1,14 @@
 """The LC algorithm: each C step against brute force or a closed form, the L step's penalty and
 the multipliers' update, convergence of w to Delta(theta) on a real model, exact packing of
-binary, ternary, sparse and low-rank layers, resume equality, bad settings refused up front."""
+binary, ternary, sparse and low-rank layers, additive combinations (the alternation, the
+AdditiveLayer, its packing and fine-tuning), resume equality, bad settings refused up front."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import os
 import shutil
 
 import pytest
@@ -20,8 +22,10 @@ from modelpress.methods import REGISTRY, compress
 from modelpress.methods.base import Context
 from modelpress.methods.lc import (
     METHOD,
+    AdditiveLayer,
     LCConfig,
     LowRankLayer,
+    WeightPart,
     binarize,
     c_step,
     keep_largest,
@@ -35,8 +39,9 @@ from modelpress.methods.lc import (
 )
 from modelpress.methods.lc.method import assignments, delta_of, penalty, proximal
 from modelpress.methods.pq import PQLayer
+from modelpress.methods.prune.magnitude import keep_masks
 from modelpress.models import build_model
-from modelpress.pack import build_from_packed, extra_tensors, load_packed, pack_model, read_packed
+from modelpress.pack import build_from_packed, extra_tensors, load_packed, pack_model, packed_nbytes, read_packed
 from modelpress.train import loader
 
 from helpers import tiny_recipe
@@ -262,7 +267,6 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_packs_exactly(trained, da
     ({"tasks": [{"scheme": "binary", "rank": 2}]}, "settings of scheme lowrank"),
     ({"tasks": [{"scheme": "quantize", "k": 1}]}, "k"),
     ({"tasks": [{"scheme": "prune", "keep": 0}]}, "keep"),
-    ({"tasks": [{"scheme": "binary", "additive": True}]}, "additive"),
     ({"tasks": [{"scheme": "magic"}]}, "scheme"),
 ])
 def test_bad_settings_are_refused_naming_the_field(raw, message):
@@ -274,6 +278,9 @@ def test_bad_settings_are_refused_naming_the_field(raw, message):
     ([{"layers": ["no_such.*"], "scheme": "binary"}], "'no_such.\\*' matches no Conv2d/Linear layer"),
     ([{"layers": ["features.*"], "scheme": "binary"}, {"layers": ["features.0.0"], "scheme": "ternary"}],
      "features.0.0 is claimed by task 1 .binary. and task 2"),
+    ([{"layers": ["features.*"], "scheme": "binary", "additive": True}, {"layers": ["features.0.0"], "scheme": "prune"}],
+     r"features.0.0 is claimed by task 1 \(binary\) and task 2 \(prune\); give each layer to one task, or set additive: "
+     r"true on both tasks to sum them"),
     ([{"layers": ["classifier.5"], "scheme": "lowrank", "rank": 10}], "rank 10 for classifier.5 is not below its full rank 10"),
 ])
 def test_check_refuses_what_the_model_cannot_take_before_any_work(tasks, message):
@@ -301,6 +308,131 @@ def test_c_step_combines_schemes_per_task():
         assert len(torch.unique(out[f"delta.{n}"])) <= 3
     kept = sum(int((out[f"delta.{n}"] != 0).sum()) for n, _ in groups[1])
     assert kept == round(0.5 * sum(weights[n].numel() for n, _ in groups[1]))
+
+
+# ---- additive combinations ---------------------------------------------------------------------
+
+TINY = {"name": "fmnist_cnn", "kwargs": {"width": 4, "hidden": 16}}
+
+
+def test_additive_c_step_alternates_to_a_fixed_point_below_either_part_alone():
+    """binary + an l0 sparse correction on one tensor: each round of the alternation lowers
+    ||v - binary - sparse||^2 (never raises it), ending far below binary alone; at the end each
+    part is the best answer to the other's residual, and a warm start there stays there; the
+    layer's delta is the sum; with keep = 1 the sum is v itself."""
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(6, 5, generator=g)
+    groups = [[("w", None)], [("w", None)]]
+    cfg = LCConfig(tasks=[{"scheme": "binary", "additive": True}, {"scheme": "prune", "keep": 0.2, "additive": True}])
+    errors = []
+    for rounds in range(1, 9):
+        out, _ = c_step({"w": v}, {}, 1.0, cfg, groups, {}, {}, "f16", rounds=rounds)
+        errors.append(_err(v, out["part0.delta.w"].double() + out["part1.delta.w"].double()))
+    assert all(b <= a for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0], errors
+    c, codes = binarize(v)
+    assert errors[-1] < _err(v, c[codes].reshape(v.shape)) / 2
+    binary, sparse = out["part0.delta.w"], out["part1.delta.w"]
+    assert torch.equal(out["delta.w"], binary + sparse) and set(out) == {"delta.w", "part0.delta.w", "part1.delta.w"}
+    assert len(torch.unique(binary)) == 2 and int((sparse != 0).sum()) == 6
+    c, codes = binarize(v - sparse)
+    assert torch.allclose(c[codes].reshape(v.shape), binary, atol=1e-4)
+    assert torch.equal((v - binary) * keep_largest([v - binary], 6)[0], sparse)
+    again, _ = c_step({"w": v}, {}, 1.0, cfg, groups, {}, {}, "f16", previous=out, rounds=1)
+    assert _err(v, again["delta.w"]) == pytest.approx(errors[-1], rel=1e-5)
+    everything = LCConfig(tasks=[{"scheme": "binary", "additive": True}, {"scheme": "prune", "keep": 1.0, "additive": True}])
+    out, _ = c_step({"w": v}, {}, 1.0, everything, groups, {}, {}, "f16")
+    assert torch.allclose(out["delta.w"], v, atol=1e-6)
+
+
+def test_a_layer_in_two_additive_tasks_is_summed_and_the_others_keep_their_keys():
+    """With additive on both tasks the shared layers get both parts (a ternary weight plus rank-2
+    factors) and their sum; the layers of one task keep today's keys; an additive task alone on
+    its layers is that task as it was (additive: true is no longer refused)."""
+    model = build_model(TINY["name"], **TINY["kwargs"])
+    cfg = LCConfig(tasks=[{"layers": ["*"], "scheme": "ternary", "additive": True},
+                          {"layers": ["classifier.*"], "scheme": "lowrank", "rank": 2, "additive": True}])
+    METHOD.check(model, cfg, Context())
+    groups = assignments(model, cfg)
+    weights = {n: m.weight.detach() for layers in groups for n, m in layers}
+    out, state = c_step(weights, {}, 1.0, cfg, groups, {}, {}, "f16")
+    for n in ("features.0.0", "features.2.0", "features.4.0"):
+        assert not any(k.endswith(f".{n}") and k != f"delta.{n}" for k in out) and len(torch.unique(out[f"delta.{n}"])) <= 3
+    for n in ("classifier.2", "classifier.5"):
+        ternary, u, v = out[f"part0.delta.{n}"], out[f"part1.u.{n}"], out[f"part1.v.{n}"]
+        assert len(torch.unique(ternary)) <= 3 and u.shape[1] == 2
+        assert torch.equal(out[f"delta.{n}"], ternary + (u @ v).reshape(ternary.shape))
+        assert state["ranks"][f"part1.{n}"] == 2
+    alone = [{"layers": ["features.*"], "scheme": "ternary"}, {"layers": ["classifier.*"], "scheme": "prune", "keep": 0.5}]
+    flagged = [{**alone[0], "additive": True}, {**alone[1], "additive": True}]
+    groups = assignments(model, LCConfig(tasks=alone))
+    plain, _ = c_step(weights, {}, 1.0, LCConfig(tasks=alone), groups, {}, {}, "f16")
+    summed, _ = c_step(weights, {}, 1.0, LCConfig(tasks=flagged), groups, {}, {}, "f16")
+    assert plain.keys() == summed.keys() and all(torch.equal(plain[k], summed[k]) for k in plain)
+
+
+def test_lc_compress_ternary_plus_sparse_correction_packs_exactly_and_fine_tunes_its_parts(tmp_path):
+    """Every layer ternary + a 2 % sparse correction: the layers end as AdditiveLayers whose weight
+    is the step's Delta(theta); the file (a pq and a sparse entry per layer) is the size
+    packed_nbytes says, smaller than the same weights as plain layers, and loads exactly both
+    ways; rebuilt compressed, the codebooks and the corrections train while their zeros stay."""
+    torch.manual_seed(0)
+    teacher = build_model(TINY["name"], **TINY["kwargs"]).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    cfg = LCConfig(lc_steps=2, l_step_epochs=1.0, tasks=[{"layers": ["*"], "scheme": "ternary", "additive": True},
+                                                        {"layers": ["*"], "scheme": "prune", "keep": 0.02, "additive": True}])
+    records: list[dict] = []
+    model, _ = lc_compress(copy.deepcopy(teacher), cfg, batches, teacher, on_step=lambda _i, _m, r: records.append(r))
+    model.eval()
+    names = [n for n, m in teacher.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    last = records[-1]["tensors"]
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, AdditiveLayer) and isinstance(layer.parts[1], WeightPart)
+        assert isinstance(layer.parts[0], PQLayer) and layer.parts[0].k <= 3
+        assert torch.equal(last[f"delta.{n}"], last[f"part0.delta.{n}"] + last[f"part1.delta.{n}"])
+        assert torch.equal(layer.weight, last[f"delta.{n}"])
+    total = sum(teacher.get_submodule(n).weight.numel() for n in names)
+    assert sum(int((model.get_submodule(n).parts[1].weight != 0).sum()) for n in names) == round(0.02 * total)
+
+    path = tmp_path / "additive.mpk"
+    size = pack_model(model, path, TINY, {}, "f32", "f32")
+    assert size == os.path.getsize(path) == packed_nbytes(model, "f32", "f32", arch=TINY)
+    packed = read_packed(path)
+    encodings = {n: e for n, e, _, _ in packed.entries}
+    assert all(encodings[f"{n}.weight"] == "pq" and encodings[f"{n}.weight+1"] == "sparse" for n in names)
+    rows = {r["tensor"]: r for r in packed.summary()}  # what `modelpress inspect` shows
+    assert len(rows) == len(packed.entries) and "sparsity" not in rows["classifier.5.weight+1"]
+    with torch.no_grad():
+        zeros = float((model.classifier[5].weight == 0).float().mean())
+    assert rows["classifier.5.weight"]["sparsity"] == round(zeros, 4)  # of the sum
+    x = torch.randn(4, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        for materialize in (True, False):
+            loaded, _ = load_packed(path, materialize=materialize)
+            assert torch.equal(loaded(x), expected), materialize
+    plain = tmp_path / "plain.mpk"
+    pack_model(load_packed(path)[0], plain, TINY, {}, "f32", "f32")
+    assert os.path.getsize(path) < os.path.getsize(plain)
+
+    coded, _ = load_packed(path, materialize=False)
+    params, masks = METHOD.trainable(coded, cfg), METHOD.held_zero(coded, cfg)
+    assert set(masks) == {f"{n}.parts.1" for n in names}
+    parts = [coded.get_submodule(n).parts for n in names]
+    assert all(any(p is q[0].codebook for p in params) and any(p is q[1].weight for p in params) for q in parts)
+    before = [(q[0].codebook.detach().clone(), q[1].weight.detach().clone()) for q in parts]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    coded.train()
+    with keep_masks(coded, masks):
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(coded(batches[0][0]), batches[0][1]).backward()
+            opt.step()
+        for n, q in zip(names, parts):
+            assert not q[1].weight[~masks[f"{n}.parts.1"]].any(), n  # zeros held during training, not only after
+    assert any(not torch.equal(q[0].codebook, c) for q, (c, _) in zip(parts, before))
+    assert any(not torch.equal(q[1].weight, w) for q, (_, w) in zip(parts, before))
 
 
 @pytest.mark.pipeline

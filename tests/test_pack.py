@@ -314,6 +314,31 @@ def test_valid_file_that_does_not_fit_its_architecture_is_rejected(quantized, tm
         load_packed(tmp_path / "codes.mpk")
 
 
+def test_a_weight_stored_with_addends_loads_as_their_sum_and_a_bad_addend_is_named(tmp_path, capsys):
+    """``<tensor>+<i>`` entries add to ``<tensor>`` (a layer whose weight is a sum of parts): the
+    loader sums them and `modelpress inspect` reads the file; an addend of another shape, of a
+    tensor the file does not hold, or numbered with a gap is refused, naming it."""
+    from modelpress import cli
+    from modelpress.pack.entries import encode_dense
+
+    arch = arch_spec("fmnist_cnn", width=4, hidden=16)
+    model = build_model("fmnist_cnn", width=4, hidden=16)
+    entries = model_entries(model, "f32")
+    extra = torch.randn(10, 16)
+    write_packed(tmp_path / "sum.mpk", arch, {}, [*entries, ("classifier.5.weight+1", "dense", *encode_dense(extra, "f32"))])
+    loaded, _ = load_packed(tmp_path / "sum.mpk")
+    assert torch.equal(loaded.classifier[5].weight, model.classifier[5].weight + extra)
+    assert cli.main(["inspect", str(tmp_path / "sum.mpk")]) == 0 and "classifier.5.weight+1" in capsys.readouterr().out
+    for name, value, message in (("classifier.5.weight+1", torch.randn(10, 15), r"'classifier.5.weight\+1': shape \(10, 15\)"),
+                                 ("classifier.9.weight+1", extra, "which the file does not hold"),
+                                 ("classifier.5.weight+2", extra, r"addends \[2\], not numbered 1, 2")):
+        write_packed(tmp_path / "bad.mpk", arch, {}, [*entries, (name, "dense", *encode_dense(value, "f32"))])
+        with pytest.raises(PackedFormatError, match=message):
+            load_packed(tmp_path / "bad.mpk")
+        with pytest.raises(PackedFormatError, match=message):
+            read_packed(tmp_path / "bad.mpk").summary()
+
+
 def test_loading_never_unpickles(packed_path, monkeypatch):
     path, _ = packed_path
     raw = path.read_bytes()

@@ -36,9 +36,12 @@ class EncodeOptions:
 @dataclass(frozen=True)
 class LayerCodec:
     module_type: type
-    state_keys: tuple[str, ...]  # the module's own state the codec writes; the rest (bias) is stored as plain tensors
+    # the module's own state the codec writes (a submodule's name: all of its state); the rest (bias) is stored as plain tensors
+    state_keys: tuple[str, ...]
     encode: Callable[[nn.Module, str, EncodeOptions], list[Entry]]  # (module, its name, options) -> entries
-    kind: str  # the decoded kind it rebuilds: "pq", "affine" or "lowrank" (see entries.Decoded)
+    # the decoded kind it rebuilds: "pq", "affine" or "lowrank" (see entries.Decoded), or "additive": a weight stored as a
+    # sum of entries (model.build_from_packed), its parts {"parts": [Decoded, ...]} in order
+    kind: str
     rebuild: Callable[[nn.Module, dict], tuple[nn.Module, dict[str, torch.Tensor]]]  # (plain layer, parts) -> (module, its state)
 
 
@@ -48,7 +51,8 @@ _BY_KIND: dict[str, LayerCodec] = {}
 
 def register_layer_codec(module_type: type, *, state_keys: tuple[str, ...], encode, kind: str, rebuild) -> None:
     """Register (or replace) the codec of ``module_type``; ``kind`` is the decoded entry kind
-    ("pq", "affine") that ``build_from_packed(..., materialize=False)`` rebuilds as this type."""
+    ("pq", "affine", or "additive" for a sum of entries) that ``build_from_packed(...,
+    materialize=False)`` rebuilds as this type."""
     codec = LayerCodec(module_type, tuple(state_keys), encode, kind, rebuild)
     _BY_TYPE[module_type] = codec
     _BY_KIND[kind] = codec

@@ -11,6 +11,10 @@ The header (format 1) is ``{"format": 1, "arch": {"name", "kwargs"}, "meta": {..
 "payload_bytes", "sha256", "tensors": [[name, encoding, params], ...]}`` (see entries.py for
 the encodings). The reader validates it as a schema, with bounds, before it reads the payload,
 and every entry's params before anything is decoded.
+
+A weight that is a sum of parts (the LC algorithm's additive combinations) is the entry of its
+own name (the first part) and addends ``<name>+1``, ``<name>+2``, ... of the same shape, each
+with its own encoding; a loader sums them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..atomic import atomic_write
 from .arch import check_against_architecture, check_arch_schema
@@ -41,6 +47,36 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 EXTRA = "extra:"  # entries that are not the model's: a method's state kept beside a step's checkpoint
+ADDEND = "+"  # "<tensor>+<i>" (i = 1, 2, ...): the i-th addend of <tensor>, a weight stored as a sum of parts
+
+
+def addend_of(name: str) -> tuple[str, int] | None:
+    """(tensor, i) for an addend's name ``<tensor>+<i>``; None for any other name."""
+    base, sep, index = name.rpartition(ADDEND)
+    if not sep or not base or not index.isdecimal() or not index.isascii() or index.startswith("0"):
+        return None
+    return base, int(index)
+
+
+def without_addends(shapes: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
+    """The tensors (name, shape) the architecture must have: the addends left out, once each is
+    checked to add to a tensor of the file of the same shape, numbered 1, 2, ... without a gap
+    (PackedFormatError naming it otherwise)."""
+    own = {n: s for n, s in shapes if addend_of(n) is None}
+    seen: dict[str, set[int]] = {}
+    for name, shape in shapes:
+        if (a := addend_of(name)) is None:
+            continue
+        base, i = a
+        if base not in own:
+            raise PackedFormatError(f"tensor {name!r}: an addend of {base!r}, which the file does not hold")
+        if list(shape) != list(own[base]):
+            raise PackedFormatError(f"tensor {name!r}: shape {tuple(shape)}, where {base!r} it adds to has {tuple(own[base])}")
+        seen.setdefault(base, set()).add(i)
+    for base, indices in seen.items():
+        if indices != set(range(1, len(indices) + 1)):
+            raise PackedFormatError(f"tensor {base!r}: addends {sorted(indices)}, not numbered 1, 2, ...")
+    return [(n, s) for n, s in shapes if addend_of(n) is None]
 
 
 @dataclass
@@ -60,14 +96,17 @@ class Packed:
         """Check the entries against the architecture without decoding them (the model is
         built on the meta device): a missing or extra tensor, or a shape that differs, raises
         PackedFormatError."""
-        check_against_architecture(self.arch, [(n, p["shape"]) for n, _, p, _ in self.model_entries()])
+        check_against_architecture(self.arch, without_addends([(n, p["shape"]) for n, _, p, _ in self.model_entries()]))
 
     def summary(self, check: bool = True) -> list[dict]:
         """One row per tensor: name, encoding, bytes, shape, codebook (k x block) and code
-        bits for PQ, storage dtype, and the sparsity (share of exact zeros) of weights.
+        bits for PQ, storage dtype, and the sparsity (share of exact zeros) of weights (of a
+        weight stored with addends: of the sum, on its own row).
         ``check``: first :meth:`check` the entries against the architecture."""
         if check:
             self.check()
+        summed = {a[0] for name, *_ in self.entries if (a := addend_of(name)) is not None}
+        sums: dict[str, torch.Tensor] = {}
         rows = []
         for name, enc, p, buf in self.entries:
             row = {"tensor": name, "encoding": enc, "bytes": p["n"], "shape": "x".join(map(str, p["shape"]))}
@@ -88,10 +127,20 @@ class Packed:
                 row.update(dtype=p["dtype"])
             if p.get("coder"):
                 row["coder"] = p["coder"]
-            if name.endswith(".weight") and len(p["shape"]) > 1:
-                row["sparsity"] = round(float((weight == 0).float().mean()), 4)
+            base = (addend_of(name) or (name, 0))[0]
+            if base in summed:
+                sums[base] = sums[base] + weight if base in sums else weight
+            elif name.endswith(".weight") and len(p["shape"]) > 1:
+                row["sparsity"] = _sparsity(weight)
             rows.append(row)
+        for row in rows:
+            if row["tensor"] in sums and row["tensor"].endswith(".weight") and sums[row["tensor"]].dim() > 1:
+                row["sparsity"] = _sparsity(sums[row["tensor"]])
         return rows
+
+
+def _sparsity(weight: torch.Tensor) -> float:
+    return round(float((weight == 0).float().mean()), 4)
 
 
 def file_chunks(arch: dict, meta: dict, entries: list[tuple[str, str, dict, bytes]]) -> list[bytes]:
@@ -226,4 +275,5 @@ def read_packed(path: str | Path) -> Packed:
     return packed
 
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "Packed", "PackedFormatError", "check_header", "file_chunks", "read_packed", "write_packed"]
+__all__ = ["ADDEND", "MAGIC", "FORMAT_VERSION", "Packed", "PackedFormatError", "addend_of", "check_header", "file_chunks",
+           "read_packed", "without_addends", "write_packed"]

@@ -31,7 +31,8 @@ from .entries import (
     sparse_weight,
 )
 from .errors import PackedFormatError
-from .model import _dense_or_sparse, build_from_packed, load_packed, model_entries, pack_model, packed_nbytes
+from .model import build_from_packed, load_packed, model_entries, pack_model, packed_nbytes
+from .model import dense_or_sparse as _dense_or_sparse
 
 __all__ = [
     "MAGIC", "Packed", "PackedFormatError", "affine_weight", "arch_spec", "build_from_packed", "code_bits", "codebook_nbytes",

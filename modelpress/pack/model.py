@@ -11,12 +11,13 @@ import torch.nn as nn
 
 from ..walk import set_module
 from .arch import arch_spec, build_arch, check_against_architecture, check_packable, check_state, is_custom
-from .codecs import EncodeOptions, codec_for, rebuild_codec
-from .container import EXTRA, Packed, file_chunks, read_packed, write_packed
-from .entries import decode_entry, encode_dense, encode_sparse
+from .codecs import EncodeOptions, LayerCodec, codec_for, rebuild_codec
+from .container import EXTRA, Packed, addend_of, file_chunks, read_packed, without_addends, write_packed
+from .entries import Decoded, decode_entry, encode_dense, encode_sparse
 from .errors import PackedFormatError
 
-__all__ = ["arch_spec", "build_from_packed", "extra_tensors", "load_packed", "model_entries", "pack_model", "packed_nbytes"]
+__all__ = ["arch_spec", "build_from_packed", "dense_or_sparse", "extra_tensors", "load_packed", "model_entries", "pack_model",
+           "packed_nbytes"]
 
 
 def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: str = "f16",
@@ -27,14 +28,16 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
     An integer ``codebook_dtype`` (i8, ...) applies to PQ codebooks; uniform layers' scales then stay f16.
     ``entropy``: range-code each layer's codes where that makes it smaller (lossless).
     ``layer_codebooks``: {layer name: codebook storage} for layers stored otherwise than
-    ``codebook_dtype`` (what a byte budget chose per layer)."""
+    ``codebook_dtype`` (what a byte budget chose per layer).
+    A coded layer inside another (the parts of a layer whose weight is a sum) is written by the
+    outermost one's codec, not a second time."""
     opts = EncodeOptions(float_dtype, codebook_dtype, entropy, layer_codebooks)
     coded = {n: (m, c) for n, m in model.named_modules() if (c := codec_for(m)) is not None}
     done: set[str] = set()
     entries = []
     for key, t in model.state_dict().items():
-        mod, _, attr = key.rpartition(".")
-        if mod in coded and attr in coded[mod][1].state_keys:
+        mod = _owner(key, coded)
+        if mod is not None:
             if mod not in done:  # the layer's entries go where its first own tensor is
                 done.add(mod)
                 m, codec = coded[mod]
@@ -42,11 +45,22 @@ def model_entries(model: nn.Module, float_dtype: str = "f16", codebook_dtype: st
             continue
         if not t.is_floating_point():
             continue
-        entries.append((key, *_dense_or_sparse(t, float_dtype)))
+        entries.append((key, *dense_or_sparse(t, float_dtype)))
     return entries
 
 
-def _dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
+def _owner(key: str, coded: dict[str, tuple[nn.Module, LayerCodec]]) -> str | None:
+    """The outermost coded module whose codec writes the state tensor ``key`` (the first name
+    of the rest of the key is one of its state_keys), or None."""
+    names = key.split(".")
+    for i in range(len(names)):
+        mod = ".".join(names[:i])
+        if mod in coded and names[i] in coded[mod][1].state_keys:
+            return mod
+    return None
+
+
+def dense_or_sparse(t: torch.Tensor, dtype: str) -> tuple[str, dict, bytes]:
     """A weight matrix with enough zeros (a pruned layer) is smaller as positions + values."""
     p, data = encode_dense(t, dtype)
     if t.dim() >= 2 and (t == 0).float().mean() > 0.05:
@@ -79,7 +93,7 @@ def pack_model(
     here, on the meta device: a ValueError otherwise, nothing written), or name the user's own
     class as ``custom:<name>``, loaded with ``load_packed(path, skeleton=...)``."""
     entries = model_entries(model, float_dtype, codebook_dtype, entropy, layer_codebooks)
-    check_packable(arch, [(name, p["shape"]) for name, _, p, _ in entries])
+    check_packable(arch, without_addends([(name, p["shape"]) for name, _, p, _ in entries]))
     for name, t in (extra or {}).items():
         entries.append((EXTRA + name, "dense", *encode_dense(t.detach().float().cpu(), "f32")))
     return write_packed(path, arch, meta or {}, entries)
@@ -99,13 +113,15 @@ def extra_tensors(packed: Packed) -> dict[str, torch.Tensor]:
 def build_from_packed(packed: Packed, materialize: bool = True, skeleton: nn.Module | None = None) -> nn.Module:
     """Rebuild the nn.Module. ``materialize=True`` decodes compressed weights into ordinary
     dense layers (fastest inference); ``False`` keeps the compressed layer types (PQLayers
-    with trainable codebooks, ...), as registered in codecs.py.
+    with trainable codebooks, ...), as registered in codecs.py. A weight stored as a sum of
+    parts (``<name>`` and its addends ``<name>+1``, ...) is their sum, or with ``False`` the
+    layer type registered for kind "additive", rebuilt from the decoded parts.
 
     The file's tensors are checked against the architecture (built on the meta device, its
     arguments bounded) before the model is built or anything decoded. ``skeleton``: a module of
     the architecture (its weights do not matter) to load the file into, in place, instead of
     building one by name: required for a ``custom:`` architecture (the user's own class)."""
-    shapes = [(n, p["shape"]) for n, _, p, _ in packed.model_entries()]
+    shapes = without_addends([(n, p["shape"]) for n, _, p, _ in packed.model_entries()])
     if skeleton is not None:
         check_state(packed.arch["name"], skeleton.state_dict(), shapes)
         model = skeleton
@@ -115,22 +131,32 @@ def build_from_packed(packed: Packed, materialize: bool = True, skeleton: nn.Mod
     else:
         check_against_architecture(packed.arch, shapes)
         model = build_arch(packed.arch)
-    state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, tuple[str, Decoded]]] = {}  # tensor -> {0: its own entry, i: its i-th addend}
     for name, enc, p, buf in packed.model_entries():
         dec = decode_entry(name, enc, p, buf)
         if dec.kind == "affine":
             codes = dec.parts["codes"]
             if codes.numel() and int(codes.max()) >= 2 ** p["bits"]:
                 raise PackedFormatError(f"tensor {name!r} ({enc}): corrupted codes: beyond the number of levels")
-        if materialize or dec.kind == "dense":
-            state[name] = dec.weight()
+        base, i = addend_of(name) or (name, 0)
+        parts.setdefault(base, {})[i] = (enc, dec)
+    state: dict[str, torch.Tensor] = {}
+    for name, by_index in parts.items():
+        encs = " + ".join(by_index[i][0] for i in sorted(by_index))
+        decoded = [by_index[i][1] for i in sorted(by_index)]
+        if materialize or (len(decoded) == 1 and decoded[0].kind == "dense"):
+            weights = [d.weight() for d in decoded]
+            state[name] = sum(weights[1:], weights[0])  # added in order, as a layer whose weight is a sum adds them
             continue
         mod = name.rpartition(".")[0]
-        codec = rebuild_codec(dec.kind)
+        if len(decoded) == 1:
+            codec, what = rebuild_codec(decoded[0].kind), decoded[0].parts
+        else:
+            codec, what = rebuild_codec("additive"), {"parts": decoded}
         try:
-            layer, own = codec.rebuild(model.get_submodule(mod), dec.parts)
+            layer, own = codec.rebuild(model.get_submodule(mod), what)
         except (ValueError, TypeError, AttributeError, RuntimeError) as e:
-            raise PackedFormatError(f"tensor {name!r} ({enc}): cannot rebuild its layer: {e}") from None
+            raise PackedFormatError(f"tensor {name!r} ({encs}): cannot rebuild its layer: {e}") from None
         set_module(model, mod, layer)
         state.update({f"{mod}.{k}": v for k, v in own.items()})
     check_state(packed.arch["name"], model.state_dict(), [(k, list(t.shape)) for k, t in state.items()])

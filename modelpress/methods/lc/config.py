@@ -33,7 +33,11 @@ class LCTask(BaseModel):
         None, gt=0, description="lowrank: select each layer's rank trading ||error||^2 against alpha * cost (CVPR 2020).",
     )
     cost: Literal["flops", "bytes"] = Field("flops", description="lowrank with alpha: the cost a rank unit adds.")
-    additive: bool = Field(False, description="Reserved: additive combinations (a layer in two tasks) are not yet packed.")
+    additive: bool = Field(
+        False, description="Sum this task's Delta(theta) with that of the other additive tasks on the layers they share "
+                           "(e.g. binary plus a sparse correction, prune with a small keep); a layer may be in several "
+                           "tasks only if each of them is additive.",
+    )
 
     @model_validator(mode="after")
     def _settings(self) -> LCTask:
@@ -41,8 +45,6 @@ class LCTask(BaseModel):
             raise ValueError("lowrank: give exactly one of rank (fixed) or alpha (rank selection)")
         if self.scheme != "lowrank" and (self.rank is not None or self.alpha is not None):
             raise ValueError(f"rank/alpha are settings of scheme lowrank, not {self.scheme}")
-        if self.additive:
-            raise ValueError("additive combinations are not supported yet: give each layer to one task")
         return self
 
 
@@ -55,7 +57,8 @@ class LCConfig(BaseModel):
     name: Literal["lc"] = Field("lc", description="The LC algorithm (Carreira-Perpinan & Idelbayev).")
     tasks: list[LCTask] = Field(
         [LCTask()], min_length=1,
-        description="Compression tasks; each Conv2d/Linear layer belongs to at most one (default: every layer, k = 2).",
+        description="Compression tasks; each Conv2d/Linear layer belongs to at most one, or to several that are all "
+                    "additive (their outputs summed) (default: every layer, k = 2).",
     )
     mu0: float = Field(1e-3, gt=0, description="Penalty of the first LC step (mu_j = mu0 * mu_growth^j).")
     mu_growth: float = Field(1.5, gt=1, le=10, description="Growth of the penalty per LC step (> 1).")

@@ -16,6 +16,12 @@ Delta(theta) (for a low-rank layer: its two factors) travel to the next step in 
 ``state``. The step's top-1 and bytes are those of Delta(theta) (``view``). ``finish`` makes the
 model Delta(theta): a quantized layer becomes a PQLayer with a k x 1 codebook (codes range coded
 in the file), a pruned one keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
+
+Additive combinations (Carreira-Perpinan & Idelbayev; the LC toolkit): a layer in several tasks,
+each ``additive``, has Delta(theta) = the sum of their schemes' outputs (a quantized weight plus a
+sparse correction, ...). The C step fits the parts by alternation (``c_step``); the record keeps
+the sum as the layer's ``delta.<layer>`` and each part as ``part<i>.*``; ``finish`` makes the
+layer an AdditiveLayer of the parts, one entry each in the file (``<layer>.weight``, ``+1``, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +43,7 @@ from ...train import as_loss, fit, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
 from ..base import Context, Method, Steps, batch_size_of_teacher, codebooks, run_steps
 from ..pq import PQLayer
+from .additive import AdditiveLayer, WeightPart
 from .config import LCConfig, LCTask
 from .cstep import (
     binarize,
@@ -56,19 +63,23 @@ QUANTIZERS = ("quantize", "binary", "ternary")
 # ---- which layer belongs to which task -----------------------------------------------------
 
 def assignments(model: nn.Module, cfg: LCConfig) -> list[list[tuple[str, nn.Conv2d | nn.Linear]]]:
-    """The layers of each task, in model order. Raises ValueError for a pattern matching no
-    layer, a layer claimed by two tasks, or a layer the task's scheme cannot take."""
+    """The layers of each task, in model order. A layer may be in several tasks only if each of
+    them is additive (its Delta(theta) is then the sum of theirs). Raises ValueError for a
+    pattern matching no layer, a layer claimed by two tasks not both additive, or a layer the
+    task's scheme cannot take."""
     layers = [(n, m) for n, m in named_layers(model) if isinstance(m.weight, nn.Parameter)]
-    owner: dict[str, int] = {}
+    owners: dict[str, list[int]] = {}
     out: list[list[tuple[str, Any]]] = []
     for i, task in enumerate(cfg.tasks):
         check_patterns(model, task.layers, f"lc: task {i + 1} ({task.scheme}): layers")
         mine = [(n, m) for n, m in layers if matches(n, task.layers)]
         for n, m in mine:
-            if n in owner:
-                raise ValueError(f"lc: {n} is claimed by task {owner[n] + 1} ({cfg.tasks[owner[n]].scheme}) and task {i + 1} "
-                                 f"({task.scheme}); give each layer to one task (additive combinations are not supported)")
-            owner[n] = i
+            for j in owners.get(n, []):
+                if not (task.additive and cfg.tasks[j].additive):
+                    raise ValueError(f"lc: {n} is claimed by task {j + 1} ({cfg.tasks[j].scheme}) and task {i + 1} "
+                                     f"({task.scheme}); give each layer to one task, or set additive: true on both tasks "
+                                     f"to sum them")
+            owners.setdefault(n, []).append(i)
             if isinstance(m, nn.Conv2d) and m.groups != 1 and task.scheme == "lowrank":
                 raise ValueError(f"lc: {n} is a grouped convolution (groups={m.groups}); scheme {task.scheme} does not "
                                  f"support it: leave it out of the task's layers or prune it")
@@ -81,6 +92,15 @@ def assignments(model: nn.Module, cfg: LCConfig) -> list[list[tuple[str, nn.Conv
     return out
 
 
+def owners_of(groups: list[list[tuple[str, Any]]]) -> dict[str, list[int]]:
+    """{layer: the indices of the tasks it is in}, in model order; several: an additive layer."""
+    owners: dict[str, list[int]] = {}
+    for i, layers in enumerate(groups):
+        for n, _ in layers:
+            owners.setdefault(n, []).append(i)
+    return owners
+
+
 def check(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
     """Fails in seconds, before any data or teacher: patterns, overlaps, ranks, storage."""
     assignments(model, cfg)
@@ -91,69 +111,162 @@ def check(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
 
 # ---- the C step ----------------------------------------------------------------------------
 
-def _cost_per_rank(name: str, m: nn.Module, task: LCTask, positions: dict[str, int], float_dtype: str) -> float:
-    out, rest = m.weight.shape[0], m.weight[0].numel()
+ADDITIVE_ROUNDS = 10  # rounds of the alternation over the parts of additive layers (fewer once it stops decreasing)
+
+
+def _cost_per_rank(name: str, shape: torch.Size, task: LCTask, positions: dict[str, int], float_dtype: str) -> float:
+    out, rest = shape[0], math.prod(shape[1:])
     if task.cost == "flops":
         return 2.0 * (out + rest) * positions.get(name, 1)
     return float(float_nbytes(out + rest, float_dtype))
 
 
+class TaskTheta(NamedTuple):
+    """One task's C step: ``tensors`` ``delta.<layer>`` = Delta(theta) (``u.<layer>`` and
+    ``v.<layer>`` for a low-rank layer), and per layer its adaptive codebook or its rank."""
+
+    tensors: dict[str, torch.Tensor]
+    codebooks: dict[str, list[float]]
+    ranks: dict[str, int]
+
+
+def task_c_step(index: int, task: LCTask, targets: dict[str, torch.Tensor], mu: float, inits: dict[str, list[float]],
+                l1_radius: dict[str, float], positions: dict[str, int], float_dtype: str) -> TaskTheta:
+    """theta = argmin ||target - Delta(theta)||^2 of task ``index`` over its layers' ``targets``
+    together (a network-wide l0 keep or l1 bound spans them all). ``inits``: {layer: codebook}
+    warm starts of adaptive quantization; ``l1_radius``: {task and layers: bound}, set here the
+    first time (a share of the targets' l1 norm), the same afterwards."""
+    tensors: dict[str, torch.Tensor] = {}
+    codebooks: dict[str, list[float]] = {}
+    ranks: dict[str, int] = {}
+    if task.scheme in QUANTIZERS:
+        for n, v in targets.items():
+            if task.scheme == "binary":
+                c, codes = binarize(v)
+            elif task.scheme == "ternary":
+                c, codes = ternarize(v)
+            else:
+                init = inits.get(n)
+                c, codes = kmeans_1d(v, task.k, None if init is None else torch.tensor(init, dtype=torch.float64))
+                codebooks[n] = [float(x) for x in c]
+            tensors[f"delta.{n}"] = c[codes].reshape(v.shape)
+    elif task.scheme == "prune":
+        names = list(targets)
+        for part in ([[n] for n in names] if task.per_layer else [names]):
+            vs = [targets[n] for n in part]
+            if task.norm == "l0":
+                kappa = int(round(task.keep * sum(x.numel() for x in vs)))
+                for n, mask in zip(part, keep_largest(vs, kappa)):
+                    tensors[f"delta.{n}"] = targets[n] * mask
+            else:
+                key = f"{index}:{','.join(part)}"
+                radius = l1_radius.setdefault(key, task.l1_fraction * float(sum(x.abs().sum() for x in vs)))
+                tau = l1_threshold(vs, radius)
+                for n in part:
+                    tensors[f"delta.{n}"] = soft_threshold(targets[n], tau)
+    else:  # lowrank
+        for n, v in targets.items():
+            rank = task.rank
+            if rank is None:
+                assert task.alpha is not None
+                rank = select_rank(v, mu, task.alpha, _cost_per_rank(n, v.shape, task, positions, float_dtype))
+            ranks[n] = rank
+            if rank == 0:  # no rank pays for itself: the target stays as it is
+                tensors[f"delta.{n}"] = v.clone()
+                continue
+            tensors[f"u.{n}"], tensors[f"v.{n}"] = low_rank(v, rank)
+    return TaskTheta(tensors, codebooks, ranks)
+
+
 @torch.no_grad()
 def c_step(weights: dict[str, torch.Tensor], lambdas: dict[str, torch.Tensor], mu: float, cfg: LCConfig,
-           groups: list[list[tuple[str, Any]]], state: dict, positions: dict[str, int], float_dtype: str) -> tuple[dict, dict]:
+           groups: list[list[tuple[str, Any]]], state: dict, positions: dict[str, int], float_dtype: str,
+           previous: dict[str, torch.Tensor] | None = None, rounds: int = ADDITIVE_ROUNDS) -> tuple[dict, dict]:
     """theta = argmin ||w - lambda/mu - Delta(theta)||^2 for every task. Returns (tensors, state):
     ``delta.<layer>`` = Delta(theta) (``u.<layer>``/``v.<layer>`` for a low-rank layer) and the new
-    JSON state (codebooks as warm start, ranks, l1 radii)."""
+    JSON state (codebooks as warm start, ranks, l1 radii).
+
+    A layer in several (additive) tasks has Delta(theta) = sum_i Delta_i(theta_i), fitted by
+    alternation (block coordinate descent, as the LC toolkit): starting from the ``previous``
+    step's parts (else zeros), each round runs each of those tasks' C step on its residual
+    targets v - sum_{j != i} Delta_j, for ``rounds`` rounds or until the objective stops
+    decreasing (a round that would increase it is undone). Its ``delta.<layer>`` is then the sum,
+    and each part is kept too: ``part<i>.delta.<layer>`` (or ``part<i>.u/v.<layer>``), i the
+    task's index, its codebook or rank in the state as ``part<i>.<layer>``."""
+    v = {n: (weights[n].double() - lambdas[n].double() / mu).float() if n in lambdas else weights[n].float()
+         for layers in groups for n, _ in layers}
+    owners = owners_of(groups)
+    shared = {n for n, tasks in owners.items() if len(tasks) > 1}
+    radii: dict[str, float] = dict(state.get("l1_radius", {}))
+    saved: dict[str, list[float]] = state.get("codebooks", {})
+
+    def key(i: int, n: str) -> str:
+        return f"part{i}.{n}" if n in shared else n
+
+    def run(i: int, targets: dict[str, torch.Tensor], last: TaskTheta | None) -> TaskTheta:
+        inits = {n: c for n in targets if (c := last.codebooks.get(n) if last else saved.get(key(i, n))) is not None}
+        return task_c_step(i, cfg.tasks[i], targets, mu, inits, radii, positions, float_dtype)
+
+    coupled = [i for i, layers in enumerate(groups) if any(n in shared for n, _ in layers)]
+    thetas = {i: run(i, {n: v[n] for n, _ in layers}, None) for i, layers in enumerate(groups) if i not in coupled}
+    if coupled:
+        thetas |= _alternate(v, groups, owners, coupled, run, previous or {}, rounds)
     tensors: dict[str, torch.Tensor] = {}
-    new_state: dict[str, Any] = {"codebooks": {}, "ranks": {}, "l1_radius": dict(state.get("l1_radius", {}))}
-    for i, (task, layers) in enumerate(zip(cfg.tasks, groups)):
-        v = {n: (weights[n].double() - lambdas[n].double() / mu).float() if n in lambdas else weights[n].float()
-             for n, _ in layers}
-        if task.scheme in QUANTIZERS:
-            for n, _ in layers:
-                if task.scheme == "binary":
-                    c, codes = binarize(v[n])
-                elif task.scheme == "ternary":
-                    c, codes = ternarize(v[n])
-                else:
-                    init = state.get("codebooks", {}).get(n)
-                    c, codes = kmeans_1d(v[n], task.k, None if init is None else torch.tensor(init, dtype=torch.float64))
-                    new_state["codebooks"][n] = [float(x) for x in c]
-                tensors[f"delta.{n}"] = c[codes].reshape(v[n].shape)
-        elif task.scheme == "prune":
-            parts = [[n] for n, _ in layers] if task.per_layer else [[n for n, _ in layers]]
-            for names in parts:
-                vs = [v[n] for n in names]
-                if task.norm == "l0":
-                    kappa = int(round(task.keep * sum(x.numel() for x in vs)))
-                    for n, mask in zip(names, keep_largest(vs, kappa)):
-                        tensors[f"delta.{n}"] = v[n] * mask
-                else:
-                    key = f"{i}:{','.join(names)}"
-                    radius = new_state["l1_radius"].setdefault(key, task.l1_fraction * float(sum(x.abs().sum() for x in vs)))
-                    tau = l1_threshold(vs, radius)
-                    for n in names:
-                        tensors[f"delta.{n}"] = soft_threshold(v[n], tau)
-        else:  # lowrank
-            for n, m in layers:
-                rank = task.rank
-                if rank is None:
-                    assert task.alpha is not None
-                    rank = select_rank(v[n], mu, task.alpha, _cost_per_rank(n, m, task, positions, float_dtype))
-                new_state["ranks"][n] = rank
-                if rank == 0:  # no rank pays for itself: the layer stays as it is
-                    tensors[f"delta.{n}"] = v[n].clone()
-                    continue
-                u, w = low_rank(v[n], rank)
-                tensors[f"u.{n}"], tensors[f"v.{n}"] = u, w
+    new_state: dict[str, Any] = {"codebooks": {}, "ranks": {}, "l1_radius": radii}
+    for i, theta in thetas.items():
+        for name, t in theta.tensors.items():
+            tensors[f"part{i}.{name}" if name.partition(".")[2] in shared else name] = t
+        new_state["codebooks"].update({key(i, n): c for n, c in theta.codebooks.items()})
+        new_state["ranks"].update({key(i, n): r for n, r in theta.ranks.items()})
+    for n, tasks in owners.items():
+        if len(tasks) > 1:
+            parts = [delta_of(n, tensors, v[n].shape, f"part{i}.") for i in tasks]
+            tensors[f"delta.{n}"] = sum(parts[1:], parts[0])  # in order, as AdditiveLayer adds its parts
     return tensors, new_state
 
 
-def delta_of(name: str, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """Delta(theta) of a layer from a step's tensors."""
-    if f"delta.{name}" in tensors:
-        return tensors[f"delta.{name}"]
-    return (tensors[f"u.{name}"] @ tensors[f"v.{name}"]).reshape(shape)
+def _alternate(v: dict[str, torch.Tensor], groups: list[list[tuple[str, Any]]], owners: dict[str, list[int]],
+               coupled: list[int], run: Callable[[int, dict[str, torch.Tensor], TaskTheta | None], TaskTheta],
+               previous: dict[str, torch.Tensor], rounds: int) -> dict[int, TaskTheta]:
+    """The C steps of the tasks with additive layers (``coupled``), by block coordinate descent
+    on the sum over their layers of ||v - the sum of the layer's parts||^2 (see c_step)."""
+    layers = [n for n, tasks in owners.items() if any(i in coupled for i in tasks)]  # in model order: a fixed sum
+
+    def start(i: int, n: str) -> torch.Tensor:
+        prefix = f"part{i}."
+        found = f"{prefix}delta.{n}" in previous or f"{prefix}u.{n}" in previous
+        return delta_of(n, previous, v[n].shape, prefix).float() if found else torch.zeros_like(v[n])
+
+    parts = {i: {n: start(i, n) for n, _ in groups[i]} for i in coupled}
+
+    def objective() -> float:
+        return sum(float((v[n].double() - sum(parts[j][n].double() for j in owners[n])).square().sum()) for n in layers)
+
+    thetas: dict[int, TaskTheta] = {}
+    best = objective()
+    for r in range(rounds):
+        before = (dict(thetas), dict(parts))
+        for i in coupled:
+            targets = {n: (v[n].double() - sum(parts[j][n].double() for j in owners[n] if j != i)).float()
+                       for n, _ in groups[i]}
+            thetas[i] = run(i, targets, thetas.get(i))
+            parts[i] = {n: delta_of(n, thetas[i].tensors, v[n].shape) for n in targets}
+        value = objective()
+        if value > best and r > 0:  # (rank selection trades the error for fewer ranks)
+            thetas, parts = before
+            break
+        done = best - value <= 1e-6 * best
+        best = value
+        if done:
+            break
+    return thetas
+
+
+def delta_of(name: str, tensors: dict[str, torch.Tensor], shape: torch.Size, prefix: str = "") -> torch.Tensor:
+    """Delta(theta) of a layer from a step's tensors (``prefix`` "part<i>.": of one of its parts)."""
+    if f"{prefix}delta.{name}" in tensors:
+        return tensors[f"{prefix}delta.{name}"]
+    return (tensors[f"{prefix}u.{name}"] @ tensors[f"{prefix}v.{name}"]).reshape(shape)
 
 
 # ---- the steps -----------------------------------------------------------------------------
@@ -265,10 +378,10 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
     state["positions"] = _positions(model, cfg, ctx, state)
     mu = cfg.mu(max(index, 1))
     losses: list[float] = []
+    tensors = prev.get("tensors") or {}
     if index == 0:
         lambdas: dict[str, torch.Tensor] = {}
     else:
-        tensors = prev.get("tensors")
         if not tensors:
             raise ValueError(f"lc: step {index} needs the record of step {index - 1} (ctx.previous['tensors'])")
         lambdas = {n: tensors[f"lambda.{n}"] for layers in groups for n, _ in layers}
@@ -276,7 +389,7 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
         losses = l_step(model, cfg, index, mu, targets, ctx)
     weights = {n: m.weight.detach().cpu() for layers in groups for n, m in layers}
     lam_cpu = {n: t.detach().cpu() for n, t in lambdas.items()}
-    out, new_state = c_step(weights, lam_cpu, mu, cfg, groups, state, state["positions"], ctx.float_dtype)
+    out, new_state = c_step(weights, lam_cpu, mu, cfg, groups, state, state["positions"], ctx.float_dtype, tensors)
     new_state["positions"] = state["positions"]
     for layers in groups:
         for n, _ in layers:
@@ -302,31 +415,49 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
 def compressed(model: nn.Module, cfg: LCConfig, tensors: dict[str, torch.Tensor], inplace: bool = False) -> tuple[nn.Module, list[dict]]:
     """The model whose compressed layers are Delta(theta): quantized layers as PQLayers (k x 1
     codebook of the distinct values), pruned ones with their zeros, low-rank ones as
-    LowRankLayers. Per-layer rows (scheme, values or rank, kept share)."""
+    LowRankLayers, additive ones as AdditiveLayers of such parts (a pruned part: a WeightPart).
+    Per-layer rows (scheme, values or rank, kept share; of an additive layer, its schemes joined
+    by "+" and its parts' fields, a field two parts have as a list)."""
     target = model if inplace else copy.deepcopy(model)
+    groups = assignments(target, cfg)
+    layers = {n: m for group in groups for n, m in group}
     rows = []
-    for task, layers in zip(cfg.tasks, assignments(target, cfg)):
-        for n, m in layers:
-            w = m.weight
-            row: dict[str, Any] = {"layer": n, "scheme": task.scheme, "weights": w.numel()}
-            if task.scheme == "lowrank" and f"u.{n}" in tensors:
-                u, v = tensors[f"u.{n}"], tensors[f"v.{n}"]
-                set_module(target, n, LowRankLayer(m, u.to(w.device), v.to(w.device)))
-                row["rank"] = u.shape[1]
-                rows.append(row)
-                continue
-            d = tensors[f"delta.{n}"].to(w.device, w.dtype).reshape(w.shape)
-            if task.scheme in QUANTIZERS:
-                values, codes = torch.unique(d.cpu().float().reshape(-1), return_inverse=True)
-                set_module(target, n, PQLayer(m, values[:, None], codes, block_size=1))
-                row["k"] = values.numel()
+    for n, tasks in owners_of(groups).items():
+        m = layers[n]
+        row: dict[str, Any] = {"layer": n, "scheme": "+".join(cfg.tasks[i].scheme for i in tasks), "weights": m.weight.numel()}
+        if len(tasks) == 1:
+            part, fields = _theta_part(m, cfg.tasks[tasks[0]], tensors, n, "")
+            if isinstance(part, torch.Tensor):
+                m.weight.copy_(part)
             else:
-                w.copy_(d)
-                row["kept"] = float((d != 0).float().mean())
-                if task.scheme == "lowrank":
-                    row["rank"] = "full"
-            rows.append(row)
+                set_module(target, n, part)
+            row.update(fields)
+        else:
+            parts, found = [], {}
+            for i in tasks:
+                part, fields = _theta_part(m, cfg.tasks[i], tensors, n, f"part{i}.")
+                parts.append(WeightPart(part) if isinstance(part, torch.Tensor) else part)
+                for k, x in fields.items():
+                    found.setdefault(k, []).append(x)
+            set_module(target, n, AdditiveLayer(m, parts))
+            row.update({k: xs[0] if len(xs) == 1 else xs for k, xs in found.items()})
+        rows.append(row)
     return target, rows
+
+
+def _theta_part(layer: nn.Module, task: LCTask, tensors: dict[str, torch.Tensor], name: str,
+                prefix: str) -> tuple[nn.Module | torch.Tensor, dict[str, Any]]:
+    """Delta(theta) of one task on a layer (``prefix`` "part<i>.": one part of an additive layer):
+    a LowRankLayer, a PQLayer, or the weight itself (pruned: with its zeros); and its row's fields."""
+    w = layer.weight
+    if task.scheme == "lowrank" and f"{prefix}u.{name}" in tensors:
+        u, v = tensors[f"{prefix}u.{name}"], tensors[f"{prefix}v.{name}"]
+        return LowRankLayer(layer, u.to(w.device), v.to(w.device)), {"rank": u.shape[1]}
+    d = tensors[f"{prefix}delta.{name}"].to(w.device, w.dtype).reshape(w.shape)
+    if task.scheme in QUANTIZERS:
+        values, codes = torch.unique(d.cpu().float().reshape(-1), return_inverse=True)
+        return PQLayer(layer, values[:, None], codes, block_size=1), {"k": values.numel()}
+    return d, {"kept": float((d != 0).float().mean()), **({"rank": "full"} if task.scheme == "lowrank" else {})}
 
 
 def view(model: nn.Module, cfg: LCConfig, record: dict) -> nn.Module:
@@ -346,7 +477,8 @@ def finish(model: nn.Module, cfg: LCConfig, ctx: Context) -> list[dict]:
 
 
 def trainable(model: nn.Module, cfg: LCConfig) -> list[nn.Parameter]:
-    """Fine-tuning after LC: the codebooks, the low-rank factors, the pruned layers' survivors."""
+    """Fine-tuning after LC: the codebooks, the low-rank factors, the pruned layers' (and pruned
+    parts') survivors."""
     params = codebooks(model)
     params += [p for m in model.modules() if isinstance(m, LowRankLayer) for p in (m.u, m.v)]
     params += [model.get_submodule(n).weight for n in held_zero(model, cfg)]
@@ -354,9 +486,16 @@ def trainable(model: nn.Module, cfg: LCConfig) -> list[nn.Parameter]:
 
 
 def held_zero(model: nn.Module, cfg: LCConfig) -> dict[str, torch.Tensor]:
-    """The pruned layers' masks (True = kept): the fine-tuning keeps their zeros."""
+    """The pruned layers' masks (True = kept), and those of the pruned parts of additive layers
+    (``<layer>.parts.<j>``): the fine-tuning keeps their zeros."""
     names = {n for t in cfg.tasks if t.scheme == "prune" for n, _ in named_layers(model) if matches(n, t.layers)}
-    return {n: m.weight.detach() != 0 for n, m in named_layers(model) if n in names}
+    masks = {n: m.weight.detach() != 0 for n, m in named_layers(model) if n in names}
+    for n, m in model.named_modules():
+        if isinstance(m, AdditiveLayer):  # its parts in the order of the tasks that claim it
+            tasks = [t for t in cfg.tasks if matches(n, t.layers)]
+            masks.update({f"{n}.parts.{j}": part.weight.detach() != 0 for j, (t, part) in enumerate(zip(tasks, m.parts))
+                          if t.scheme == "prune"})
+    return masks
 
 
 STEPS = Steps(identity=identity, count=count, run=run_step, prepare=prepare, finish=finish,
@@ -368,7 +507,7 @@ METHOD = Method(
     summary="LC algorithm: learning-compression alternation (Carreira-Perpinan & Idelbayev) for quantization, "
             "pruning and low rank",
     check=check, steps=STEPS, defaults=batch_size_of_teacher, trainable=trainable, held_zero=held_zero,
-    layers=(PQLayer, LowRankLayer),
+    layers=(PQLayer, LowRankLayer, AdditiveLayer),
 )
 
 
