@@ -45,6 +45,10 @@ POINTS: dict[str, dict] = {
     "lowrank": {"tasks": [{"layers": ["layer*"], "scheme": "lowrank", "alpha": 1e-7, "cost": "flops"}]},
     "lowrank3-ternary": {"tasks": [{"layers": ["layer3.*"], "scheme": "lowrank", "rank": 16},
                                    {"layers": ["conv1", "layer1.*", "layer2.*", "linear"], "scheme": "ternary"}]},
+    # additive: every weight ternary plus a sparse correction of the 0.5 % largest residuals (network-wide)
+    "ternary-sparse": {"tasks": [{"layers": ALL, "scheme": "ternary", "additive": True},
+                                 {"layers": ALL, "scheme": "prune", "keep": 0.005, "additive": True}]},
+    "prune92": {"tasks": [{"layers": ALL, "scheme": "prune", "keep": 0.075}]},  # the bytes of ternary-sparse
 }
 
 
@@ -73,7 +77,7 @@ def run_point(name: str, args, train, test, teacher: nn.Module, device: torch.de
     if args.finetune_epochs > 0:
         with keep_masks(model, METHOD.held_zero(model, cfg)):  # pruned weights stay zero
             distill(model, teacher, loader(train, args.batch_size, True, 1), trainable(model, cfg), args.finetune_epochs,
-                    args.finetune_lr, temperature=4.0, stage="finetune", device=device, augment=True)
+                    args.finetune_lr, temperature=args.temperature, stage="finetune", device=device, augment=True)
     recalibrate_batchnorm(model, loader(train, 500, True, 2), 100)
     path = Path(args.workdir) / f"lc-{name}.mpk"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +91,8 @@ def run_point(name: str, args, train, test, teacher: nn.Module, device: torch.de
            "macs": macs, "lc_seconds": round(t_lc, 1), "seconds": round(time.perf_counter() - t0, 1),
            "last_relative_distance": records[-1]["relative_distance"], "device": str(device),
            "ranks": {n: int(m.rank) for n, m in model.named_modules() if isinstance(getattr(m, "rank", None), int)} or None,
-           "settings": {k: v for k, v in raw.items() if k != "tasks"}, "tasks": raw["tasks"]}
+           "settings": {k: v for k, v in raw.items() if k != "tasks"}, "tasks": raw["tasks"],
+           "finetune": {"epochs": args.finetune_epochs, "lr": args.finetune_lr, "temperature": args.temperature}}
     print(f"{name:>18}  {nbytes:>9,d} B  top-1 {top1:6.2f} %  (after LC {lc_top1:6.2f} %)  "
           f"MACs {macs / 1e6:6.2f} M  {row['seconds']:7.1f} s", flush=True)
     return row
@@ -110,6 +115,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--finetune-epochs", type=float, default=4.0)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--temperature", type=float, default=4.0, help="of the fine-tuning's distillation")
     ap.add_argument("--workdir", default="/tmp/lc-bench")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="auto")

@@ -438,10 +438,15 @@ def test_lc_compress_ternary_plus_sparse_correction_packs_exactly_and_fine_tunes
 @pytest.mark.pipeline
 def test_pipeline_resumes_at_the_unfinished_step_bit_identical(trained_workdir, tmp_path):
     """Through the pipeline's stages: a run stopped after step 1 (its checkpoint with lambda and
-    Delta(theta) beside it) resumes at step 2 and ends bit-identical to an uninterrupted run;
-    each step's figures are those of Delta(theta)."""
+    Delta(theta), the additive layers' parts too, beside it) resumes at step 2 and ends
+    bit-identical to an uninterrupted run; each step's figures are those of Delta(theta). The
+    convolutions are ternary plus a sparse correction (additive): the fine-tuning stage rebuilds
+    them from the file, trains their parts and keeps the corrections' zeros, and the final file
+    holds them as such."""
     method = {"name": "lc", "lc_steps": 2, "l_step_epochs": 0.01,
-              "tasks": [{"layers": ["features.*"], "scheme": "ternary"}, {"layers": ["classifier.*"], "scheme": "binary"}]}
+              "tasks": [{"layers": ["features.*"], "scheme": "ternary", "additive": True},
+                        {"layers": ["features.*"], "scheme": "prune", "keep": 0.01, "additive": True},
+                        {"layers": ["classifier.*"], "scheme": "binary"}]}
     ref, work = tmp_path / "ref", tmp_path / "resumed"
     shutil.copytree(trained_workdir, ref)
     shutil.copytree(trained_workdir, work)
@@ -460,8 +465,22 @@ def test_pipeline_resumes_at_the_unfinished_step_bit_identical(trained_workdir, 
     assert [c["step"] for c in cycles] == [0, 1, 2] and all("state" not in c and "tensors" not in c for c in cycles)
     weights = sum(m.weight.numel() for m in build_model("fmnist_cnn").modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert all(c["packed_bytes"] < weights * 2 / 8 for c in cycles)  # the bytes of Delta(theta) (< 2 bits a weight), not of w
-    model, _ = load_packed(work / "compress" / "compressed.mpk")
-    assert all(len(torch.unique(m.weight)) <= 3 for m in model.modules() if isinstance(m, nn.Conv2d))
+    model, _ = load_packed(work / "compress" / "compressed.mpk", materialize=False)
+    convs = {n: m for n, m in model.named_modules() if n.startswith("features.") and isinstance(m, AdditiveLayer)}
+    assert len(convs) == 3 and all(len(torch.unique(m.parts[0].weight)) <= 3 for m in convs.values())
+    assert all(len(torch.unique(m.weight)) <= 2 for n, m in model.named_modules() if n.startswith("classifier.") and isinstance(m, PQLayer))
+    zeros = {n: m.parts[1].weight == 0 for n, m in convs.items()}
+    assert 0.9 < sum(int(z.sum()) for z in zeros.values()) / sum(z.numel() for z in zeros.values()) < 1
+
+    recipe = tiny_recipe(work, method=method, finetune={"epochs": 0.05})
+    tuned, _ = load_packed(stages.finetune_stage(recipe), materialize=False)
+    for n, z in zeros.items():
+        layer = tuned.get_submodule(n)
+        assert isinstance(layer, AdditiveLayer) and torch.equal(layer.parts[1].weight == 0, z), n  # zeros kept
+    assert any(not torch.equal(tuned.get_submodule(n).parts[1].weight, convs[n].parts[1].weight) for n in convs)  # trained
+    final = read_packed(stages.pack_stage(recipe))
+    encodings = {name: enc for name, enc, _, _ in final.entries}
+    assert all(encodings[f"{n}.weight"] == "pq" and encodings[f"{n}.weight+1"] == "sparse" for n in convs)
 
 
 def test_step_plot_for_mlflow(tmp_path):
