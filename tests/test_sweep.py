@@ -165,8 +165,10 @@ def test_local_sweep_runs_points_with_the_library_alone(trained_workdir, tmp_pat
         (blocked / mod).mkdir(parents=True)
         (blocked / mod / "__init__.py").write_text(f"raise ImportError('{mod} must not be imported here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
+    # the deadline: twice what the quick point takes on 2 cores under the whole suite's load (about 25 s);
+    # the slow one trains on one core until it is killed
     cmd = [sys.executable, "-m", "modelpress.sweep", str(sweep), "--params", str(_params(tmp_path, tmp_path / "x")),
-           "--concurrency", "2", "--threads", "1", "--deadline-s", "75", "--out", str(tmp_path / "r.json")]
+           "--concurrency", "2", "--threads", "1", "--deadline-s", "50", "--out", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads((tmp_path / "r.json").read_text())
