@@ -190,7 +190,8 @@ def c_step(weights: dict[str, torch.Tensor], lambdas: dict[str, torch.Tensor], m
     alternation (block coordinate descent, as the LC toolkit): starting from the ``previous``
     step's parts (else zeros), each round runs each of those tasks' C step on its residual
     targets v - sum_{j != i} Delta_j, for ``rounds`` rounds or until the objective stops
-    decreasing (a round that would increase it is undone). Its ``delta.<layer>`` is then the sum,
+    decreasing (a round after the first that would increase it is undone; the first is kept, the
+    previous step's parts having been fitted to another v). Its ``delta.<layer>`` is then the sum,
     and each part is kept too: ``part<i>.delta.<layer>`` (or ``part<i>.u/v.<layer>``), i the
     task's index, its codebook or rank in the state as ``part<i>.<layer>``."""
     v = {n: (weights[n].double() - lambdas[n].double() / mu).float() if n in lambdas else weights[n].float()
