@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FMNIST, tiny_recipe
+from helpers import FMNIST, SLOW, tiny_recipe
 
 # Server fixtures (loopback HTTP, moto S3) for every module that asks for them by name.
 pytest_plugins = ["fixtures_servers"]
@@ -184,16 +184,50 @@ def fmnist_available():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test session, shared by every pytest-xdist
+    worker (the first one to ask builds it under a file lock; the others wait, then read it).
+    Tests must treat it as read-only: copy it before changing anything."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    path, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a worker that failed half way
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, fmnist_available) -> Path:
-    """A workdir holding the fetched data set and a (briefly) trained real teacher."""
+    """A workdir holding the fetched data set and a (briefly) trained real teacher; read-only."""
     from modelpress import stages
 
-    work = tmp_path_factory.mktemp("trained")
-    recipe = tiny_recipe(work)
-    stages.fetch(recipe)
-    stages.teacher(recipe)
-    return work
+    def build(work: Path) -> None:
+        recipe = tiny_recipe(work)
+        stages.fetch(recipe)
+        stages.teacher(recipe)
+
+    return built_once(tmp_path_factory, "trained", build)
+
+
+@pytest.fixture(scope="session")
+def slow_reference(tmp_path_factory, trained_workdir) -> Path:
+    """The trained workdir after an uninterrupted PQ compression with the SLOW settings: what a
+    run stopped in the layer loop must end with once resumed; read-only."""
+    from modelpress import stages
+
+    def build(work: Path) -> None:
+        shutil.copytree(trained_workdir, work, dirs_exist_ok=True)
+        stages.compress_stage(tiny_recipe(work, method=SLOW))
+
+    return built_once(tmp_path_factory, "slow-reference", build)
 
 
 @pytest.fixture

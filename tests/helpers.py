@@ -38,6 +38,9 @@ TINY = {
     "method": {"calibration_images": 256, "kmeans_iters": 5, "layer_finetune_epochs": 0.01, "linear": {"block_size": 8, "k": 64}},
     "finetune": {"epochs": 0.02, "bn_batches": 5},
 }
+# PQ settings slow enough per layer (a little distillation each) for a test to stop a run in the
+# middle of the layer loop.
+SLOW = {"layer_finetune_epochs": 0.04}
 
 
 # A registry consumer's script starts with this: in the fresh interpreter it runs in, importing

@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import SLOW
 from services import STOP_GRACE_S, Stack, need_binaries
 from test_orchestration import (
     FLOW,
     POOL,
-    SLOW,
     _checkout,
     _client,
     _deploy,

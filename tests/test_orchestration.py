@@ -20,15 +20,13 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, tiny_recipe
+from helpers import REPO, SLOW, tiny_recipe
 from services import Stack, need_binaries
 
 pytestmark = pytest.mark.services
 
 FLOW = "modelpress-compress"
 POOL = "gpu-test"
-# Slow enough per layer (a little distillation each) to be killed in the middle of the loop.
-SLOW = {"layer_finetune_epochs": 0.04}
 
 
 def _checkout(dst: Path, params: dict) -> Path:
@@ -178,7 +176,7 @@ def _layers_done(ckpt: Path) -> int:
 
 
 @pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
-def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, trained_workdir, tmp_path):
+def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, trained_workdir, slow_reference, tmp_path):
     api, stack, pool = on_prefect_stack
     params = _tiny_params(method=SLOW, registry={"enabled": False})
     repo = _checkout(tmp_path / "checkout", params)
@@ -201,10 +199,7 @@ def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, tr
     assert 1 <= done_at_kill, "no layer finished before the kill"
     assert not (repo / "data" / "compress" / "compressed.mpk").exists(), "the layer loop ended before the kill"
 
-    # The reference: the same compression, uninterrupted (in this process, while nothing else runs).
-    ref = tmp_path / "ref"
-    shutil.copytree(trained_workdir, ref)
-    stages.compress_stage(tiny_recipe(ref, method=SLOW))
+    ref = slow_reference  # the same compression, uninterrupted
     n_layers = len(stages.read_json(ref / "compress" / "layers.json")["layers"])
     assert done_at_kill < n_layers
 

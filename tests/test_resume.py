@@ -18,12 +18,9 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, run_cli, tiny_recipe
+from helpers import REPO, SLOW, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
-
-# Slow enough per layer (a little distillation each) to be killed in the middle.
-SLOW = {"layer_finetune_epochs": 0.04}
 
 
 def _state(path):
@@ -37,11 +34,9 @@ def _layers_done(ckpt) -> int:
         return 0
 
 
-def test_kill_during_layer_loop_then_resume(trained_workdir, tmp_path):
-    ref, work = tmp_path / "ref", tmp_path / "killed"
-    shutil.copytree(trained_workdir, ref)
+def test_kill_during_layer_loop_then_resume(trained_workdir, slow_reference, tmp_path):
+    ref, work = slow_reference, tmp_path / "killed"  # ref: the same compression, uninterrupted
     shutil.copytree(trained_workdir, work)
-    stages.compress_stage(tiny_recipe(ref, method=SLOW))
 
     params = tmp_path / "params.json"
     params.write_text(tiny_recipe(work, method=SLOW).model_dump_json())

@@ -17,15 +17,12 @@ import pytest
 import torch
 import yaml
 
-from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, tiny_recipe
+from helpers import REPO, SLOW, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
-
-SLOW = {"layer_finetune_epochs": 0.04}  # slow enough per layer to be stopped in the middle of the loop
 
 
 def _layers_done(ckpt: Path) -> int:
@@ -35,11 +32,13 @@ def _layers_done(ckpt: Path) -> int:
         return 0
 
 
-def _start(params: Path) -> subprocess.Popen:
+def _start(params: Path, server: bool = False) -> subprocess.Popen:
+    """``modelpress run``; without ``server`` it has no PREFECT_API_URL, so it starts Prefect's
+    temporary server, which the signal must stop too."""
+    env = {k: v for k, v in os.environ.items() if server or k != "PREFECT_API_URL"}
     return subprocess.Popen([sys.executable, "-m", "modelpress", "run", "--params", str(params)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},  # no server: the
-                                 "MODELPRESS_DVC": "off"})  # command starts Prefect's temporary one, which must stop too
+                            env={**env, "MODELPRESS_DVC": "off"})
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -48,7 +47,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_run_within_seconds_and_rerun_resumes(sig, trained_workdir, tmp_path):
+def test_signal_stops_run_within_seconds_and_rerun_resumes(sig, trained_workdir, slow_reference, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(trained_workdir, work)
     recipe = tiny_recipe(work, method=SLOW, registry={"enabled": False})
@@ -82,14 +81,13 @@ def test_signal_stops_run_within_seconds_and_rerun_resumes(sig, trained_workdir,
 
     if sig == signal.SIGINT:
         return  # resuming after a stop is the same for both signals; checked once, below
-    # The same command again finishes; the compressed weights are an uninterrupted run's.
-    rerun = _start(params)
+    # The same command again finishes (here on the session's Prefect server: where the run's
+    # state lives does not change what it resumes from, its workdir); the compressed weights are
+    # an uninterrupted run's.
+    rerun = _start(params, server=True)
     out = rerun.communicate(timeout=600)[0]
     assert rerun.returncode == 0, out[-3000:]
     assert "resuming after" in out
-    ref = tmp_path / "ref"
-    shutil.copytree(trained_workdir, ref)
-    stages.compress_stage(tiny_recipe(ref, method=SLOW))
-    a = build_from_packed(read_packed(ref / "compress" / "compressed.mpk"), materialize=False).state_dict()
+    a = build_from_packed(read_packed(slow_reference / "compress" / "compressed.mpk"), materialize=False).state_dict()
     b = build_from_packed(read_packed(work / "compress" / "compressed.mpk"), materialize=False).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
