@@ -39,6 +39,9 @@ POINTS: dict[str, dict] = {
     "binary": {"tasks": [{"layers": ALL, "scheme": "binary"}]},
     "k2": {"tasks": [{"layers": ALL, "scheme": "quantize", "k": 2}]},
     "ternary": {"tasks": [{"layers": ALL, "scheme": "ternary"}]},
+    # one scale per output channel (affine entries) instead of one per layer
+    "binary-pc": {"tasks": [{"layers": ALL, "scheme": "binary", "per_channel": True}]},
+    "ternary-pc": {"tasks": [{"layers": ALL, "scheme": "ternary", "per_channel": True}]},
     "prune90": {"tasks": [{"layers": ALL, "scheme": "prune", "keep": 0.1}]},
     "lowrank-half": {"tasks": [{"layers": ["layer2.*"], "scheme": "lowrank", "rank": 16},
                                {"layers": ["layer3.*"], "scheme": "lowrank", "rank": 32}]},

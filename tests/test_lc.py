@@ -27,6 +27,7 @@ from modelpress.methods.lc import (
     LowRankLayer,
     WeightPart,
     binarize,
+    binarize_rows,
     c_step,
     keep_largest,
     kmeans_1d,
@@ -36,10 +37,12 @@ from modelpress.methods.lc import (
     select_rank,
     soft_threshold,
     ternarize,
+    ternarize_rows,
 )
 from modelpress.methods.lc.method import assignments, delta_of, penalty, proximal
 from modelpress.methods.pq import PQLayer
 from modelpress.methods.prune.magnitude import keep_masks
+from modelpress.methods.uniform.layer import UniformLayer
 from modelpress.models import build_model
 from modelpress.pack import build_from_packed, extra_tensors, load_packed, pack_model, packed_nbytes, read_packed
 from modelpress.train import loader
@@ -81,6 +84,22 @@ def test_ternarize_is_the_best_scaled_ternary_vector():
             best = min(best, _err(v, scale * s))
         assert _err(v, c[codes]) == pytest.approx(best, rel=1e-6, abs=1e-9)
         assert c[1] == 0 and c[0] == -c[2]
+
+
+def test_per_channel_binarize_and_ternarize_solve_each_row_and_never_lose_to_one_scale():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(6, 3, 2, 2, generator=g) * torch.rand(6, 1, 1, 1, generator=g) * 3  # rows of different scales
+    v[2] = 0  # a channel of zeros: scale 0, not NaN
+    for rows_fn, layer_fn, signs in ((binarize_rows, binarize, lambda c: c * 2 - 1), (ternarize_rows, ternarize, lambda c: c - 1)):
+        scale, codes = rows_fn(v)
+        assert scale.shape == (6,) and codes.shape == (6, 12)
+        for r in range(6):  # each row is the per-layer closed form (itself checked against brute force above) of that row
+            c, row_codes = layer_fn(v[r])
+            assert torch.equal(codes[r], row_codes) and float(scale[r]) == pytest.approx(float(c[-1]), rel=1e-6)
+        assert float(scale[2]) == 0
+        d = (scale[:, None] * signs(codes)).reshape(v.shape)
+        c, one = layer_fn(v)
+        assert _err(v, d) < _err(v, c[one].reshape(v.shape))
 
 
 def _best_partition(xs: list[float], k: int) -> float:
@@ -268,6 +287,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_packs_exactly(trained, da
     ({"tasks": [{"scheme": "quantize", "k": 1}]}, "k"),
     ({"tasks": [{"scheme": "prune", "keep": 0}]}, "keep"),
     ({"tasks": [{"scheme": "magic"}]}, "scheme"),
+    ({"tasks": [{"scheme": "quantize", "per_channel": True}]}, "per_channel is a setting of schemes binary and ternary"),
 ])
 def test_bad_settings_are_refused_naming_the_field(raw, message):
     with pytest.raises(ValidationError, match=message):
@@ -433,6 +453,47 @@ def test_lc_compress_ternary_plus_sparse_correction_packs_exactly_and_fine_tunes
             assert not q[1].weight[~masks[f"{n}.parts.1"]].any(), n  # zeros held during training, not only after
     assert any(not torch.equal(q[0].codebook, c) for q, (c, _) in zip(parts, before))
     assert any(not torch.equal(q[1].weight, w) for q, (_, w) in zip(parts, before))
+
+
+def test_per_channel_binary_and_ternary_pack_as_affine_entries_and_load_exactly(tmp_path):
+    """Convolutions ternary and the classifier binary, one scale per output channel: the layers end
+    as UniformLayers whose weight is the last step's Delta(theta), every row on its own {-c, 0, c}
+    (or {-c, c}); the file holds affine entries, is the size packed_nbytes says, loads exactly
+    both ways, and the fine-tuning trains the scales and offsets."""
+    torch.manual_seed(0)
+    teacher = build_model(TINY["name"], **TINY["kwargs"]).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    cfg = LCConfig(lc_steps=2, tasks=[{"layers": ["features.*"], "scheme": "ternary", "per_channel": True},
+                                      {"layers": ["classifier.*"], "scheme": "binary", "per_channel": True}])
+    METHOD.check(teacher, cfg, Context(codebook_dtype="i8"))  # the scales are floats whatever the codebooks' dtype
+    records: list[dict] = []
+    model, _ = lc_compress(copy.deepcopy(teacher), cfg, batches, teacher, on_step=lambda _i, _m, r: records.append(r))
+    model.eval()
+    last = records[-1]["tensors"]
+    names = [n for n, m in teacher.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, UniformLayer), n
+        w = layer.weight.detach()
+        assert torch.equal(w, last[f"delta.{n}"])
+        for row in w.reshape(w.shape[0], -1):
+            values = set(torch.unique(row.abs()).tolist())
+            assert len(values - {0.0}) <= 1 and (0.0 not in values or n.startswith("features")), n
+    path = tmp_path / "per-channel.mpk"
+    size = pack_model(model, path, TINY, {}, "f32", "f32")
+    assert size == os.path.getsize(path) == packed_nbytes(model, "f32", "f32", arch=TINY)
+    assert {e for n, e, _, _ in read_packed(path).entries if n.endswith(".weight") and n[:-7] in names} == {"affine"}
+    x = torch.randn(4, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        for materialize in (True, False):
+            loaded, _ = load_packed(path, materialize=materialize)
+            assert torch.equal(loaded(x), expected), materialize
+    coded, _ = load_packed(path, materialize=False)
+    params = METHOD.trainable(coded, cfg)
+    assert all(any(p is m.scale for p in params) and any(p is m.offset for p in params)
+               for m in coded.modules() if isinstance(m, UniformLayer))
 
 
 @pytest.mark.pipeline

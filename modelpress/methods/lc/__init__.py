@@ -5,12 +5,24 @@ pruning and low rank, one scheme per group of layers or several summed (additive
 
 from .additive import AdditiveLayer, WeightPart
 from .config import LCConfig, LCTask
-from .cstep import binarize, keep_largest, kmeans_1d, l1_threshold, low_rank, select_rank, soft_threshold, ternarize
+from .cstep import (
+    binarize,
+    binarize_rows,
+    keep_largest,
+    kmeans_1d,
+    l1_threshold,
+    low_rank,
+    select_rank,
+    soft_threshold,
+    ternarize,
+    ternarize_rows,
+)
 from .lowrank import LowRankLayer
 from .method import METHOD, assignments, c_step, compressed, lc_compress, run_step
 
 __all__ = [
-    "METHOD", "AdditiveLayer", "LCConfig", "LCTask", "LowRankLayer", "WeightPart", "assignments", "binarize", "c_step",
+    "METHOD", "AdditiveLayer", "LCConfig", "LCTask", "LowRankLayer", "WeightPart", "assignments", "binarize", "binarize_rows",
+    "c_step",
     "compressed", "keep_largest", "kmeans_1d", "l1_threshold", "lc_compress", "low_rank", "run_step", "select_rank",
-    "soft_threshold", "ternarize",
+    "soft_threshold", "ternarize", "ternarize_rows",
 ]

@@ -18,10 +18,14 @@ class LCTask(BaseModel):
     layers: list[str] = Field(["*"], min_length=1, description="Glob patterns of the Conv2d/Linear layers this task compresses.")
     scheme: Literal["quantize", "binary", "ternary", "prune", "lowrank"] = Field(
         "quantize", description="quantize: an adaptive codebook of k values per layer (1-D k-means); binary: {-c, c}; "
-                                "ternary: {-c, 0, c} (per layer, closed forms); prune: a sparsity constraint; "
+                                "ternary: {-c, 0, c} (closed forms; per layer, or per output channel with per_channel); prune: a sparsity constraint; "
                                 "lowrank: truncated SVD (Conv2d as out x in*kh*kw).",
     )
     k: int = Field(2, ge=2, le=256, description="quantize: values per layer (2 = 1 bit per weight).")
+    per_channel: bool = Field(
+        False, description="binary/ternary: one scale c per output channel (stored as an affine entry: a scale and an "
+                           "offset per channel, then the codes) instead of one per layer.",
+    )
     keep: float = Field(0.1, gt=0, le=1, description="prune (l0): share of the task's weights kept non-zero.")
     norm: Literal["l0", "l1"] = Field("l0", description="prune: l0 (keep the largest) or l1 (a bound on the sum of magnitudes).")
     l1_fraction: float = Field(
@@ -43,6 +47,8 @@ class LCTask(BaseModel):
     def _settings(self) -> LCTask:
         if self.scheme == "lowrank" and (self.rank is None) == (self.alpha is None):
             raise ValueError("lowrank: give exactly one of rank (fixed) or alpha (rank selection)")
+        if self.per_channel and self.scheme not in ("binary", "ternary"):
+            raise ValueError(f"per_channel is a setting of schemes binary and ternary, not {self.scheme}")
         if self.scheme != "lowrank" and (self.rank is not None or self.alpha is not None):
             raise ValueError(f"rank/alpha are settings of scheme lowrank, not {self.scheme}")
         return self

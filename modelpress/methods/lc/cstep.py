@@ -133,6 +133,30 @@ def ternarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([-c, torch.zeros((), dtype=torch.float64), c]).float(), codes
 
 
+def binarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled binarization with one scale per output channel (row of ``v`` viewed as out x rest):
+    :func:`binarize` of each row. Returns (scales (out,), codes (out, rest) 0/1); the row's
+    values are -scale and +scale."""
+    x = v.detach().double().reshape(v.shape[0], -1)
+    return x.abs().mean(1).float(), (x >= 0).long()
+
+
+def ternarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled ternarization with one scale per output channel: :func:`ternarize` of each row
+    (the same closed form, every row at once). Returns (scales (out,), codes (out, rest)
+    0/1/2 for -scale, 0, +scale)."""
+    x = v.detach().double().reshape(v.shape[0], -1)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0]), torch.zeros(x.shape, dtype=torch.long)
+    mags, order = torch.sort(x.abs(), dim=1, descending=True)
+    s = torch.cumsum(mags, 1)
+    t = torch.argmax(s * s / torch.arange(1, x.shape[1] + 1, dtype=torch.float64), dim=1) + 1  # (out,)
+    c = s.gather(1, (t - 1)[:, None])[:, 0] / t
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, torch.arange(x.shape[1]).expand_as(x) < t[:, None])
+    codes = torch.where(keep, torch.where(x >= 0, 2, 0), 1).long()
+    return c.float(), codes
+
+
 def keep_largest(vs: list[torch.Tensor], kappa: int) -> list[torch.Tensor]:
     """The l0 constraint, argmin ||v - theta||^2 subject to at most ``kappa`` non-zeros over all
     of ``vs`` together: keep the kappa largest magnitudes (ties broken by position), zero the rest.

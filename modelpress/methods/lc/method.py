@@ -15,7 +15,7 @@ Delta(theta) (for a low-rank layer: its two factors) travel to the next step in 
 ``tensors`` (stored exactly beside the checkpoint), the warm start of the codebooks in its
 ``state``. The step's top-1 and bytes are those of Delta(theta) (``view``). ``finish`` makes the
 model Delta(theta): a quantized layer becomes a PQLayer with a k x 1 codebook (codes range coded
-in the file), a pruned one keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
+in the file), a per-channel binary or ternary one a UniformLayer (an affine entry), a pruned one keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
 
 Additive combinations (Carreira-Perpinan & Idelbayev; the LC toolkit): a layer in several tasks,
 each ``additive``, has Delta(theta) = the sum of their schemes' outputs (a quantized weight plus a
@@ -43,10 +43,12 @@ from ...train import as_loss, fit, reseed
 from ...walk import check_patterns, matches, named_layers, set_module
 from ..base import Context, Method, Steps, batch_size_of_teacher, codebooks, run_steps
 from ..pq import PQLayer
+from ..uniform.layer import UniformLayer
 from .additive import AdditiveLayer, WeightPart
 from .config import LCConfig, LCTask
 from .cstep import (
     binarize,
+    binarize_rows,
     keep_largest,
     kmeans_1d,
     l1_threshold,
@@ -54,6 +56,7 @@ from .cstep import (
     select_rank,
     soft_threshold,
     ternarize,
+    ternarize_rows,
 )
 from .lowrank import LowRankLayer
 
@@ -104,7 +107,7 @@ def owners_of(groups: list[list[tuple[str, Any]]]) -> dict[str, list[int]]:
 def check(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
     """Fails in seconds, before any data or teacher: patterns, overlaps, ranks, storage."""
     assignments(model, cfg)
-    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS for t in cfg.tasks):
+    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS and not t.per_channel for t in cfg.tasks):
         raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} would move the learned values (integer codebooks "
                          f"are scaled per layer); use f16 or f32")
 
@@ -141,6 +144,11 @@ def task_c_step(index: int, task: LCTask, targets: dict[str, torch.Tensor], mu: 
     ranks: dict[str, int] = {}
     if task.scheme in QUANTIZERS:
         for n, v in targets.items():
+            if task.per_channel:  # Delta(theta) row by row: +-scale (binary), -scale/0/+scale (ternary)
+                scale, codes = (binarize_rows if task.scheme == "binary" else ternarize_rows)(v)
+                signs = codes * 2 - 1 if task.scheme == "binary" else codes - 1
+                tensors[f"delta.{n}"] = (scale[:, None] * signs).reshape(v.shape)
+                continue
             if task.scheme == "binary":
                 c, codes = binarize(v)
             elif task.scheme == "ternary":
@@ -415,7 +423,7 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
 @torch.no_grad()
 def compressed(model: nn.Module, cfg: LCConfig, tensors: dict[str, torch.Tensor], inplace: bool = False) -> tuple[nn.Module, list[dict]]:
     """The model whose compressed layers are Delta(theta): quantized layers as PQLayers (k x 1
-    codebook of the distinct values), pruned ones with their zeros, low-rank ones as
+    codebook of the distinct values; per channel: UniformLayers), pruned ones with their zeros, low-rank ones as
     LowRankLayers, additive ones as AdditiveLayers of such parts (a pruned part: a WeightPart).
     Per-layer rows (scheme, values or rank, kept share; of an additive layer, its schemes joined
     by "+" and its parts' fields, a field two parts have as a list)."""
@@ -455,10 +463,23 @@ def _theta_part(layer: nn.Module, task: LCTask, tensors: dict[str, torch.Tensor]
         u, v = tensors[f"{prefix}u.{name}"], tensors[f"{prefix}v.{name}"]
         return LowRankLayer(layer, u.to(w.device), v.to(w.device)), {"rank": u.shape[1]}
     d = tensors[f"{prefix}delta.{name}"].to(w.device, w.dtype).reshape(w.shape)
+    if task.scheme in QUANTIZERS and task.per_channel:
+        return _per_channel_layer(layer, task.scheme, d), {"k": 2 if task.scheme == "binary" else 3, "per_channel": True}
     if task.scheme in QUANTIZERS:
         values, codes = torch.unique(d.cpu().float().reshape(-1), return_inverse=True)
         return PQLayer(layer, values[:, None], codes, block_size=1), {"k": values.numel()}
     return d, {"kept": float((d != 0).float().mean()), **({"rank": "full"} if task.scheme == "lowrank" else {})}
+
+
+def _per_channel_layer(layer: nn.Module, scheme: str, d: torch.Tensor) -> UniformLayer:
+    """Delta(theta) of a per-channel binary or ternary layer as a UniformLayer (an affine entry
+    in the file): offset -c and scale 2c (binary, codes 0/1) or c (ternary, codes 0/1/2) per
+    channel, so offset + code * scale is exactly -c, (0,) +c."""
+    rows = d.detach().cpu().float().reshape(d.shape[0], -1)
+    c = rows.abs().amax(1)
+    if scheme == "binary":
+        return UniformLayer(layer, 1, (rows > 0).long(), 2 * c, -c)
+    return UniformLayer(layer, 2, (torch.sign(rows) + 1).long(), c, -c)
 
 
 def view(model: nn.Module, cfg: LCConfig, record: dict) -> nn.Module:
@@ -468,7 +489,7 @@ def view(model: nn.Module, cfg: LCConfig, record: dict) -> nn.Module:
 
 def finish(model: nn.Module, cfg: LCConfig, ctx: Context) -> list[dict]:
     """The model becomes Delta(theta) of the last step."""
-    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS for t in cfg.tasks):
+    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS and not t.per_channel for t in cfg.tasks):
         raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} cannot hold the learned values; use f16 or f32")
     tensors = (ctx.previous or {}).get("tensors")
     if not tensors:
@@ -482,6 +503,7 @@ def trainable(model: nn.Module, cfg: LCConfig) -> list[nn.Parameter]:
     parts') survivors."""
     params = codebooks(model)
     params += [p for m in model.modules() if isinstance(m, LowRankLayer) for p in (m.u, m.v)]
+    params += [p for m in model.modules() if isinstance(m, UniformLayer) for p in (m.scale, m.offset)]
     params += [model.get_submodule(n).weight for n in held_zero(model, cfg)]
     return params
 
@@ -508,7 +530,7 @@ METHOD = Method(
     summary="LC algorithm: learning-compression alternation (Carreira-Perpinan & Idelbayev) for quantization, "
             "pruning and low rank",
     check=check, steps=STEPS, defaults=batch_size_of_teacher, trainable=trainable, held_zero=held_zero,
-    layers=(PQLayer, LowRankLayer, AdditiveLayer),
+    layers=(PQLayer, LowRankLayer, UniformLayer, AdditiveLayer),
 )
 
 
