@@ -47,8 +47,9 @@ lint: setup
 	rm -rf $$tree; \
 	exit $$status
 
-# The static checks (seconds; ~40 s with mypy's cache empty), then every tier, the unit tier first
-# so that a broken core fails in about a minute. .ci/run runs this target.
+# The static checks (seconds; ~40 s with mypy's cache empty, on one core) side by side with the
+# unit tier, so that a broken core fails in about a minute, then the slow tiers. .ci/run runs this
+# target. -O: each one's output in one piece.
 # The slow tiers run on one more pytest-xdist worker than there are cores: their tests spend much
 # of their time waiting on servers and subprocesses (tests/conftest.py gives each worker one
 # torch thread and starts the longest tests first; tests that share a module fixture carry one
@@ -58,8 +59,8 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 # The unit tier: one worker per core (one torch thread each): about 40 s on 2 cores instead of 60.
 UNIT_WORKERS ?= $(shell nproc)
 TEST_ARGS ?=
-test: lint
-	$(PY) -m pytest -q -n $(UNIT_WORKERS) --tier unit
+test: setup
+	$(MAKE) --no-print-directory -j2 -O lint test-fast
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --tier pipeline --tier services $(TEST_ARGS)
 
 # The unit tier: no server, no subprocess (tests/conftest.py TIERS).
