@@ -390,6 +390,15 @@ def test_a_layer_in_two_additive_tasks_is_summed_and_the_others_keep_their_keys(
     assert plain.keys() == summed.keys() and all(torch.equal(plain[k], summed[k]) for k in plain)
 
 
+def _loads_exactly(model: nn.Module, path, x: torch.Tensor) -> None:
+    """The packed file at ``path`` gives ``model``'s outputs exactly, loaded either way."""
+    with torch.no_grad():
+        expected = model(x)
+        for materialize in (True, False):
+            loaded, _ = load_packed(path, materialize=materialize)
+            assert torch.equal(loaded(x), expected), materialize
+
+
 def test_lc_compress_ternary_plus_sparse_correction_packs_exactly_and_fine_tunes_its_parts(tmp_path):
     """Every layer ternary + a 2 % sparse correction: the layers end as AdditiveLayers whose weight
     is the step's Delta(theta); the file (a pq and a sparse entry per layer) is the size
@@ -426,12 +435,7 @@ def test_lc_compress_ternary_plus_sparse_correction_packs_exactly_and_fine_tunes
     with torch.no_grad():
         zeros = float((model.classifier[5].weight == 0).float().mean())
     assert rows["classifier.5.weight"]["sparsity"] == round(zeros, 4)  # of the sum
-    x = torch.randn(4, 1, 28, 28, generator=g)
-    with torch.no_grad():
-        expected = model(x)
-        for materialize in (True, False):
-            loaded, _ = load_packed(path, materialize=materialize)
-            assert torch.equal(loaded(x), expected), materialize
+    _loads_exactly(model, path, torch.randn(4, 1, 28, 28, generator=g))
     plain = tmp_path / "plain.mpk"
     pack_model(load_packed(path)[0], plain, TINY, {}, "f32", "f32")
     assert os.path.getsize(path) < os.path.getsize(plain)
@@ -484,12 +488,7 @@ def test_per_channel_binary_and_ternary_pack_as_affine_entries_and_load_exactly(
     size = pack_model(model, path, TINY, {}, "f32", "f32")
     assert size == os.path.getsize(path) == packed_nbytes(model, "f32", "f32", arch=TINY)
     assert {e for n, e, _, _ in read_packed(path).entries if n.endswith(".weight") and n[:-7] in names} == {"affine"}
-    x = torch.randn(4, 1, 28, 28, generator=g)
-    with torch.no_grad():
-        expected = model(x)
-        for materialize in (True, False):
-            loaded, _ = load_packed(path, materialize=materialize)
-            assert torch.equal(loaded(x), expected), materialize
+    _loads_exactly(model, path, torch.randn(4, 1, 28, 28, generator=g))
     coded, _ = load_packed(path, materialize=False)
     params = METHOD.trainable(coded, cfg)
     assert all(any(p is m.scale for p in params) and any(p is m.offset for p in params)
