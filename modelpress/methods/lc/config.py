@@ -18,8 +18,8 @@ class LCTask(BaseModel):
     layers: list[str] = Field(["*"], min_length=1, description="Glob patterns of the Conv2d/Linear layers this task compresses.")
     scheme: Literal["quantize", "binary", "ternary", "prune", "lowrank"] = Field(
         "quantize", description="quantize: an adaptive codebook of k values per layer (1-D k-means); binary: {-c, c}; "
-                                "ternary: {-c, 0, c} (closed forms; per layer, or per output channel with per_channel); prune: a sparsity constraint; "
-                                "lowrank: truncated SVD (Conv2d as out x in*kh*kw).",
+                                "ternary: {-c, 0, c} (closed forms; per layer, or per output channel with per_channel); "
+                                "prune: a sparsity constraint; lowrank: truncated SVD (Conv2d as out x in*kh*kw).",
     )
     k: int = Field(2, ge=2, le=256, description="quantize: values per layer (2 = 1 bit per weight).")
     per_channel: bool = Field(

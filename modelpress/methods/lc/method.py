@@ -15,7 +15,8 @@ Delta(theta) (for a low-rank layer: its two factors) travel to the next step in 
 ``tensors`` (stored exactly beside the checkpoint), the warm start of the codebooks in its
 ``state``. The step's top-1 and bytes are those of Delta(theta) (``view``). ``finish`` makes the
 model Delta(theta): a quantized layer becomes a PQLayer with a k x 1 codebook (codes range coded
-in the file), a per-channel binary or ternary one a UniformLayer (an affine entry), a pruned one keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
+in the file), a per-channel binary or ternary one a UniformLayer (an affine entry), a pruned one
+keeps its zeros (a sparse entry), a low-rank one a LowRankLayer.
 
 Additive combinations (Carreira-Perpinan & Idelbayev; the LC toolkit): a layer in several tasks,
 each ``additive``, has Delta(theta) = the sum of their schemes' outputs (a quantized weight plus a
@@ -423,8 +424,8 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
 @torch.no_grad()
 def compressed(model: nn.Module, cfg: LCConfig, tensors: dict[str, torch.Tensor], inplace: bool = False) -> tuple[nn.Module, list[dict]]:
     """The model whose compressed layers are Delta(theta): quantized layers as PQLayers (k x 1
-    codebook of the distinct values; per channel: UniformLayers), pruned ones with their zeros, low-rank ones as
-    LowRankLayers, additive ones as AdditiveLayers of such parts (a pruned part: a WeightPart).
+    codebook of the distinct values; per channel: UniformLayers), pruned ones with their zeros,
+    low-rank ones as LowRankLayers, additive ones as AdditiveLayers of such parts (a pruned part: a WeightPart).
     Per-layer rows (scheme, values or rank, kept share; of an additive layer, its schemes joined
     by "+" and its parts' fields, a field two parts have as a list)."""
     target = model if inplace else copy.deepcopy(model)
