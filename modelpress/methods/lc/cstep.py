@@ -106,45 +106,21 @@ def _nearest(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids.to(x.dtype), x, right=False)
 
 
-def binarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled binarization, argmin over c >= 0 and s in {-1, +1}^n of ||v - c s||^2: s = sign(v)
-    (+1 at 0), c = mean |v|. Returns (codebook [-c, c], codes 0/1)."""
-    x = _flat(v)
-    c = x.abs().mean() if x.numel() else torch.zeros((), dtype=torch.float64)
-    codes = (x >= 0).long()
-    return torch.stack([-c, c]).float(), codes
-
-
-def ternarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled ternarization, argmin over c >= 0 and s in {-1, 0, +1}^n of ||v - c s||^2. For the
-    t largest magnitudes non-zero, the best c is their mean and the error is
-    ||v||^2 - (sum of the t largest |v|)^2 / t, so t maximises S_t^2 / t (closed form after a
-    sort). Returns (codebook [-c, 0, c], codes 0/1/2)."""
-    x = _flat(v)
-    if x.numel() == 0:
-        return torch.zeros(3), torch.zeros(0, dtype=torch.long)
-    mags, order = torch.sort(x.abs(), descending=True)
-    s = torch.cumsum(mags, 0)
-    t = int(torch.argmax(s * s / torch.arange(1, x.numel() + 1, dtype=torch.float64))) + 1
-    c = s[t - 1] / t
-    keep = torch.zeros(x.numel(), dtype=torch.bool)
-    keep[order[:t]] = True
-    codes = torch.where(keep, torch.where(x >= 0, 2, 0), 1).long()
-    return torch.stack([-c, torch.zeros((), dtype=torch.float64), c]).float(), codes
-
-
 def binarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled binarization with one scale per output channel (row of ``v`` viewed as out x rest):
-    :func:`binarize` of each row. Returns (scales (out,), codes (out, rest) 0/1); the row's
-    values are -scale and +scale."""
+    """Scaled binarization with one scale per row of ``v`` viewed as out x rest (per output
+    channel): for each row, argmin over c >= 0 and s in {-1, +1}^n of ||v - c s||^2 is s = sign(v)
+    (+1 at 0), c = mean |v|. Returns (scales (out,), codes (out, rest) 0/1 for -scale, +scale)."""
     x = v.detach().double().reshape(v.shape[0], -1)
     return x.abs().mean(1).float(), (x >= 0).long()
 
 
 def ternarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled ternarization with one scale per output channel: :func:`ternarize` of each row
-    (the same closed form, every row at once). Returns (scales (out,), codes (out, rest)
-    0/1/2 for -scale, 0, +scale)."""
+    """Scaled ternarization with one scale per row of ``v`` viewed as out x rest (per output
+    channel): for each row, argmin over c >= 0 and s in {-1, 0, +1}^n of ||v - c s||^2. For the
+    t largest magnitudes non-zero, the best c is their mean and the error is
+    ||v||^2 - (sum of the t largest |v|)^2 / t, so t maximises S_t^2 / t (closed form after a
+    sort, every row at once). Returns (scales (out,), codes (out, rest) 0/1/2 for -scale, 0,
+    +scale)."""
     x = v.detach().double().reshape(v.shape[0], -1)
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0]), torch.zeros(x.shape, dtype=torch.long)
@@ -155,6 +131,26 @@ def ternarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, torch.arange(x.shape[1]).expand_as(x) < t[:, None])
     codes = torch.where(keep, torch.where(x >= 0, 2, 0), 1).long()
     return c.float(), codes
+
+
+def binarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled binarization with one scale for all of ``v`` (:func:`binarize_rows` of one row).
+    Returns (codebook [-c, c], codes 0/1)."""
+    x = _flat(v)
+    if x.numel() == 0:
+        return torch.zeros(2), torch.zeros(0, dtype=torch.long)
+    c, codes = binarize_rows(x[None])
+    return torch.stack([-c[0], c[0]]), codes[0]
+
+
+def ternarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled ternarization with one scale for all of ``v`` (:func:`ternarize_rows` of one row).
+    Returns (codebook [-c, 0, c], codes 0/1/2)."""
+    x = _flat(v)
+    if x.numel() == 0:
+        return torch.zeros(3), torch.zeros(0, dtype=torch.long)
+    c, codes = ternarize_rows(x[None])
+    return torch.stack([-c[0], torch.zeros(()), c[0]]), codes[0]
 
 
 def keep_largest(vs: list[torch.Tensor], kappa: int) -> list[torch.Tensor]:

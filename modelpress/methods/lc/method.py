@@ -105,10 +105,16 @@ def owners_of(groups: list[list[tuple[str, Any]]]) -> dict[str, list[int]]:
     return owners
 
 
+def _per_layer_codebooks(cfg: LCConfig) -> bool:
+    """Whether a task learns a codebook per layer (a quantizer without ``per_channel``): its values
+    must be stored as floats, as an integer codebook would move them."""
+    return any(t.scheme in QUANTIZERS and not t.per_channel for t in cfg.tasks)
+
+
 def check(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
     """Fails in seconds, before any data or teacher: patterns, overlaps, ranks, storage."""
     assignments(model, cfg)
-    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS and not t.per_channel for t in cfg.tasks):
+    if is_int_codebook(ctx.codebook_dtype) and _per_layer_codebooks(cfg):
         raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} would move the learned values (integer codebooks "
                          f"are scaled per layer); use f16 or f32")
 
@@ -464,7 +470,7 @@ def _theta_part(layer: nn.Module, task: LCTask, tensors: dict[str, torch.Tensor]
         u, v = tensors[f"{prefix}u.{name}"], tensors[f"{prefix}v.{name}"]
         return LowRankLayer(layer, u.to(w.device), v.to(w.device)), {"rank": u.shape[1]}
     d = tensors[f"{prefix}delta.{name}"].to(w.device, w.dtype).reshape(w.shape)
-    if task.scheme in QUANTIZERS and task.per_channel:
+    if task.per_channel:  # binary or ternary (LCTask allows it on no other scheme)
         return _per_channel_layer(layer, task.scheme, d), {"k": 2 if task.scheme == "binary" else 3, "per_channel": True}
     if task.scheme in QUANTIZERS:
         values, codes = torch.unique(d.cpu().float().reshape(-1), return_inverse=True)
@@ -490,7 +496,7 @@ def view(model: nn.Module, cfg: LCConfig, record: dict) -> nn.Module:
 
 def finish(model: nn.Module, cfg: LCConfig, ctx: Context) -> list[dict]:
     """The model becomes Delta(theta) of the last step."""
-    if is_int_codebook(ctx.codebook_dtype) and any(t.scheme in QUANTIZERS and not t.per_channel for t in cfg.tasks):
+    if is_int_codebook(ctx.codebook_dtype) and _per_layer_codebooks(cfg):
         raise ValueError(f"lc: pack.codebook_dtype {ctx.codebook_dtype} cannot hold the learned values; use f16 or f32")
     tensors = (ctx.previous or {}).get("tensors")
     if not tensors:
