@@ -13,16 +13,19 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 # NO_APT=1: no root for apt-get; the run then fetches the data set from params.yaml's other sources.
 setup: $(STAMP) $(if $(NO_APT),,$(FMNIST))
 
-# uv (pinned in the lock) installs the lock: ~35 s on a fresh machine, seconds from its cache.
-# --compile-bytecode writes the .pyc files at install time (uv does not by default): without them
-# every process compiles torch, prefect and mlflow again where PYTHONDONTWRITEBYTECODE is set
-# (CI images, containers), which doubles the CPU of each `modelpress` start.
+# uv (pinned in the lock) installs the lock: seconds from its cache.
+# Where PYTHONDONTWRITEBYTECODE is set (CI images, containers) Python never writes .pyc files, so
+# every process would compile torch, prefect and mlflow again (double the CPU of each `modelpress`
+# start): there --compile-bytecode writes them at install, ~50 CPU-seconds once. Elsewhere Python
+# writes the .pyc of what a process imports on first use, which costs the first run ~15 CPU-seconds,
+# not the 50 of compiling every installed file.
 UV_PIN := $(shell grep -m1 '^uv==' requirements.lock)
+COMPILE := $(if $(PYTHONDONTWRITEBYTECODE),--compile-bytecode,)
 $(STAMP): requirements.lock pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q --disable-pip-version-check "$(UV_PIN)" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(VENV)/bin/uv pip install -q --system-certs --compile-bytecode --python $(PY) -r requirements.lock
-	$(VENV)/bin/uv pip install -q --system-certs --compile-bytecode --python $(PY) --no-deps -e .
+	$(VENV)/bin/uv pip install -q --system-certs $(COMPILE) --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install -q --system-certs $(COMPILE) --python $(PY) --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Debian ships Fashion-MNIST (the embedded default data set) as a package.

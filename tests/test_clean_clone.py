@@ -21,7 +21,10 @@ RUN_COMMAND = "make run"
 SHORT = ("-S teacher.epochs=0.2 -S method.calibration_images=256 -S method.kmeans_iters=5 "
          "-S method.layer_finetune_epochs=0.01 -S finetune.epochs=0.05 -S finetune.bn_batches=5 "
          "-S data.test_images=2000")
-PROJECT_ENV = ("MODELPRESS_", "MLFLOW_", "PREFECT_", "AWS_", "DVC_", "VIRTUAL_ENV", "PYTHONPATH", "PYTEST_")
+PROJECT_ENV = ("MODELPRESS_", "MLFLOW_", "PREFECT_", "AWS_", "DVC_", "VIRTUAL_ENV", "PYTHONPATH", "PYTEST_",
+               # A workstation does not set it (CI images do: CI's own `make setup` from a clean
+               # checkout takes that branch of the Makefile, this test the other).
+               "PYTHONDONTWRITEBYTECODE")
 
 
 def newcomer_env() -> dict:
