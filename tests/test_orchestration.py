@@ -325,7 +325,9 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        sweep = {"name": "e2e", "base": _tiny_params(), "runner": "deployment", "concurrency": 2,
+        # The teacher to compress is given (as a team sweeps a model it has): each point loads it.
+        teacher = {"weights": str(repo / "data" / "teacher" / "teacher.mpk")}
+        sweep = {"name": "e2e", "base": _tiny_params(teacher=teacher), "runner": "deployment", "concurrency": 2,
                  "points": [{"name": "u8", "set": {"method.name": "uniform", "method.bits": 8}},
                             {"name": "u4", "set": {"method.name": "uniform", "method.bits": 4}}]}
         with temporary_settings({PREFECT_API_URL: api}):
