@@ -74,18 +74,14 @@ def targets(w: np.ndarray, values: np.ndarray, zero_distance: float, bits: np.nd
     the nearest value. With it (beta), the value minimising the squared relative distance plus
     beta times the value's code length ``bits``: the entropy-constrained assignment of scalar
     quantization, which sends a weight to a more used value when it is nearly as close."""
-    near = nearest(values, w)
     if not entropy_weight or bits is None:
-        return near
-    scale = np.maximum(np.abs(w), zero_distance)[:, None]
-    best, best_cost = near, np.full(w.size, np.inf)
-    for lo in range(0, values.size, 64):  # (weights x 64 values) at a time
-        v = values[lo:lo + 64]
-        cost = ((w[:, None] - v[None, :]) / scale) ** 2 + entropy_weight * bits[lo:lo + 64][None, :]
-        i = cost.argmin(1)
-        c = cost[np.arange(w.size), i]
-        better = c < best_cost
-        best, best_cost = np.where(better, lo + i, best), np.where(better, c, best_cost)
+        return nearest(values, w)
+    penalty = entropy_weight * bits[None, :]
+    best = np.empty(w.size, np.int64)
+    for lo in range(0, w.size, 8192):  # (8,192 weights x the values) at a time: memory stays small
+        part = w[lo:lo + 8192, None]
+        cost = ((part - values[None, :]) / np.maximum(np.abs(part), zero_distance)) ** 2 + penalty
+        best[lo:lo + 8192] = cost.argmin(1)
     return best
 
 
