@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,10 +31,14 @@ def run(params: str | Path, overrides: list[str], work: Path, env: dict) -> tupl
     for s in overrides:
         cmd += ["-S", s]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # `kill` of the benchmark stops the run too (which stops its own processes), not an orphan that
+    # goes on computing. (Ctrl-C reaches the whole process group, the run included, by itself.)
+    signal.signal(signal.SIGTERM, lambda s, _frame: proc.send_signal(s))
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode:
-        sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"run failed:\n{stderr[-3000:]}")
     return json.loads((work / "run_timings.json").read_text()), json.loads((work / "metrics.json").read_text()), wall
 
 
