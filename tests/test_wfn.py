@@ -117,47 +117,6 @@ def test_mean_rule_bounds_the_mean_distance_of_what_one_value_takes():
         choose(w, 1, levels, 0.01, GAMMA, "median")
 
 
-def test_entropy_weighted_targets_match_brute_force_and_favour_used_values():
-    from modelpress.methods.wfn.retrain import targets
-
-    rng = np.random.default_rng(0)
-    values = np.union1d(np.sort(rng.choice(candidate_levels(2, GAMMA, 1.0)[-1], 40, replace=False)), [0.0])
-    bits = rng.uniform(2, 9, values.size)
-    w = rng.normal(0, 0.1, 5000)
-    assert np.array_equal(targets(w, values, GAMMA), nearest(values, w))  # beta 0: the nearest value
-    for beta in (1e-4, 3e-3, 0.05):
-        scale = np.maximum(np.abs(w), GAMMA)[:, None]
-        cost = ((w[:, None] - values[None, :]) / scale) ** 2 + beta * bits[None, :]
-        got = targets(w, values, GAMMA, bits, beta)
-        assert np.allclose(cost[np.arange(w.size), got], cost.min(1))
-    # Between 1.0 (common, 1 bit) and 1.25 (rare, 8 bits), a weight at 1.2 goes to 1.25 by
-    # distance alone and to 1.0 once beta makes the 7 bits worth more than the distance.
-    vals, b = np.array([0.0, 1.0, 1.25]), np.array([5.0, 1.0, 8.0])
-    assert values_at(targets(np.array([1.2]), vals, GAMMA, b, 0.0), vals) == [1.25]
-    assert values_at(targets(np.array([1.2]), vals, GAMMA, b, 1e-4), vals) == [1.25]
-    assert values_at(targets(np.array([1.2]), vals, GAMMA, b, 0.01), vals) == [1.0]
-
-
-def values_at(idx, vals):
-    return [float(vals[i]) for i in idx]
-
-
-def test_code_bits_count_the_fixed_weights_network_wide():
-    from modelpress.methods.wfn.retrain import code_bits
-
-    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.5, 0.5, 0.5, 0.25]] * 3))
-        model[1].weight.copy_(torch.tensor([[0.5, 7.0, 7.0], [7.0, 7.0, 7.0]]))
-    masks = {"0": torch.ones(3, 4, dtype=torch.bool), "1": torch.tensor([[True, False, False], [False] * 3])}
-    values = np.array([0.0, 0.25, 0.5])
-    # fixed: 0.5 x 10, 0.25 x 3, nothing at 0; one extra count each: 1, 4, 11 of 16
-    assert np.allclose(code_bits(model, masks, values), -np.log2(np.array([1, 4, 11]) / 16))
-    masks["1"][0, 1] = True  # a fixed 7.0, not among the values
-    with pytest.raises(ValueError, match="outside the values in use"):
-        code_bits(model, masks, values)
-
-
 def test_mask_state_round_trips_compactly():
     mask = torch.rand(256, 3136, generator=torch.Generator().manual_seed(0)) < 0.9
     text = encode_mask(mask)
@@ -289,7 +248,6 @@ def test_identity_lets_a_longer_schedule_reuse_earlier_iterations():
     ("distance_allowed", 0.0, "greater than 0"),
     ("zero_distance", -1.0, "greater than 0"),
     ("max_order", 4, "less than or equal to 3"),
-    ("entropy_weight", -0.001, "greater than or equal to 0"),
 ])
 def test_bad_settings_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValidationError, match=message) as err:

@@ -43,14 +43,6 @@ class WFNConfig(BaseModel):
                     "within delta of the values in use, so later iterations add few values (the reference code's 1 "
                     "needs its 10 epochs per iteration).",
     )
-    entropy_weight: float = Field(
-        0.0, ge=0, le=1,
-        description="beta: the term pulls each free weight toward the value in use that minimises its squared relative "
-                    "distance plus beta x the value's code length in bits (-log2 of its share of the fixed weights), so "
-                    "weights go to the most used values when nearly as close: lower entropy, at some accuracy. "
-                    "0 = the nearest value (the paper). Neighbouring values are 12-20 % apart: 0.005 moves a weight "
-                    "up to about 10 % further for a value 4x as common.",
-    )
     epochs_per_iteration: float = Field(
         1.0, ge=0, le=1000, description="Epochs of retraining of the free weights after each iteration but the last.",
     )
@@ -87,5 +79,4 @@ class WFNConfig(BaseModel):
 
     def key_params(self) -> str:
         return (f"delta={self.distance_allowed} ({self.distance_rule}) iterations={len(self.fractions)} zero={self.zero_distance:g} "
-                f"max_order={self.max_order} reg={self.regularisation_ratio}"
-                + (f" beta={self.entropy_weight:g}" if self.entropy_weight else ""))
+                f"max_order={self.max_order} reg={self.regularisation_ratio}")

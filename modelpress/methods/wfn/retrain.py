@@ -53,44 +53,11 @@ def hold_fixed(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[Cal
         reassert()
 
 
-def code_bits(model: nn.Module, masks: dict[str, torch.Tensor], values: np.ndarray) -> np.ndarray:
-    """Code length in bits of each of ``values`` (sorted): -log2 of its share of the fixed
-    weights, network-wide, counted with one extra weight per value (a value no weight holds yet,
-    0 before anything is pruned, gets a long code, not an infinite one)."""
-    counts = np.ones(values.size)
-    for name, mask in masks.items():
-        held = layer_weight(model, name).detach().cpu().double()[mask.cpu()].numpy()
-        u, c = np.unique(held, return_counts=True)
-        at = np.searchsorted(values, u)
-        if (at >= values.size).any() or (values[np.minimum(at, values.size - 1)] != u).any():
-            raise ValueError(f"wfn: {name} holds fixed weights outside the values in use")
-        np.add.at(counts, at, c)
-    return -np.log2(counts / counts.sum())
-
-
-def targets(w: np.ndarray, values: np.ndarray, zero_distance: float, bits: np.ndarray | None = None,
-            entropy_weight: float = 0.0) -> np.ndarray:
-    """Index into ``values`` (sorted) of each weight's pull target. Without ``entropy_weight``,
-    the nearest value. With it (beta), the value minimising the squared relative distance plus
-    beta times the value's code length ``bits``: the entropy-constrained assignment of scalar
-    quantization, which sends a weight to a more used value when it is nearly as close."""
-    if not entropy_weight or bits is None:
-        return nearest(values, w)
-    penalty = entropy_weight * bits[None, :]
-    best = np.empty(w.size, np.int64)
-    for lo in range(0, w.size, 8192):  # (8,192 weights x the values) at a time: memory stays small
-        part = w[lo:lo + 8192, None]
-        cost = ((part - values[None, :]) / np.maximum(np.abs(part), zero_distance)) ** 2 + penalty
-        best[lo:lo + 8192] = cost.argmin(1)
-    return best
-
-
 def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.ndarray,
-                zero_distance: float, entropy_weight: float = 0.0) -> Callable[[], torch.Tensor] | None:
-    """The mean squared relative distance of the free weights to their target among ``values``
-    (the network's fixed values, 0 included: see ``targets``), targets taken once, at the start
-    of the retraining. None when no weight is free."""
-    bits = code_bits(model, masks, values) if entropy_weight else None
+                zero_distance: float) -> Callable[[], torch.Tensor] | None:
+    """The mean squared relative distance of the free weights to their nearest value among
+    ``values`` (the network's fixed values, 0 included), targets taken once, at the start of the
+    retraining. None when no weight is free."""
     parts = []
     for name, mask in masks.items():
         w = layer_weight(model, name)
@@ -98,8 +65,7 @@ def regulariser(model: nn.Module, masks: dict[str, torch.Tensor], values: np.nda
         if not free.any():
             continue
         flat = w.detach().cpu().double().reshape(-1).numpy()
-        at = targets(flat, values, zero_distance, bits, entropy_weight)
-        target = torch.from_numpy(values[at]).reshape(w.shape).to(w.device, w.dtype)
+        target = torch.from_numpy(values[nearest(values, flat)]).reshape(w.shape).to(w.device, w.dtype)
         parts.append((w, free.to(w.dtype), target))  # dense tensors: cheaper than indexing the free weights
     n = sum(int(f.sum()) for _, f, _ in parts)
     if n == 0:
@@ -128,7 +94,7 @@ def retrain(model: nn.Module, cfg: WFNConfig, masks: dict[str, torch.Tensor], va
         raise ValueError("wfn: retraining needs training batches (train_batches=...)")
     torch.manual_seed(cfg.seed + index)
     reseed(batches, cfg.seed + index)
-    reg = regulariser(model, masks, values, cfg.zero_distance, cfg.entropy_weight) if cfg.regularisation_ratio > 0 else None
+    reg = regulariser(model, masks, values, cfg.zero_distance) if cfg.regularisation_ratio > 0 else None
     if teacher is not None:
         teacher.eval()
 
