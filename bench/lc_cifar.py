@@ -42,6 +42,8 @@ POINTS: dict[str, dict] = {
     # one scale per output channel (affine entries) instead of one per layer
     "binary-pc": {"tasks": [{"layers": ALL, "scheme": "binary", "per_channel": True}]},
     "ternary-pc": {"tasks": [{"layers": ALL, "scheme": "ternary", "per_channel": True}]},
+    # at most 42 % non-zero codes per layer: about 1.40 bits per weight, the 20x point's bytes (<= 54,000)
+    "ternary-nz42": {"tasks": [{"layers": ALL, "scheme": "ternary", "nonzero": 0.42}]},
     "prune90": {"tasks": [{"layers": ALL, "scheme": "prune", "keep": 0.1}]},
     "lowrank-half": {"tasks": [{"layers": ["layer2.*"], "scheme": "lowrank", "rank": 16},
                                {"layers": ["layer3.*"], "scheme": "lowrank", "rank": 32}]},

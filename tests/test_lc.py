@@ -86,6 +86,28 @@ def test_ternarize_is_the_best_scaled_ternary_vector():
         assert c[1] == 0 and c[0] == -c[2]
 
 
+def test_ternarize_with_a_bound_on_non_zeros_is_the_best_within_it():
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        v = torch.randn(7, generator=g) * torch.rand(7, generator=g)
+        for nonzero, most in ((0.3, 2), (3 / 7, 3), (0.01, 1)):
+            c, codes = ternarize(v, nonzero)
+            assert int((codes != 1).sum()) <= most
+            best = float(v.double().square().sum())
+            for s in itertools.product((-1.0, 0.0, 1.0), repeat=7):
+                s = torch.tensor(s)
+                if not 0 < s.abs().sum() <= most:
+                    continue
+                best = min(best, _err(v, max(0.0, float(s @ v) / float(s @ s)) * s))
+            assert _err(v, c[codes]) == pytest.approx(best, rel=1e-6, abs=1e-9)
+        assert torch.equal(ternarize(v, 1.0)[1], ternarize(v)[1])  # a bound of everything is no bound
+    rows = torch.randn(5, 40, generator=g)
+    scale, codes = ternarize_rows(rows, 0.25)
+    for r in range(5):  # per row: the per-layer closed form of that row, at most 10 non-zero
+        c, row_codes = ternarize(rows[r], 0.25)
+        assert torch.equal(codes[r], row_codes) and int((row_codes != 1).sum()) <= 10
+
+
 def test_per_channel_binarize_and_ternarize_solve_each_row_and_never_lose_to_one_scale():
     g = torch.Generator().manual_seed(3)
     v = torch.randn(6, 3, 2, 2, generator=g) * torch.rand(6, 1, 1, 1, generator=g) * 3  # rows of different scales
@@ -288,6 +310,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_packs_exactly(trained, da
     ({"tasks": [{"scheme": "prune", "keep": 0}]}, "keep"),
     ({"tasks": [{"scheme": "magic"}]}, "scheme"),
     ({"tasks": [{"scheme": "quantize", "per_channel": True}]}, "per_channel is a setting of schemes binary and ternary"),
+    ({"tasks": [{"scheme": "binary", "nonzero": 0.4}]}, "nonzero is a setting of scheme ternary"),
+    ({"tasks": [{"scheme": "ternary", "nonzero": 0}]}, "greater than 0"),
 ])
 def test_bad_settings_are_refused_naming_the_field(raw, message):
     with pytest.raises(ValidationError, match=message):

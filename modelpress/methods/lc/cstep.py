@@ -114,19 +114,20 @@ def binarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.abs().mean(1).float(), (x >= 0).long()
 
 
-def ternarize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ternarize_rows(v: torch.Tensor, nonzero: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled ternarization with one scale per row of ``v`` viewed as out x rest (per output
-    channel): for each row, argmin over c >= 0 and s in {-1, 0, +1}^n of ||v - c s||^2. For the
-    t largest magnitudes non-zero, the best c is their mean and the error is
-    ||v||^2 - (sum of the t largest |v|)^2 / t, so t maximises S_t^2 / t (closed form after a
-    sort, every row at once). Returns (scales (out,), codes (out, rest) 0/1/2 for -scale, 0,
-    +scale)."""
+    channel): for each row, argmin over c >= 0 and s in {-1, 0, +1}^n of ||v - c s||^2, with at
+    most ``nonzero`` x n of s non-zero when given (at least one). For the t largest magnitudes
+    non-zero, the best c is their mean and the error is ||v||^2 - (sum of the t largest |v|)^2 / t,
+    so t maximises S_t^2 / t over the allowed t (closed form after a sort, every row at once).
+    Returns (scales (out,), codes (out, rest) 0/1/2 for -scale, 0, +scale)."""
     x = v.detach().double().reshape(v.shape[0], -1)
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0]), torch.zeros(x.shape, dtype=torch.long)
     mags, order = torch.sort(x.abs(), dim=1, descending=True)
     s = torch.cumsum(mags, 1)
-    t = torch.argmax(s * s / torch.arange(1, x.shape[1] + 1, dtype=torch.float64), dim=1) + 1  # (out,)
+    most = x.shape[1] if nonzero is None else max(1, min(x.shape[1], math.floor(nonzero * x.shape[1])))
+    t = torch.argmax(s[:, :most] ** 2 / torch.arange(1, most + 1, dtype=torch.float64), dim=1) + 1  # (out,)
     c = s.gather(1, (t - 1)[:, None])[:, 0] / t
     keep = torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, torch.arange(x.shape[1]).expand_as(x) < t[:, None])
     codes = torch.where(keep, torch.where(x >= 0, 2, 0), 1).long()
@@ -143,13 +144,13 @@ def binarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([-c[0], c[0]]), codes[0]
 
 
-def ternarize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ternarize(v: torch.Tensor, nonzero: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled ternarization with one scale for all of ``v`` (:func:`ternarize_rows` of one row).
     Returns (codebook [-c, 0, c], codes 0/1/2)."""
     x = _flat(v)
     if x.numel() == 0:
         return torch.zeros(3), torch.zeros(0, dtype=torch.long)
-    c, codes = ternarize_rows(x[None])
+    c, codes = ternarize_rows(x[None], nonzero)
     return torch.stack([-c[0], torch.zeros(()), c[0]]), codes[0]
 
 

@@ -152,14 +152,14 @@ def task_c_step(index: int, task: LCTask, targets: dict[str, torch.Tensor], mu: 
     if task.scheme in QUANTIZERS:
         for n, v in targets.items():
             if task.per_channel:  # Delta(theta) row by row: +-scale (binary), -scale/0/+scale (ternary)
-                scale, codes = (binarize_rows if task.scheme == "binary" else ternarize_rows)(v)
+                scale, codes = binarize_rows(v) if task.scheme == "binary" else ternarize_rows(v, task.nonzero)
                 signs = codes * 2 - 1 if task.scheme == "binary" else codes - 1
                 tensors[f"delta.{n}"] = (scale[:, None] * signs).reshape(v.shape)
                 continue
             if task.scheme == "binary":
                 c, codes = binarize(v)
             elif task.scheme == "ternary":
-                c, codes = ternarize(v)
+                c, codes = ternarize(v, task.nonzero)
             else:
                 init = inits.get(n)
                 c, codes = kmeans_1d(v, task.k, None if init is None else torch.tensor(init, dtype=torch.float64))
