@@ -46,3 +46,21 @@ def test_bench_sweep_file_expands_on_its_params(path: Path):
     assert points and len({name for name, _ in points}) == len(points)
     for _name, recipe in points:
         assert recipe.teacher.arch == sweep.base.teacher.arch
+
+
+def test_lc_bench_points_are_valid_and_the_ones_results_md_runs():
+    """bench/lc_cifar.py's points build valid LC settings, and every point a command in
+    bench/RESULTS.md names exists."""
+    import importlib.util
+
+    from modelpress.methods.lc import LCConfig
+
+    spec = importlib.util.spec_from_file_location("lc_cifar", REPO / "bench" / "lc_cifar.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for raw in bench.POINTS.values():
+        LCConfig(**raw)
+    named = {p for arg in re.findall(r"lc_cifar\.py[^`]*?--points (\S+)", (REPO / "bench" / "RESULTS.md").read_text(), re.S)
+             for p in arg.split(",")}
+    assert named and named <= set(bench.POINTS), named - set(bench.POINTS)
