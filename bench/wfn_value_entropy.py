@@ -66,6 +66,7 @@ def main() -> None:
         fix_to(model, cfg, masks, 0.3)
         fixed = torch.cat([layer_weight(model, n).detach()[m] for n, m in masks.items()]).double().numpy()
         free = torch.cat([layer_weight(model, n).detach()[~m] for n, m in masks.items()]).double().numpy()
+        # 0 is always a target (as in WFN's term), so it is counted once even before anything is pruned
         values, counts = np.unique(np.concatenate([fixed, [0.0]]), return_counts=True)
         bits = -np.log2(counts / counts.sum())
         nonzero = np.sort(bits[values != 0])[:10]

@@ -30,7 +30,7 @@ class LCTask(BaseModel):
         None, gt=0, le=1,
         description="ternary: at most this share of each layer's (each channel's, with per_channel) codes non-zero; the "
                     "closed form then picks the best threshold within it. Fewer non-zero codes entropy-code smaller: a share q "
-                    "costs at most h(q) + q bits per weight (0.4: 1.37; ternary's own threshold keeps about 0.55 of "
+                    "costs at most h(q) + q bits per weight (0.4: 1.37; ternary's own threshold keeps 0.54 of "
                     "Gaussian-like weights: 1.54). Empty: no bound.",
     )
     keep: float = Field(0.1, gt=0, le=1, description="prune (l0): share of the task's weights kept non-zero.")
