@@ -136,7 +136,8 @@ def test_mlflow_errors(monkeypatch):
 # ---- DVC -------------------------------------------------------------------------------------
 
 @pytest.mark.pipeline
-def test_dvc_errors(tmp_path):
+def test_dvc_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")  # a new DVC repo reports usage (a daemon per command) unless told not to
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
