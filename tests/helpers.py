@@ -17,6 +17,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+_CHECKPOINTS: dict[Path, tuple[tuple[int, int, int], int]] = {}
+
+
+def layers_done(ckpt: Path) -> int:
+    """How many layers a compression checkpoint holds (0 before the first one is written). Tests
+    poll it many times a second while a run compresses: the file (megabytes) is parsed again only
+    when it was replaced, not on every poll."""
+    from modelpress.pack import read_packed
+
+    try:
+        st = ckpt.stat()
+    except FileNotFoundError:
+        return 0
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    seen = _CHECKPOINTS.get(ckpt)
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    try:
+        n = len(read_packed(ckpt).meta["layers"])
+    except Exception:  # noqa: BLE001 - being replaced: the next poll reads the new one
+        return 0
+    _CHECKPOINTS[ckpt] = (stamp, n)
+    return n
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data. Missing: the test is skipped on a developer's machine, but
     fails under CI (CI=true), where the data is expected, so a clean clone never quietly tests less."""

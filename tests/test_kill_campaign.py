@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelpress.pack import read_packed
-
-from helpers import REPO, TINY
+from helpers import REPO, TINY, layers_done
 
 pytestmark = pytest.mark.pipeline
 
@@ -41,12 +39,6 @@ def _fresh(trained_workdir: Path, work: Path) -> Path:
     shutil.rmtree(work / "teacher")  # the teacher is trained by the run, so it can be killed there
     return work
 
-
-def _layers_done(ckpt: Path) -> int:
-    try:
-        return len(read_packed(ckpt).meta["layers"])
-    except Exception:  # noqa: BLE001 - not written yet
-        return 0
 
 
 class Run:
@@ -91,7 +83,7 @@ def test_killed_once_in_every_stage_then_byte_identical_and_registered_once(trai
         return any("teacher: training" in line for line in run.lines)
 
     def in_layer_loop(run):
-        return _layers_done(work / "compress" / "checkpoint.mpk") >= 1
+        return layers_done(work / "compress" / "checkpoint.mpk") >= 1
 
     def fine_tuning(run):
         if not out["compressed"].exists():

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import SLOW
+from helpers import SLOW, layers_done
 from services import STOP_GRACE_S, Stack, need_binaries
 from test_orchestration import (
     FLOW,
@@ -24,7 +24,6 @@ from test_orchestration import (
     _checkout,
     _client,
     _deploy,
-    _layers_done,
     _run_logs,
     _tiny_params,
     _trigger,
@@ -50,7 +49,7 @@ def _closed(stack: Stack) -> None:
 
 def _wait_layers(ckpt: Path, n: int, worker, timeout: float = 240) -> None:
     t0 = time.monotonic()
-    while _layers_done(ckpt) < n:
+    while layers_done(ckpt) < n:
         assert time.monotonic() - t0 < timeout, f"no {n} finished layer(s) after {timeout:.0f} s:\n{worker.tail()}"
         assert worker.proc.poll() is None, worker.tail()
         time.sleep(0.1)
@@ -218,9 +217,9 @@ def test_server_restart_mid_compression_completes_and_frees_the_gpu_slot(trained
         assert _gpu_leases(stack, api), "the GPU slot's lease is not on disk"
 
         stack.services[0].kill()  # SIGKILL: the server and its children, nothing flushed
-        down_at, done_at_kill = time.monotonic(), _layers_done(ckpt)
+        down_at, done_at_kill = time.monotonic(), layers_done(ckpt)
         time.sleep(5)
-        assert _layers_done(ckpt) >= 1 and worker.proc.poll() is None
+        assert layers_done(ckpt) >= 1 and worker.proc.poll() is None
         stack.prefect(port=port, name="prefect-server-2")
         down_s = time.monotonic() - down_at
 
@@ -294,7 +293,7 @@ def test_worker_killed_alone_crashed_run_is_rescheduled_and_resumes(on_prefect_s
     assert crashed.state_name == "Crashed", crashed.state_name
     print(f"crashed {(crashed.state.timestamp - crashed.start_time).total_seconds():.0f} s after its start: "
           f"{crashed.state.message}")
-    done = _layers_done(ckpt)
+    done = layers_done(ckpt)
 
     worker2 = stack.worker(api, pool, WORKER_ENV, name="worker-2")
     assert f"rescheduled crashed flow run {run.name}" in worker2.tail(20000), worker2.tail()
@@ -320,7 +319,7 @@ def test_worker_stopped_by_one_sigterm_mid_compression_run_resumes_after_restart
     ckpt = repo / "data" / "compress" / "checkpoint.mpk"
     _wait_layers(ckpt, 1, worker)
     assert worker.stop() == [], worker.tail()
-    done = _layers_done(ckpt)
+    done = layers_done(ckpt)
 
     worker2 = stack.worker(api, pool, WORKER_ENV, name="worker-2")
     assert f"rescheduled orphaned flow run {run.name}" in worker2.tail(20000), worker2.tail()

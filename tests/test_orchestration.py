@@ -20,7 +20,7 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, SLOW, tiny_recipe
+from helpers import REPO, SLOW, layers_done, tiny_recipe
 from services import Stack, need_binaries
 
 pytestmark = pytest.mark.services
@@ -168,12 +168,6 @@ def _state(path):
     return build_from_packed(read_packed(path), materialize=False).state_dict()
 
 
-def _layers_done(ckpt: Path) -> int:
-    try:
-        return len(read_packed(ckpt).meta["layers"])
-    except Exception:  # noqa: BLE001 - not written yet
-        return 0
-
 
 @pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
 def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, trained_workdir, slow_reference, tmp_path):
@@ -188,11 +182,11 @@ def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, tr
     t0 = time.monotonic()
     run = _trigger(api, {"recipe": params})
     ckpt = repo / "data" / "compress" / "checkpoint.mpk"
-    while _layers_done(ckpt) < 1 and time.monotonic() - t0 < 240:
+    while layers_done(ckpt) < 1 and time.monotonic() - t0 < 240:
         assert worker.proc.poll() is None, worker.tail()
         time.sleep(0.1)
     worker.kill()  # SIGKILL to the worker and its flow-run process at once: the machine is lost
-    done_at_kill = _layers_done(ckpt)
+    done_at_kill = layers_done(ckpt)
     killed_at = time.monotonic() - t0
     with _client(api) as client:
         assert client.read_flow_run(run.id).state_name == "Running"  # nobody left to report the crash

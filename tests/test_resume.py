@@ -18,7 +18,7 @@ from modelpress import stages
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, SLOW, run_cli, tiny_recipe
+from helpers import REPO, SLOW, layers_done, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.pipeline
 def _state(path):
     return build_from_packed(read_packed(path), materialize=False).state_dict()
 
-
-def _layers_done(ckpt) -> int:
-    try:
-        return len(read_packed(ckpt).meta["layers"])
-    except Exception:  # noqa: BLE001 - not written yet
-        return 0
 
 
 def test_kill_during_layer_loop_then_resume(trained_workdir, slow_reference, tmp_path):
@@ -44,12 +38,12 @@ def test_kill_during_layer_loop_then_resume(trained_workdir, slow_reference, tmp
     proc = subprocess.Popen([sys.executable, "-m", "modelpress", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
     ckpt = work / "compress" / "checkpoint.mpk"
     deadline = time.monotonic() + 300
-    while _layers_done(ckpt) < 1 and proc.poll() is None and time.monotonic() < deadline:
+    while layers_done(ckpt) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = _layers_done(ckpt)
+    done_at_kill = layers_done(ckpt)
     n_layers = len(stages.read_json(ref / "compress" / "layers.json")["layers"])
     assert 1 <= done_at_kill < n_layers
     assert not (work / "compress" / "compressed.mpk").exists()

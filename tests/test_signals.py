@@ -20,16 +20,10 @@ import yaml
 from modelpress.pack import read_packed
 from modelpress.pack.format import build_from_packed
 
-from helpers import REPO, SLOW, tiny_recipe
+from helpers import REPO, SLOW, layers_done, tiny_recipe
 
 pytestmark = pytest.mark.pipeline
 
-
-def _layers_done(ckpt: Path) -> int:
-    try:
-        return len(read_packed(ckpt).meta["layers"])
-    except Exception:  # noqa: BLE001 - not written yet
-        return 0
 
 
 def _start(params: Path, server: bool = False) -> subprocess.Popen:
@@ -57,7 +51,7 @@ def test_signal_stops_run_within_seconds_and_rerun_resumes(sig, trained_workdir,
     proc = _start(params)
     ckpt = work / "compress" / "checkpoint.mpk"
     t0 = time.monotonic()
-    while _layers_done(ckpt) < 1:
+    while layers_done(ckpt) < 1:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() - t0 < 300, "no layer finished"
         time.sleep(0.1)
