@@ -12,12 +12,39 @@ The library is plain PyTorch: every method is a function you can call from a not
                               train_batches=batches)
 """
 
-from .methods import compress
-from .methods.kmeans import KMeansConfig
-from .methods.pq import PQConfig
-from .methods.prune import PruneConfig, PrunePQConfig
-from .methods.uniform import UniformConfig
-from .pack import arch_spec, load_packed, pack_model, read_packed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# What `from modelpress import X` gives, and the module that defines it. They are imported on
+# first use (PEP 562), so that a command that needs none of them (a Prefect worker's setup, a
+# deployment's reschedule) starts without importing torch, seconds of a process's start.
+_EXPORTS = {
+    "compress": ".methods", "KMeansConfig": ".methods.kmeans", "PQConfig": ".methods.pq",
+    "PruneConfig": ".methods.prune", "PrunePQConfig": ".methods.prune", "UniformConfig": ".methods.uniform",
+    "arch_spec": ".pack", "load_packed": ".pack", "pack_model": ".pack", "read_packed": ".pack",
+}
+
+if TYPE_CHECKING:
+    from .methods import compress
+    from .methods.kmeans import KMeansConfig
+    from .methods.pq import PQConfig
+    from .methods.prune import PruneConfig, PrunePQConfig
+    from .methods.uniform import UniformConfig
+    from .pack import arch_spec, load_packed, pack_model, read_packed
 
 __all__ = ["KMeansConfig", "PQConfig", "UniformConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -75,3 +75,15 @@ def test_orchestration_is_not_installed_as_generic_packages(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [False, False, True, True]
     assert (REPO / "flows" / "cli.py").is_file()
+
+
+def test_worker_setup_starts_without_torch(tmp_path):
+    """infra/prefect-worker.sh runs `python -m modelpress.flows.deploy worker-setup` before every
+    worker start: that module (and `import modelpress`) leave torch unimported, seconds of each
+    start; the library's names still come on first use."""
+    code = ("import sys, json, modelpress.flows.deploy; before = 'torch' in sys.modules; "
+            "from modelpress import load_packed, PQConfig; "
+            "print(json.dumps([before, 'torch' in sys.modules, callable(load_packed)]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, True, True]
