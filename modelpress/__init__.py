@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .methods.uniform import UniformConfig
     from .pack import arch_spec, load_packed, pack_model, read_packed
 
+# Spelled out (not list(_EXPORTS)): ruff and mypy read the public names from a literal __all__.
 __all__ = ["KMeansConfig", "PQConfig", "UniformConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
 __version__ = "0.1.0"
 

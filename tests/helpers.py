@@ -17,29 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-_CHECKPOINTS: dict[Path, tuple[tuple[int, int, int], int]] = {}
-
-
 def layers_done(ckpt: Path) -> int:
-    """How many layers a compression checkpoint holds (0 before the first one is written). Tests
-    poll it many times a second while a run compresses: the file (megabytes) is parsed again only
-    when it was replaced, not on every poll."""
+    """How many layers a compression checkpoint holds (0 before the first one is written): what
+    the tests that stop a run in the PQ layer loop wait for."""
     from modelpress.pack import read_packed
 
     try:
-        st = ckpt.stat()
-    except FileNotFoundError:
+        return len(read_packed(ckpt).meta["layers"])
+    except Exception:  # noqa: BLE001 - not written yet
         return 0
-    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-    seen = _CHECKPOINTS.get(ckpt)
-    if seen is not None and seen[0] == stamp:
-        return seen[1]
-    try:
-        n = len(read_packed(ckpt).meta["layers"])
-    except Exception:  # noqa: BLE001 - being replaced: the next poll reads the new one
-        return 0
-    _CHECKPOINTS[ckpt] = (stamp, n)
-    return n
 
 
 def shared_data(*parts: str) -> Path:

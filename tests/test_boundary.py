@@ -80,10 +80,11 @@ def test_orchestration_is_not_installed_as_generic_packages(tmp_path):
 def test_worker_setup_starts_without_torch(tmp_path):
     """infra/prefect-worker.sh runs `python -m modelpress.flows.deploy worker-setup` before every
     worker start: that module (and `import modelpress`) leave torch unimported, seconds of each
-    start; the library's names still come on first use."""
+    start; every name of __all__ still comes on first use."""
     code = ("import sys, json, modelpress.flows.deploy; before = 'torch' in sys.modules; "
-            "from modelpress import load_packed, PQConfig; "
-            "print(json.dumps([before, 'torch' in sys.modules, callable(load_packed)]))")
+            "import modelpress; names = [getattr(modelpress, n) for n in modelpress.__all__]; "
+            "print(json.dumps([before, 'torch' in sys.modules, all(map(callable, names)), "
+            "sorted(modelpress.__all__) == sorted(modelpress._EXPORTS)]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == [False, True, True]
+    assert json.loads(proc.stdout) == [False, True, True, True]

@@ -40,7 +40,6 @@ def _fresh(trained_workdir: Path, work: Path) -> Path:
     return work
 
 
-
 class Run:
     """`modelpress run` in its own process group, its terminal output collected line by line."""
 

@@ -168,7 +168,6 @@ def _state(path):
     return build_from_packed(read_packed(path), materialize=False).state_dict()
 
 
-
 @pytest.mark.xdist_group("prefect-server")  # the shared server (fixtures_servers.py)
 def test_worker_killed_mid_layer_loop_resumes_after_restart(on_prefect_stack, trained_workdir, slow_reference, tmp_path):
     api, stack, pool = on_prefect_stack

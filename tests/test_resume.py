@@ -27,7 +27,6 @@ def _state(path):
     return build_from_packed(read_packed(path), materialize=False).state_dict()
 
 
-
 def test_kill_during_layer_loop_then_resume(trained_workdir, slow_reference, tmp_path):
     ref, work = slow_reference, tmp_path / "killed"  # ref: the same compression, uninterrupted
     shutil.copytree(trained_workdir, work)

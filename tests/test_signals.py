@@ -25,7 +25,6 @@ from helpers import REPO, SLOW, layers_done, tiny_recipe
 pytestmark = pytest.mark.pipeline
 
 
-
 def _start(params: Path, server: bool = False) -> subprocess.Popen:
     """``modelpress run``; without ``server`` it has no PREFECT_API_URL, so it starts Prefect's
     temporary server, which the signal must stop too."""
