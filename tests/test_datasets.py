@@ -17,6 +17,7 @@ from modelpress.data import (
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
+    load_split,
 )
 
 from helpers import shared_data
@@ -210,3 +211,24 @@ def test_cifar10_truncated_or_missing(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DatasetError, match=r"unknown dataset 'mnist'; known: cifar10, fashion-mnist"):
         load_dataset("mnist", "/nonexistent")
+
+
+@pytest.mark.parametrize("name, write", [("fashion-mnist", write_fashion), ("cifar10", write_cifar)])
+def test_one_split_loads_without_the_other_files(tmp_path, name, write):
+    """What an evaluation reads: the test split alone, the same as load_dataset's, the training
+    files never opened (here: gone)."""
+    write(tmp_path)
+    _, both_test = load_dataset(name, tmp_path)
+    for path in tmp_path.glob("train*"):
+        path.unlink()
+    for path in tmp_path.glob("cifar10-train*"):
+        path.unlink()
+    test = load_split(name, tmp_path, "test")
+    assert len(test) == len(both_test)
+    for i in range(len(test)):
+        torch.testing.assert_close(test[i][0], both_test[i][0])
+        assert int(test[i][1]) == int(both_test[i][1])
+    with pytest.raises(DatasetError, match="train.*no such file"):
+        load_split(name, tmp_path, "train")
+    with pytest.raises(ValueError, match="unknown split 'validation'; known: train, test"):
+        load_split(name, tmp_path, "validation")

@@ -7,6 +7,7 @@ from modelpress.data.datasets import (
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
+    load_split,
 )
 from modelpress.data.fetch import (
     ChecksumMismatch,
@@ -27,5 +28,6 @@ __all__ = [
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",
+    "load_split",
     "sha256_file",
 ]

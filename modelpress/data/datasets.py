@@ -32,6 +32,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+SPLITS = ("train", "test")
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
@@ -111,10 +112,18 @@ class NormalizedImageDataset(Dataset):
 
 def load_dataset(name: str, directory: str | os.PathLike) -> tuple[Dataset, Dataset]:
     """Load the (train, test) splits of dataset ``name`` from ``directory``."""
-    loaders = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
+    return load_split(name, directory, "train"), load_split(name, directory, "test")
+
+
+def load_split(name: str, directory: str | os.PathLike, split: str) -> Dataset:
+    """Load one split (``"train"`` or ``"test"``) of dataset ``name`` from ``directory``, without
+    reading the other (an evaluation needs the test images alone)."""
+    loaders = {"fashion-mnist": _fashion_split, "cifar10": _cifar_split}
     if name not in loaders:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(loaders))}")
-    return loaders[name](directory)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return loaders[name](Path(directory), split)
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------
@@ -122,15 +131,16 @@ def load_dataset(name: str, directory: str | os.PathLike) -> tuple[Dataset, Data
 
 def load_fashion_mnist(directory: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
     """Load (train, test) Fashion-MNIST from the four IDX ``.gz`` files in ``directory``."""
-    directory = Path(directory)
-    return (
-        _fashion_split(directory, "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-        _fashion_split(directory, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-    )
+    return _fashion_split(Path(directory), "train"), _fashion_split(Path(directory), "test")
 
 
-def _fashion_split(directory: Path, images_name: str, labels_name: str) -> TensorDataset:
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def _fashion_split(directory: Path, split: str) -> TensorDataset:
     info = DATASET_INFO["fashion-mnist"]
+    images_name, labels_name = _FASHION_FILES[split]
     images_path, labels_path = directory / images_name, directory / labels_name
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
@@ -181,12 +191,12 @@ def _gunzip(path: Path) -> bytes:
 
 def load_cifar10(directory: str | os.PathLike) -> tuple[NormalizedImageDataset, NormalizedImageDataset]:
     """Load (train, test) CIFAR-10 from ``cifar10-{train,test}.npz`` in ``directory``."""
-    directory = Path(directory)
-    return _cifar_split(directory / "cifar10-train.npz"), _cifar_split(directory / "cifar10-test.npz")
+    return _cifar_split(Path(directory), "train"), _cifar_split(Path(directory), "test")
 
 
-def _cifar_split(path: Path) -> NormalizedImageDataset:
+def _cifar_split(directory: Path, split: str) -> NormalizedImageDataset:
     info = DATASET_INFO["cifar10"]
+    path = directory / f"cifar10-{split}.npz"
     x, y, classes = _read_npz(path)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
         raise DatasetError(f"{path}: x is {x.dtype} {x.shape}, expected uint8 (N, 32, 32, 3)")

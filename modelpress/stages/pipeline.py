@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_write
-from ..data import fetch_files, load_dataset, sha256_file
+from ..data import fetch_files, load_split, sha256_file
 from ..data import text as text_data
 from ..data.datasets import DATASET_INFO
 from ..methods import REGISTRY, Context, Method
@@ -122,13 +122,24 @@ def _max_tokens(recipe: Recipe) -> int:
 def _datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
     """(train, test); test holds the first ``data.test_images`` images when that is set. Texts
     come tokenized with the teacher folder's tokenizer.json."""
-    train: Dataset
-    test: Dataset
     if is_text(recipe):
         train, test = text_data.load_text(paths(recipe)["data"], text_data.load_tokenizer(_folder(recipe)), _max_tokens(recipe))
-    else:
-        train, test = load_dataset(recipe.data.name, paths(recipe)["data"])
-    return train, _first(test, recipe.data.test_images)
+        return train, _first(test, recipe.data.test_images)
+    return _train_set(recipe), _test_set(recipe)
+
+
+def _train_set(recipe: Recipe) -> Dataset:
+    """The training split alone (images: the test file is not read)."""
+    if is_text(recipe):
+        return _datasets(recipe)[0]
+    return load_split(recipe.data.name, paths(recipe)["data"], "train")
+
+
+def _test_set(recipe: Recipe) -> Dataset:
+    """The test split alone, cut to ``data.test_images`` (images: the training file is not read)."""
+    if is_text(recipe):
+        return _datasets(recipe)[1]
+    return _first(load_split(recipe.data.name, paths(recipe)["data"], "test"), recipe.data.test_images)
 
 
 def _first(dataset: Dataset, n: int | None) -> Dataset:
@@ -552,7 +563,7 @@ def compress_stage(recipe: Recipe, key: str) -> Path:
     p, m, cfg = paths(recipe), method(recipe), method_config(recipe)
     device = _device(recipe)
     teacher_model = _load_teacher(recipe, device)
-    train, _ = _datasets(recipe)
+    train = _train_set(recipe)
     meta = {"key": key, "input": _input_meta(recipe)}
     if m.steps is not None:
         last = run_method_steps(recipe)
@@ -656,7 +667,7 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
     compressed = read_packed(p["compressed"])
     student = build_from_packed(compressed, materialize=False).to(device)
     own = _layer_codebooks(compressed.meta.get("layers") or [])
-    train, _ = _datasets(recipe)
+    train = _train_set(recipe)
     torch.manual_seed(recipe.run.seed)
     if cfg.epochs > 0:
         mcfg = method_config(recipe)
@@ -748,8 +759,7 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
     t0 = time.perf_counter()
     model, _meta = load_packed(packed_path)
     load_s = time.perf_counter() - t0
-    _, test = _datasets(recipe)
-    test = _first(test, limit)
+    test = _first(_test_set(recipe), limit)
     top1 = quality(recipe, model.to(device), test, device)
     return {"top1": top1, "test_images": len(cast(Sized, test)), "load_s": load_s, "packed_bytes": os.path.getsize(packed_path),
             "sha256": sha256_file(packed_path)}
