@@ -28,6 +28,33 @@ def layers_done(ckpt: Path) -> int:
         return 0
 
 
+class SlowFiles:
+    """An HTTP server on loopback serving a folder slowly (64 KiB every 50 ms): a download that
+    lasts long enough to be killed."""
+
+    def __init__(self, root: Path):
+        import functools
+        import http.server
+        import threading
+        import time
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def copyfile(self, source, outputfile):
+                while chunk := source.read(65536):
+                    outputfile.write(chunk)
+                    time.sleep(0.05)
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data. Missing: the test is skipped on a developer's machine, but
     fails under CI (CI=true), where the data is expected, so a clean clone never quietly tests less."""
