@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 import modelpress
 from modelpress import stages
+from modelpress.models import needs_torchvision
 from modelpress.pack import read_packed
 from modelpress.recipe import Recipe
 
@@ -26,14 +27,17 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 LIBRARY = Path(modelpress.__file__).resolve().parent
 # What `modelpress` imports when it loads a packed file; pinned to this environment's versions
 # in the logged model's requirements.txt (MLflow adds its own pin), so that the model's
-# environment can be rebuilt from the registry alone.
+# environment can be rebuilt from the registry alone (tests/test_boundary.py loads every
+# architecture family with these alone).
 RUNTIME_PACKAGES = ("torch", "numpy", "pydantic", "constriction")
 TEXT_PACKAGES = ("transformers", "tokenizers")  # a text encoder's: its class, its tokenizer
 T = registry.TAG
 
 
-def runtime_requirements(text: bool = False) -> list[str]:
-    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES + (TEXT_PACKAGES if text else ())]
+def runtime_requirements(arch: str, text: bool = False) -> list[str]:
+    """The pinned packages that loading a packed file of architecture ``arch`` imports."""
+    names = RUNTIME_PACKAGES + (("torchvision",) if needs_torchvision(arch) else ()) + (TEXT_PACKAGES if text else ())
+    return [f"{name}=={metadata.version(name)}" for name in names]
 
 
 def _not_library(folder: str, names: list[str]) -> set[str]:
@@ -140,7 +144,8 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
                 "model_uri": existing.source, "duplicate": True, "promotion": decision}
     registry.use_experiment(recipe.registry.experiment)
     tags = version_tags(recipe, summary)
-    inputs = read_packed(packed_path).meta["input"]
+    packed = read_packed(packed_path)
+    inputs = packed.meta["input"]
     text = inputs.get("kind") == "tokens"
     input_shape = ["text"] if text else inputs["shape"]
     layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
@@ -166,7 +171,7 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
                     name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts,
                     code_paths=[str(_library_copy(Path(tmp)))],
                     input_example=["a short sentence", "another one"] if text else np.zeros([2, *input_shape], dtype=np.float32),
-                    pip_requirements=runtime_requirements(text),
+                    pip_requirements=runtime_requirements(packed.arch["name"], text),
                 )
             card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
             version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card, info.model_id)

@@ -88,3 +88,46 @@ def test_worker_setup_starts_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [False, True, True, True]
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    BLOCKED = set({blocked!r})
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"not in the model's requirements: {{name}}")
+
+    sys.meta_path.insert(0, Block())
+    from modelpress.pack import load_packed
+
+    print("RESULT", json.dumps([type(load_packed(f)[0]).__name__ for f in {files!r}]))
+""")
+
+
+def test_every_architecture_loads_with_the_requirements_its_registered_model_logs(tmp_path):
+    """A registry consumer's environment holds the model's logged requirements and nothing else:
+    a packed file of every family the registry can name (each registry builder, a torchvision
+    builder) loads with only those importable."""
+    from modelpress.models import _REGISTRY, build_model, needs_torchvision
+    from modelpress.pack import arch_spec, pack_model
+    from tasks.register import runtime_requirements
+
+    small = {"cifar_vit": {"num_layers": 1, "hidden_dim": 32, "mlp_dim": 32, "num_heads": 2}}
+    archs = {name: small.get(name, {}) for name in _REGISTRY} | {"torchvision:mobilenet_v2": {"num_classes": 10}}
+    optional = {"torchvision", "transformers", "tokenizers", "safetensors"}  # pillow comes with torchvision
+    groups: dict[tuple, list[str]] = {}
+    for arch, kwargs in archs.items():
+        path = tmp_path / f"{arch.replace(':', '-')}.mpk"
+        pack_model(build_model(arch, **kwargs), path, arch_spec(arch, **kwargs))
+        required = {r.split("==")[0] for r in runtime_requirements(arch)}
+        groups.setdefault(tuple(sorted(optional - required)), []).append(str(path))
+    assert len(groups) == 2, groups  # with torchvision among the requirements and without
+    for blocked, files in groups.items():
+        script = LOAD_SCRIPT.format(blocked=blocked, files=files)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"blocked {blocked}:\n{proc.stderr[-3000:]}"
+        assert len(json.loads(proc.stdout.split("RESULT ", 1)[1])) == len(files)
+    assert needs_torchvision("torchvision:resnet18") and not needs_torchvision("cifar_resnet20")

@@ -45,6 +45,7 @@ INT_BOUND = 1_000_000  # any other integer argument
 MAX_KWARGS = 32
 
 TORCHVISION_PREFIX = "torchvision:"
+_BUILT_WITH_TORCHVISION = {"cifar_vit"}  # registry builders that import torchvision (an optional dependency)
 
 
 class UnknownModelError(ValueError):
@@ -53,6 +54,12 @@ class UnknownModelError(ValueError):
 
 def known_models() -> list[str]:
     return sorted(_REGISTRY) + [TORCHVISION_PREFIX + "<name>", HF_PREFIX + "<allow-listed class>", HF_PREFIX + "<folder>/"]
+
+
+def needs_torchvision(arch: str) -> bool:
+    """True if building ``arch`` imports torchvision, which the core library does not require: a
+    registered model of such an architecture must list it in its requirements."""
+    return arch.startswith(TORCHVISION_PREFIX) or arch in _BUILT_WITH_TORCHVISION
 
 
 def is_known(arch: str) -> bool:
