@@ -32,8 +32,10 @@ STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of 
 def _recipe(args):
     from .recipe import Recipe
 
-    # Another --params file is merged onto the checkout's params.yaml: it may set only what differs.
-    return Recipe.from_yaml(args.params, args.set, base="params.yaml")
+    # Another --params file is merged onto the checkout's params.yaml: it may set only what differs;
+    # --whole reads it alone (the pipeline's child processes pass the run's whole recipe, whose
+    # empty fields must not take params.yaml's values).
+    return Recipe.from_yaml(args.params, args.set, base=None if getattr(args, "whole", False) else "params.yaml")
 
 
 def _table(rows: list[dict]) -> str:
@@ -138,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
                        help="parameter file (YAML or JSON), default params.yaml; another file is merged onto params.yaml")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. -S method.linear.k=128 (repeatable)")
+        p.add_argument("--whole", action="store_true",
+                       help="the --params file is a whole recipe: read it alone, not merged onto params.yaml")
         return p
 
     st = with_params(sub.add_parser("stage", help="run one stage (used by dvc.yaml)"))

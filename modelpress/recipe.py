@@ -82,12 +82,13 @@ def apply_overrides(raw: dict, items: list[tuple[str, Any]]) -> dict:
 def merge_recipe(base: dict, over: dict) -> dict:
     """A partial parameter file on top of a full one: each ``section.key`` it sets replaces the
     base's (values are taken whole: a list or a mapping such as ``data.files`` is not merged);
-    a ``method`` of another ``name`` replaces the whole method section."""
+    a ``method`` of another ``name`` replaces the whole method section (one without a ``name``
+    keeps the base's method)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, values in over.items():
         if not isinstance(values, dict) or not isinstance(out.get(section), dict):
             out[section] = values
-        elif section == "method" and values.get("name", "pq") != out[section].get("name", "pq"):
+        elif section == "method" and values.get("name", out[section].get("name", "pq")) != out[section].get("name", "pq"):
             out[section] = dict(values)
         else:
             out[section].update(values)

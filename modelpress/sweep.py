@@ -239,7 +239,7 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(recipe.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--json"]
+    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--whole", "--json"]
     last = ""
     try:
         with tempfile.TemporaryFile("w+") as out:

@@ -91,7 +91,7 @@ def evaluate_packed(recipe: Recipe, packed_path: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(recipe.model_dump_json())
     try:
-        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--json"]
+        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--whole", "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         Path(f.name).unlink(missing_ok=True)

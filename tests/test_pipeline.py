@@ -89,3 +89,22 @@ def test_bad_checksum_fails_flow_and_registers_nothing(prefect_server, workdir):
     assert not (shutil_target / "t10k-labels-idx1-ubyte.gz").exists()
     assert not [p for p in shutil_target.iterdir() if p.name.startswith(".partial")]
     assert not (workdir / "model.mpk").exists()
+
+
+def test_the_evaluation_process_reads_the_runs_recipe_not_the_checkouts_params(workdir, tmp_path, monkeypatch):
+    """The evaluate task hands the run's whole recipe to a fresh process. A field the run left
+    empty (here teacher.arch_kwargs, as a Prefect form or `-S teacher.arch_kwargs=null` leaves it)
+    must stay empty there, whatever the params.yaml of the directory it starts in sets."""
+    import shutil
+
+    import yaml
+
+    from modelpress.tasks.steps import evaluate_packed
+
+    shutil.copy(workdir / "teacher" / "teacher.mpk", workdir / "model.mpk")  # an fp32 packed file
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"teacher": {"arch": "cifar_vit", "arch_kwargs": {"num_layers": 6}}}))
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(workdir)
+    assert recipe.teacher.arch_kwargs is None
+    summary = evaluate_packed.fn(recipe, str(workdir / "model.mpk"))
+    assert summary["test_images"] == TEST_IMAGES and summary["compressed_top1"] > 60

@@ -80,6 +80,12 @@ def test_partial_params_file_merges_onto_params_yaml(tmp_path):
     merged = Recipe.from_yaml(other, base=REPO / "params.yaml")
     assert merged.method.name == "uniform" and merged.method.bits == 4
     assert merged.data.files == npz and merged.data.sources == base.data.sources
+    # A method section without a name sets fields of the base's method, whatever that method is.
+    prune_base, nightly = tmp_path / "prune.yaml", tmp_path / "deeper.yaml"
+    prune_base.write_text(yaml.safe_dump({"method": {"name": "prune", "target_sparsity": 0.9}}))
+    nightly.write_text(yaml.safe_dump({"method": {"target_sparsity": 0.95}}))
+    merged = Recipe.from_yaml(nightly, base=prune_base)
+    assert merged.method.name == "prune" and merged.method.target_sparsity == 0.95
 
 
 @pytest.mark.pipeline
