@@ -231,6 +231,12 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
         pass
 
 
+class PointTimeout(TimeoutError):
+    """A point ran past its time limit: not worth another try (a retry would run as long)."""
+
+    transient = False
+
+
 def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = None, name: str = "point",
                       log: Callable[[str], None] | None = None, timeout_why: str = "sweep point_timeout_h") -> dict:
     """:func:`run_point` in a child process (``modelpress stage point``) with ``threads`` CPU
@@ -272,7 +278,7 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
         Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
         if timed_out.is_set():  # (Timer.finished is also set by cancel(): not a timeout sign)
-            raise TimeoutError(f"point {name} timed out after {timeout_s:.0f} s ({timeout_why})")
+            raise PointTimeout(f"point {name} timed out after {timeout_s:.0f} s ({timeout_why})")
         raise RuntimeError(f"point {name} failed (exit {proc.returncode}): {last}")
     return json.loads(stdout.strip().splitlines()[-1])
 

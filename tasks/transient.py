@@ -5,7 +5,8 @@ once, with their first error):
 
 - the network: connection refused/reset/aborted, timeouts, DNS failures, a dropped HTTP
   connection (``OSError`` with those errnos, ``urllib``/``http.client``/``requests`` transport
-  errors);
+  errors); not the time limit of a task or flow itself (Prefect's ``TaskRunTimeoutError``, a
+  ``TimeoutError`` too): work that ran out of its hours would only run out of them again;
 - HTTP 5xx, 408 and 429 (``urllib.error.HTTPError``, MLflow's REST errors);
 - S3: botocore's transport errors and ``ClientError`` with a 5xx status or a throttling code;
 - a DVC command that failed on its repository lock (another DVC command holds it) or on its
@@ -28,6 +29,8 @@ NETWORK_ERRNOS = frozenset({
     errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
     errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE, errno.EAGAIN,
 })
+# Prefect's errors for a task or flow run past its timeout_seconds (TimeoutError subclasses).
+OWN_TIME_LIMITS = frozenset({"TaskRunTimeoutError", "FlowRunTimeoutError"})
 # MLflow's error codes for "later" (mlflow.protos.databricks_pb2 names).
 MLFLOW_TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"})
 
@@ -40,6 +43,8 @@ def _one(exc: BaseException) -> bool:
         return exc.code >= 500 or exc.code in (408, 429)
     if isinstance(exc, urllib.error.URLError):
         return isinstance(exc.reason, BaseException) and _one(exc.reason)  # a text reason: a bad URL
+    if type(exc).__name__ in OWN_TIME_LIMITS and type(exc).__module__.startswith("prefect."):
+        return False
     if isinstance(exc, (socket.timeout, TimeoutError, ConnectionError, socket.gaierror,
                         http.client.RemoteDisconnected, http.client.IncompleteRead)):
         return True

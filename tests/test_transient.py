@@ -50,6 +50,15 @@ def test_local_and_input_errors_are_not_transient(tmp_path):
                 IsADirectoryError(21, "Is a directory"), OSError(28, "No space left on device"),
                 ValueError("bad"), KeyError("k"), TypeError("t")):
         assert not is_transient(exc), exc
+    # A task, flow or sweep point past its own time limit would only run out of it again.
+    from prefect.flow_engine import FlowRunTimeoutError
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from modelpress.sweep import PointTimeout
+
+    for exc in (TaskRunTimeoutError("Scope timed out after 21600 second(s)."), FlowRunTimeoutError("timed out"),
+                PointTimeout("point a timed out after 60 s")):
+        assert isinstance(exc, TimeoutError) and not is_transient(exc), exc
     # A RuntimeError from a bad configuration is never retried...
     assert not is_transient(RuntimeError("dvc remote default failed: No default remote set"))
     # ...unless it was raised from a transient cause.
