@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-pool", default=os.environ.get("MODELPRESS_SWEEP_POOL"),
                    help="work pool of the sweep deployment (default <pool>-sweeps)")
     a = p.parse_args(argv)
+    if a.params is not None and not a.params.is_file():  # else the deployments would run the built-in defaults
+        p.error(f"--params {a.params}: no such file")
     params = a.params or (Path(a.source) / "params.yaml" if "://" not in a.source else None)
     ids = deploy(a.pool, a.cron, a.timezone, a.source, params, a.sweep_pool)
     names = {k: f"{SWEEP_FLOW}/{k.removeprefix('sweep-')}" if k.startswith("sweep-") else f"{FLOW_NAME}/{k}" for k in ids}

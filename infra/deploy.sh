@@ -5,5 +5,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api}"
-cd "$ROOT"
+# From the caller's directory: a relative --params names a file there.
 exec "$ROOT/.venv/bin/python" -m modelpress.flows.deploy "$@"

@@ -91,3 +91,15 @@ def test_cuda_on_a_machine_without_one_fails_up_front():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
         preflight(Recipe.parse({"run": {"device": "cuda"}}))
+
+
+def test_deploy_with_a_missing_params_file_fails_naming_it(tmp_path, capsys):
+    """`infra/deploy.sh --params FILE` with a wrong path: an error, not deployments that would
+    run the built-in defaults every night (checked before any server is asked)."""
+    from modelpress.flows import deploy
+
+    missing = tmp_path / "nightly.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        deploy.main(["--params", str(missing)])
+    assert exit_.value.code == 2
+    assert f"--params {missing}: no such file" in capsys.readouterr().err
