@@ -384,5 +384,11 @@ def test_production_configuration_parses():
     assert dockerfile.splitlines()[[line.startswith("FROM") for line in dockerfile.splitlines()].index(True)].startswith("FROM nvidia/cuda:")
     entry = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT")).split(None, 1)[1])
     assert (REPO / entry[0]).is_file()
+    # The image builds its own venv, then copies the checkout over it: the host's .venv (whose
+    # scripts name the host's interpreter) and run outputs stay out.
+    lines = dockerfile.splitlines()
+    assert lines.index("COPY . .") > next(i for i, line in enumerate(lines) if ".venv/bin/pip install" in line)
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".venv/", "mlruns/", ".state/", "data/*"} <= ignored
     for script in ("s3-server.sh", "mlflow-server.sh", "prefect-server.sh", "prefect-worker.sh", "deploy.sh"):
         assert subprocess.run(["bash", "-n", str(INFRA / script)]).returncode == 0, script
