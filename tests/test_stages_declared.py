@@ -106,3 +106,30 @@ def test_compress_refuses_an_argument_no_method_takes():
     with pytest.raises(TypeError, match="calibraton"):
         compress(build_model("fmnist_cnn"), UniformConfig(), calibraton=None)
     assert Context.of(calibration=None).calibration is None
+
+
+def test_a_stage_killed_with_other_settings_is_not_taken_for_the_earlier_ones(tmp_path):
+    """Run A finishes a stage; run B (other settings) starts it, rewrites its output and is killed
+    before its record; back on A's settings the stage must run again, not take B's output."""
+    from modelpress.stages.declare import record_path, stage
+
+    calls = []
+
+    def teacher(recipe, key, fail=False):
+        out = stages.paths(recipe)["teacher"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"teacher of seed {recipe.run.seed}")
+        calls.append(recipe.run.seed)
+        if fail:
+            raise KeyboardInterrupt  # killed after the output, before the record
+        return out
+
+    run = stage("teacher")(teacher)
+    a = Recipe.parse({"run": {"workdir": str(tmp_path), "seed": 0}})
+    b = a.model_copy(update={"run": a.run.model_copy(update={"seed": 1})})
+    assert run(a).read_text() == "teacher of seed 0"
+    assert run(a) and calls == [0]  # current: skipped
+    with pytest.raises(KeyboardInterrupt):
+        run(b, fail=True)
+    assert not record_path(a, "teacher").exists()
+    assert run(a).read_text() == "teacher of seed 0" and calls == [0, 1, 0]

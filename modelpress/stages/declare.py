@@ -154,8 +154,8 @@ def is_current(recipe: Recipe, name: str) -> bool:
 
 def stage(name: str) -> Callable:
     """Run a stage function ``fn(recipe, key, *args)`` under its declaration: a resumable stage
-    whose record holds the current key returns its result without running; otherwise it runs
-    and, once its outputs are written (each atomically), its record is written."""
+    whose record holds the current key returns its result without running; otherwise its record
+    is removed, it runs and, once its outputs are written (each atomically), its record is written."""
     spec = SPECS[name]
 
     def wrap(fn: Callable[..., Path]) -> Callable[..., Path]:
@@ -168,6 +168,9 @@ def stage(name: str) -> Callable:
                 if rec and rec.get("key") == key and result.exists():
                     log.info("%s: up to date", name)
                     return result
+                # The outputs are about to be rewritten: a run killed half way must not leave them
+                # under the record of the settings that made the earlier ones.
+                record_path(recipe, name).unlink(missing_ok=True)
             t0 = time.perf_counter()
             out = fn(recipe, key, *args, **kwargs)
             if spec.resumable:
