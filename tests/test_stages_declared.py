@@ -30,7 +30,7 @@ def _change(recipe: Recipe, dotted: str) -> Recipe | None:
         "data.batch_size": 128, "data.sources": ["/elsewhere"], "run.seed": 7, "teacher.epochs": 2.0, "teacher.lr": 0.1,
         "teacher.weight_decay": 0.0, "teacher.batch_size": 64, "finetune.batch_size": 64, "finetune.epochs": 2.0,
         "pack.codebook_dtype": "i8", "pack.float_dtype": "f32", "method.kmeans_iters": 3, "teacher.snapshots": [0.5],
-        "data.test_images": 500,
+        "data.test_images": 500, "finetune.loss": "mse",
     }
     for key, value in candidates.items():
         if key == dotted or key.startswith(dotted + "."):
@@ -43,7 +43,7 @@ def test_a_stage_key_changes_with_each_declared_parameter_and_nothing_else(name)
     base = Recipe()
     spec = SPECS[name]
     for field in ("data.batch_size", "run.seed", "teacher.epochs", "finetune.epochs", "pack.float_dtype",
-                  "pack.codebook_dtype", "method.kmeans_iters", "data.sources", "data.test_images"):
+                  "pack.codebook_dtype", "method.kmeans_iters", "data.sources", "data.test_images", "finetune.loss"):
         other = _change(base, field)
         declared = any(field == p or field.startswith(p + ".") for p in spec.params)
         upstream = stages.stage_key(other, name) != stages.stage_key(base, name)
@@ -133,3 +133,32 @@ def test_a_stage_killed_with_other_settings_is_not_taken_for_the_earlier_ones(tm
         run(b, fail=True)
     assert not record_path(a, "teacher").exists()
     assert run(a).read_text() == "teacher of seed 0" and calls == [0, 1, 0]
+
+
+def test_the_distillation_loss_keys_the_compression_and_each_step():
+    """PQ's per-layer tuning and the iterative methods' retraining distil with finetune.loss: work
+    done with another loss is not reused. Left empty, it keeps the keys of earlier work."""
+    from modelpress.stages.pipeline import step_key
+
+    for method in ({}, {"name": "prune", "target_sparsity": 0.5}):
+        base = Recipe.parse({"method": method})
+        other = base.with_overrides({"finetune.loss": "mse"})
+        assert stages.stage_key(other, "compress") != stages.stage_key(base, "compress")
+        assert stages.stage_key(base.with_overrides({"finetune.loss": None}), "compress") == stages.stage_key(base, "compress")
+    assert step_key(other, 0) is not None and step_key(other, 0) != step_key(base, 0)
+
+
+def test_the_committed_params_yaml_holds_every_parameter_dvc_yaml_names():
+    """`dvc repro` (make repro) on the checkout's params.yaml refuses a stage whose parameter is
+    missing from it, even one left empty."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def has(tree, dotted):
+        for part in dotted.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return False
+            tree = tree[part]
+        return True
+
+    named = [(s, p) for s, v in yaml.safe_load(stages.dvc_yaml())["stages"].items() for p in v.get("params", [])]
+    assert len(named) > 10 and [(s, p) for s, p in named if not has(params, p)] == []

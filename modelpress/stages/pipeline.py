@@ -457,7 +457,10 @@ def step_key(recipe: Recipe, index: int) -> str | None:
     """Identity of step ``index`` of an iterative method (the method says what it depends on,
     besides the teacher); None when its plan has no such step."""
     ident = _steps(recipe).identity(method_config(recipe), index, _context(recipe))
-    return None if ident is None else recipe.section_hash(extra=[ident, stage_key(recipe, "teacher")])
+    if ident is None:
+        return None
+    loss = [recipe.finetune.loss] if recipe.finetune.loss else []  # retraining's loss; empty: the keys of earlier work stay
+    return recipe.section_hash(extra=[ident, stage_key(recipe, "teacher"), *loss])
 
 
 def cycle_path(recipe: Recipe, index: int) -> Path:
