@@ -364,11 +364,13 @@ class Recipe(_Section):
         return self
 
     def registered_name(self) -> str:
+        return self.registry.model_name or f"{self.arch_slug()}-{self.method.name}"
+
+    def arch_slug(self) -> str:
+        """The teacher's architecture as the start of a registered name (letters, digits, '.', '_', '-')."""
         from .models.hf import is_folder_ref
 
+        safe = lambda text: "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in text)  # noqa: E731
         if is_folder_ref(self.teacher.arch):
-            folder = Path(self.teacher.arch[3:]).resolve().name
-            arch = "hf-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in folder)[:60]
-            return self.registry.model_name or f"{arch}-{self.method.name}"
-        arch = self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-")
-        return self.registry.model_name or f"{arch}-{self.method.name}"
+            return "hf-" + safe(Path(self.teacher.arch[3:]).resolve().name)[:60]
+        return safe(self.teacher.arch.replace("torchvision:", "tv-").replace("_", "-"))

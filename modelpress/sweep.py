@@ -130,7 +130,7 @@ class SweepConfig(BaseModel):
         return max(1, (os.cpu_count() or 1) // self.concurrency)
 
     def registered_name(self) -> str:
-        return self.model_name or f"{self.base.teacher.arch.replace('torchvision:', 'tv-').replace('_', '-')}-{self.name}"
+        return self.model_name or f"{self.base.arch_slug()}-{self.name}"
 
     def shared_recipe(self) -> Recipe:
         """The recipe of the shared steps (dataset, teacher), rooted at the sweep's folder."""

@@ -137,8 +137,12 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
 
     registry.configure_mlflow()
     name = recipe.registered_name()
+    owner = registry.owner_tag(recipe.run.workdir)
+    registry.end_stale_runs(recipe.registry.experiment, owner)  # a killed registration's run, still RUNNING
     existing = registry.find_duplicate(name, summary["packed_sha256"])
     if existing is not None:
+        if flow_run.get_id():  # which flow run found it (a deployment sweep's point reads its figures back by this)
+            registry.client().set_model_version_tag(name, existing.version, T + "last_prefect_flow_run_id", str(flow_run.get_id()))
         decision = existing.tags.get(T + "promotion") or registry.promote(name, existing.version, recipe.registry.max_top1_drop)
         return {"model_name": name, "version": existing.version, "run_id": existing.run_id,
                 "model_uri": existing.source, "duplicate": True, "promotion": decision}
@@ -149,8 +153,6 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
     text = inputs.get("kind") == "tokens"
     input_shape = ["text"] if text else inputs["shape"]
     layers = (stages.read_json(stages.paths(recipe)["layers"]) or {}).get("layers", [])
-    owner = registry.owner_tag(recipe.run.workdir)
-    registry.end_stale_runs(recipe.registry.experiment, owner)  # a killed registration's run, still RUNNING
     start_tags = {T + "owner": owner, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with mlflow.start_run(run_name=recipe.run.name, tags=start_tags) as run:
         try:

@@ -64,8 +64,9 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
                          flow_run_name=recipe.run.name, timeout=None)
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"point {name}: flow run {run.id} ended {run.state.name if run.state else 'without a state'}")
+    # The version it registered, or (a rerun of a finished point) the one it found already registered.
     found = [v for v in registry.versions(recipe.registered_name())
-             if v.tags.get(registry.TAG + "prefect_flow_run_id") == str(run.id)]
+             if str(run.id) in (v.tags.get(registry.TAG + "prefect_flow_run_id"), v.tags.get(registry.TAG + "last_prefect_flow_run_id"))]
     if not found:
         raise RuntimeError(f"point {name}: flow run {run.id} registered no version of {recipe.registered_name()}")
     v, t = found[0], found[0].tags

@@ -136,5 +136,11 @@ def test_killed_once_in_every_stage_then_byte_identical_and_registered_once(trai
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_TRACKING_URI"])
     versions = client.search_model_versions(f"name='{MODEL}'")
     assert len(versions) == 1, [v.version for v in versions]
+    # The killed registration's MLflow run is ended, whether it was killed before its version or after.
+    from modelpress.tasks.registry import owner_tag
+
+    exp = client.get_experiment_by_name("modelpress")
+    owned = client.search_runs([exp.experiment_id], filter_string=f"tags.`modelpress.owner` = '{owner_tag(str(work))}'")
+    assert owned and [r.info.run_id for r in owned if r.info.status == "RUNNING"] == []
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["packed_bytes"] == (work / "model.mpk").stat().st_size

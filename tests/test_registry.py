@@ -77,6 +77,9 @@ def test_versions_aliases_and_no_duplicates(registered):
     again = compress_flow(recipe2)["registered"]
     assert again["duplicate"] and again["version"] == v2["version"]
     assert len(registry.versions(NAME)) == 2
+    # The version says which flow run found it again (a deployment sweep's rerun reads it back so).
+    tags = c.get_model_version(NAME, v2["version"]).tags
+    assert tags["modelpress.last_prefect_flow_run_id"] not in ("", tags["modelpress.prefect_flow_run_id"])
 
 
 def test_promotion_rule():

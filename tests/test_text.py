@@ -108,6 +108,11 @@ def test_embedding_cosine_is_centred_on_the_teacher():
 def test_recipe_checks_for_text(tmp_path, encoder, corpus):
     r = _recipe(tmp_path, encoder, corpus)
     assert r.registered_name() == "hf-encoder-pq"
+    # A sweep of it registers under a name of the same kind (the folder path is not a name).
+    from modelpress.sweep import SweepConfig
+
+    sweep = SweepConfig.model_validate({"name": "front", "points": [{"name": "a", "set": {"method.linear.k": 16}}], "base": r})
+    assert [p.registry.model_name for _, p in sweep.expand()] == ["hf-encoder-front"]
     with pytest.raises(RecipeError, match="text-jsonl needs teacher.arch hf:<folder>"):
         _recipe(tmp_path, encoder, corpus, teacher={"arch": "fmnist_cnn"})
     with pytest.raises(RecipeError, match="needs data.name text-jsonl"):
