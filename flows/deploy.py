@@ -203,6 +203,7 @@ async def _worker_setup(pool: str, worker_name: str, gpu: bool = True) -> str:
         WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = gpu_limit_name()
@@ -239,9 +240,10 @@ async def _worker_setup(pool: str, worker_name: str, gpu: bool = True) -> str:
             print(f"rescheduled orphaned flow run {run.name} ({run.id}): it resumes where it stopped", file=sys.stderr)
 
         since = datetime.now(timezone.utc) - timedelta(seconds=RESCHEDULE_CRASHED_S)
+        # Newest first: the server returns at most 200, and crashed runs of the past pile up.
         crashed = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.CRASHED]))), work_pool_filter=in_pool)
+                any_=[StateType.CRASHED]))), work_pool_filter=in_pool, sort=FlowRunSort.END_TIME_DESC)
         for run in crashed:
             if not _is_ours(run, worker_name) or run.state is None or run.state.timestamp < since:
                 continue
