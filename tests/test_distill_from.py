@@ -61,6 +61,20 @@ def test_missing_distill_file_fails_in_preflight(tmp_path):
     recipe = tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "no_such_arch", "weights": str(tmp_path)}})
     with pytest.raises(ValueError, match="no_such_arch"):
         stages.preflight(recipe)
+    # A file that is there but wrong fails up front too, not after the compression.
+    resnet = tmp_path / "resnet20.pt"
+    torch.save(build_model("cifar_resnet20").state_dict(), resnet)
+    recipe = tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "fmnist_cnn", "weights": str(resnet)}})
+    with pytest.raises(stages.StageError, match=r"finetune.distill_from weights .*resnet20.pt"):
+        stages.preflight(recipe)
+    recipe = tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "fmnist_cnn", "weights": str(resnet), "weights_sha256": "0" * 64}})
+    with pytest.raises(stages.StageError, match="sha256 does not match finetune.distill_from.weights_sha256"):
+        stages.preflight(recipe)
+    vit = tmp_path / "vit.pt"  # its weights fit, but it takes 32x32 images
+    torch.save(build_model("cifar_vit", num_classes=10, in_channels=1).state_dict(), vit)
+    recipe = tiny_recipe(tmp_path / "w", finetune={"distill_from": {"arch": "cifar_vit", "weights": str(vit)}})
+    with pytest.raises(ValueError, match=r"finetune.distill_from.arch cifar_vit does not take fashion-mnist's inputs"):
+        stages.preflight(recipe)
 
 
 def test_registry_lineage_names_the_model_distilled_from(tmp_path):

@@ -271,14 +271,16 @@ def preflight(recipe: Recipe) -> None:
                 raise ValueError(f"{where}.loss labels: a text encoder has no labels to train on; use distill "
                                  "(its hidden states, as finetune.loss says)")
     src = recipe.finetune.distill_from
-    if src is not None:
-        build_model(src.arch, **_arch_kwargs(recipe, src.arch))  # a known architecture
+    if src is not None:  # loaded now, as the teacher is: a bad file fails before the compression, not after it
+        other = build_model(src.arch, **_arch_kwargs(recipe, src.arch))
         if not Path(src.weights).is_file():
             raise ValueError(f"finetune.distill_from.weights {src.weights}: no such file")
+        load_weights(other, Path(src.weights), src.weights_sha256, what="finetune.distill_from")
+        _check_takes_inputs(other, recipe, f"finetune.distill_from.arch {src.arch}")
     method(recipe).check(model, method_config(recipe), _context(recipe))
 
 
-def _check_takes_inputs(model: nn.Module, recipe: Recipe) -> None:
+def _check_takes_inputs(model: nn.Module, recipe: Recipe, what: str = "") -> None:
     """One forward pass of a zero input of the data set's shape: an architecture that cannot take
     it (a torchvision model made for 3 channels on grey images, a ViT of another image size) fails
     here, before any work."""
@@ -293,7 +295,7 @@ def _check_takes_inputs(model: nn.Module, recipe: Recipe) -> None:
             model.eval()(**dummy) if isinstance(dummy, dict) else model.eval()(dummy)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"teacher.arch {recipe.teacher.arch} does not take {recipe.data.name}'s inputs "
+        raise ValueError(f"{what or 'teacher.arch ' + recipe.teacher.arch} does not take {recipe.data.name}'s inputs "
                          f"({'x'.join(map(str, shape))}): {first}") from None
 
 
