@@ -573,3 +573,20 @@ def test_step_plot_for_mlflow(tmp_path):
     steps = [{"top1": 80 + i, "packed_bytes": 40000 - i, "relative_distance": 0.5 / (i + 1)} for i in range(4)]
     png = plot_steps(steps, tmp_path / "s.png", 91.7, "lc", "lc-step")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.pipeline
+def test_a_run_stopped_early_by_the_tolerance_is_not_extended_when_reused(trained_workdir, tmp_path):
+    """LC ends at the first step whose ||w - Delta(theta)|| / ||w|| is under the tolerance: going
+    over the steps again (a retry, a rerun, the compress stage after the flow's step tasks)
+    reuses them and stops at that step, instead of training one more."""
+    from modelpress.stages.pipeline import run_method_steps
+
+    work = shutil.copytree(trained_workdir, tmp_path / "work")
+    method = {"name": "lc", "lc_steps": 3, "l_step_epochs": 0.01, "tolerance": 0.99,
+              "tasks": [{"layers": ["*"], "scheme": "ternary"}]}
+    recipe = tiny_recipe(work, method=method)
+    stages.method_step(recipe, 0)
+    assert stages.method_step(recipe, 1)["done"]
+    assert run_method_steps(recipe) == 1
+    assert not (work / "compress" / "cycles" / "cycle-03.mpk").exists()

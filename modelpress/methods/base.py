@@ -105,6 +105,9 @@ class Steps:
     step reports (default: the model itself; LC: Delta(theta), not the weights it trains).
     ``prepare(model, cfg, ctx)``: checks on the starting model before step 0.
     ``finish(model, cfg, ctx) -> stats``: after the last step (e.g. quantize the survivors).
+    ``done(cfg, index, record)``: whether a reused step (whose identity leaves out what decides
+    the end, e.g. LC's step count and tolerance) ends the plan of ``cfg`` (default: it is step
+    ``count(cfg)`` - 1).
     """
 
     identity: Callable[[BaseModel, int, Context], Any]
@@ -115,6 +118,7 @@ class Steps:
     batch_size: Callable[[BaseModel], int] | None = None  # the steps' own batch size (None: the pipeline's)
     label: str = "step"  # what a step is called (task names: <label>-<n>)
     view: Callable[[nn.Module, BaseModel, dict], nn.Module] | None = None  # the model a step's figures are of
+    done: Callable[[BaseModel, int, dict], bool] | None = None  # a reused step: the last of this plan?
 
 
 @dataclass(frozen=True)

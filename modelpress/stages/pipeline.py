@@ -484,8 +484,10 @@ def _step_done(recipe: Recipe, index: int) -> dict | None:
     packed = _current_step(recipe, index)
     if packed is None:
         return None
-    record = packed.meta["cycle"]
-    n = _steps(recipe).count(method_config(recipe))  # a step reused from a run with another goal: is it our last?
+    record, steps, cfg = packed.meta["cycle"], _steps(recipe), method_config(recipe)
+    if steps.done is not None:  # a step reused from a run with another goal: is it our last?
+        return {**record, "done": steps.done(cfg, index, record)}
+    n = steps.count(cfg)
     return record if n is None else {**record, "done": index == n - 1}
 
 

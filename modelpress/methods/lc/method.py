@@ -299,6 +299,12 @@ def count(cfg: LCConfig) -> int:
     return cfg.lc_steps + 1
 
 
+def is_last(cfg: LCConfig, index: int, relative_distance: float) -> bool:
+    """The last step: the plan's last, or one after the first whose ||w - Delta(theta)|| / ||w|| is
+    under the tolerance."""
+    return index == cfg.lc_steps or (index > 0 and relative_distance < cfg.tolerance)
+
+
 def prepare(model: nn.Module, cfg: LCConfig, ctx: Context) -> None:
     check(model, cfg, ctx)
 
@@ -413,7 +419,7 @@ def run_step(model: nn.Module, cfg: LCConfig, index: int, ctx: Context) -> dict 
             lam = lam_cpu.get(n, torch.zeros_like(w))
             out[f"lambda.{n}"] = (lam.double() - mu * (w.double() - delta_of(n, out, w.shape).double())).float()
     distance, relative = _distance(model, groups, out)
-    done = index == cfg.lc_steps or (index > 0 and relative < cfg.tolerance)
+    done = is_last(cfg, index, relative)
     log.info("lc: step %d/%d: mu=%.4g ||w - Delta(theta)|| = %.4g (%.3g%% of ||w||)%s", index, cfg.lc_steps, mu, distance,
              100 * relative, f", loss {sum(losses[-20:]) / len(losses[-20:]):.4g}" if losses else "")
     ranks = new_state.get("ranks") or {}
@@ -529,7 +535,8 @@ def held_zero(model: nn.Module, cfg: LCConfig) -> dict[str, torch.Tensor]:
 
 
 STEPS = Steps(identity=identity, count=count, run=run_step, prepare=prepare, finish=finish,
-              batch_size=lambda cfg: cfg.batch_size, label="lc-step", view=view)
+              batch_size=lambda cfg: cfg.batch_size, label="lc-step", view=view,
+              done=lambda cfg, index, record: is_last(cfg, index, record["relative_distance"]))
 
 
 METHOD = Method(
