@@ -26,6 +26,7 @@ from modelpress.tasks.steps import (
     finetune_model,
     method_step,
     pack_model,
+    pin_teacher,
     prepare_teacher,
     publish_summary,
 )
@@ -51,6 +52,8 @@ def _compress(recipe: Recipe) -> dict:
         return out
 
     check_recipe(recipe)
+    if (recipe.teacher.weights or "").startswith("models:/"):  # an alias as the version it names now
+        recipe = pin_teacher(recipe)
     data_dir = timed("fetch", fetch_dataset, recipe)
     teacher = timed("teacher", prepare_teacher, recipe, data_dir)
     steps = REGISTRY[recipe.method.name].steps

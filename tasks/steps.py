@@ -16,7 +16,7 @@ from modelpress.recipe import Recipe
 from modelpress.report import markdown_table
 
 from .common import GPU_TAG, gpu_slot, log_device, retry_transient, ui_progress
-from .resolve import resolve_teacher_weights
+from .resolve import pin_model_uri, resolve_teacher_weights
 
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 
@@ -25,6 +25,15 @@ RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_tr
 def fetch_dataset(recipe: Recipe) -> str:
     """Fetch the dataset files (local, HTTP(S) or S3), checked against their sha256."""
     return str(stages.fetch(recipe))
+
+
+@task(name="pin-teacher", timeout_seconds=300, **RETRY)
+def pin_teacher(recipe: Recipe) -> Recipe:
+    """The recipe with teacher.weights ``models:/<name>@<alias>`` (or ``/latest``) replaced by the
+    version it names now: the run's keys and lineage then name that version, and the next run
+    takes the next one once the alias moves."""
+    pinned = pin_model_uri(recipe.teacher.weights)
+    return recipe if pinned == recipe.teacher.weights else recipe.with_overrides({"teacher.weights": pinned}, "pinned teacher")
 
 
 @task(name="teacher", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
