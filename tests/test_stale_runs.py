@@ -33,10 +33,11 @@ def test_a_teacher_alias_is_pinned_to_the_version_it_names_now(tmp_path, own_sto
     names when it starts, so a nightly takes the new teacher once the alias moves."""
     from mlflow import MlflowClient
 
-    from helpers import tiny_recipe
     from modelpress import stages
     from modelpress.tasks.resolve import pin_model_uri
     from modelpress.tasks.steps import pin_teacher
+
+    from helpers import tiny_recipe
 
     client = MlflowClient(own_store, own_store)
     client.create_registered_model("teachers")
