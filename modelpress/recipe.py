@@ -62,17 +62,45 @@ def read_mapping(path: Path, what: str) -> dict:
     return raw
 
 
+# Mappings keyed by names of their own, which may hold dots (file names, layer names): in a
+# ``section.key`` path the rest after one of them names an entry whole, not more sections. Of
+# NAMED_ENTRIES (entries that are mappings) the rest is an entry and a field of it when the entry
+# exists or the value is not a mapping (``method.overrides.layer1.0.conv1.k=32``).
+NAMED_VALUES = ("data.files", "teacher.arch_kwargs")
+NAMED_ENTRIES = ("method.overrides",)
+
+
+def _override_path(raw: dict, key: str, value: Any) -> list[str]:
+    for named in NAMED_VALUES + NAMED_ENTRIES:
+        if not key.startswith(named + "."):
+            continue
+        rest = key[len(named) + 1:]
+        if named in NAMED_VALUES or isinstance(value, dict):
+            return [*named.split("."), rest]
+        node: Any = raw
+        for part in named.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        entry = next((e for e in sorted(node or {}, key=len, reverse=True) if rest.startswith(e + ".")), None)
+        if entry is None and "." in rest:
+            entry = rest.rsplit(".", 1)[0]
+        return [*named.split("."), entry, rest[len(entry) + 1:]] if entry else [*named.split("."), rest]
+    return key.split(".")
+
+
 def apply_overrides(raw: dict, items: list[tuple[str, Any]]) -> dict:
     """Set ``section.key`` paths in a raw recipe mapping. Switching method
     (``method.name=prune``) starts that section afresh, since the other settings belong to the
-    other method; method switches apply before other overrides."""
+    other method; method switches apply before other overrides. Under a mapping keyed by names
+    (``data.files``, ``method.overrides``) a name keeps its dots."""
     for key, value in sorted(items, key=lambda kv: kv[0] != "method.name"):
         if key == "method.name" and (raw.get("method") or {}).get("name", "pq") != value:
             raw["method"] = {}
         node = raw
-        *parents, leaf = key.split(".")
+        *parents, leaf = _override_path(raw, key, value)
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or left empty (arch_kwargs: null)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise RecipeError(f"override {key!r}: {p!r} is not a section")
         node[leaf] = value

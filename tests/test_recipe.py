@@ -94,3 +94,20 @@ def test_cli_merges_a_partial_params_file(tmp_path):
     partial.write_text(yaml.safe_dump({"method": {"name": "pq", "kmeans_itres": 3}}))
     out = run_cli("run", "--params", str(partial))
     assert out.returncode == 1 and "method.kmeans_itres: Extra inputs are not permitted" in out.stderr
+
+
+def test_overrides_reach_names_that_hold_dots(tmp_path):
+    """-S and a sweep point's `set` address entries of the mappings keyed by names (data.files,
+    method.overrides) by the whole name, dots included."""
+    sha = "ab" * 32
+    r = Recipe().with_overrides({"data.files.train-images-idx3-ubyte.gz": sha})
+    assert r.data.files["train-images-idx3-ubyte.gz"] == sha and len(r.data.files) == 4
+    r = Recipe().with_overrides({"method.overrides.layer1.0.conv1": {"block_size": 4, "k": 16}})
+    assert r.method.overrides["layer1.0.conv1"].k == 16
+    r = r.with_overrides({"method.overrides.layer1.0.conv1.k": 32})  # a field of an entry that is there
+    assert (r.method.overrides["layer1.0.conv1"].block_size, r.method.overrides["layer1.0.conv1"].k) == (4, 32)
+    assert list(r.method.overrides) == ["layer1.0.conv1"]
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"teacher": {"arch": "cifar_vit", "arch_kwargs": None}}))
+    r = Recipe.from_yaml(params, ["teacher.arch_kwargs.num_layers=2", "method.overrides.encoder.layers.0.mlp.0={block_size: 4, k: 8}"])
+    assert r.teacher.arch_kwargs == {"num_layers": 2} and r.method.overrides["encoder.layers.0.mlp.0"].k == 8
