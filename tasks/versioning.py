@@ -213,19 +213,22 @@ def version_outputs(recipe: Recipe, summary: dict) -> dict:
         _write(out / "params.yaml", recipe_yaml(recipe).encode())
         logger.info("DVC versioning skipped: %s", reason)
         return {"dvc": "skipped", "reason": reason}
+    # The push too runs while params.yaml and dvc.lock are the run's: dvc.yaml's output paths come
+    # from params.yaml (${run.workdir}), and with the checkout's own they name no output of this
+    # lock, which DVC then skips without an error.
     with params_as(recipe, repo) as params_text:
         dvc("commit", "--force", "--no-relink", *STAGES, cwd=repo)
         lock = (repo / "dvc.lock").read_bytes()
-    _write(out / "params.yaml", params_text.encode())
-    _write(out / "dvc.lock", lock)
-    revision = lock_revision(lock)
-    logger.info("DVC: outputs of %s recorded in dvc.lock (sha %s)", ", ".join(STAGES), revision)
-    remote = resolve_remote(repo)
-    if remote is None:
-        logger.warning("DVC push skipped: no DVC remote is configured, the outputs are in the local DVC cache only "
-                       "(add one with `dvc remote add -d NAME s3://bucket/prefix`, or set MODELPRESS_DVC_REMOTE)")
-        return {"dvc": "committed", "dvc_revision": revision, "remote": None}
-    pushed = dvc("push", "--remote", remote, *STAGES, cwd=repo)
+        _write(out / "params.yaml", params_text.encode())
+        _write(out / "dvc.lock", lock)
+        revision = lock_revision(lock)
+        logger.info("DVC: outputs of %s recorded in dvc.lock (sha %s)", ", ".join(STAGES), revision)
+        remote = resolve_remote(repo)
+        if remote is None:
+            logger.warning("DVC push skipped: no DVC remote is configured, the outputs are in the local DVC cache only "
+                           "(add one with `dvc remote add -d NAME s3://bucket/prefix`, or set MODELPRESS_DVC_REMOTE)")
+            return {"dvc": "committed", "dvc_revision": revision, "remote": None}
+        pushed = dvc("push", "--remote", remote, *STAGES, cwd=repo)
     logger.info("DVC: pushed to remote %r: %s", remote, (pushed.strip().splitlines() or ["done"])[-1])
     return {"dvc": "pushed", "dvc_revision": revision, "remote": remote, **{
         f"remote_{k}": v for k, v in remote_location(repo, remote).items()}}
