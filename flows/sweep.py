@@ -16,7 +16,7 @@ from prefect import flow
 from modelpress import stages
 from modelpress.sweep import SweepConfig
 from modelpress.tasks.register import register_model
-from modelpress.tasks.steps import fetch_dataset, prepare_teacher
+from modelpress.tasks.steps import fetch_dataset, pin_teacher, prepare_teacher
 from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, start_parent_run, sweep_point_task
 
 
@@ -24,6 +24,8 @@ from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, start_pa
 def sweep_flow(sweep: SweepConfig) -> dict:
     """Compress one teacher at every point of the sweep; returns the sweep record."""
     check_sweep(sweep)
+    if (sweep.base.teacher.weights or "").startswith("models:/"):  # an alias as the version it names now, for every point
+        sweep = sweep.model_copy(update={"base": pin_teacher(sweep.base)})
     points = sweep.expand()
     if sweep.runner == "local":  # deployment points fetch and load the teacher on their workers
         shared = sweep.shared_recipe()

@@ -49,20 +49,6 @@ def _summary_rows(summary: dict) -> list[dict]:
     return [{"metric": k, "value": summary.get(k)} for k in keys]
 
 
-def resolve_weights(weights: str | None) -> str | None:
-    """A ``scheme:/...`` weights URI (e.g. an MLflow ``models:/``) as a local file, by the
-    resolver an installed package registers for the scheme (``modelpress.weights_resolvers``
-    entry points); a path is returned as it is."""
-    scheme, sep, _ = (weights or "").partition(":/")
-    if not sep or len(scheme) < 2:
-        return weights
-    found = entry_points(group="modelpress.weights_resolvers", name=scheme)
-    if not found:
-        raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
-                         "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
-    return next(iter(found)).load()(weights)
-
-
 def cmd_stage(args) -> int:
     from . import stages
 
@@ -71,7 +57,7 @@ def cmd_stage(args) -> int:
     if args.name == "fetch":
         print(stages.fetch(recipe))
     elif args.name == "teacher":
-        print(stages.teacher(recipe, resolve_weights(recipe.teacher.weights)))
+        print(stages.teacher(recipe, stages.resolve_weights(recipe.teacher.weights)))
     elif args.name == "compress":
         print(stages.compress_stage(recipe))
     elif args.name == "finetune":

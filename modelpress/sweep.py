@@ -394,7 +394,7 @@ def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int |
     t0 = time.perf_counter()
     shared = sweep.shared_recipe()
     stages.fetch(shared)
-    stages.teacher(shared, shared.teacher.weights)
+    stages.teacher(shared, stages.resolve_weights(shared.teacher.weights))  # a models:/ URI as a local file
     teacher = stages.read_json(stages.paths(shared)["teacher_info"]) or {}
     print_(f"teacher ready in {time.perf_counter() - t0:.0f} s: {teacher.get('top1')} %")
 

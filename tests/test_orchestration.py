@@ -379,6 +379,11 @@ def test_production_configuration_parses():
     assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
     assert services["worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert (INFRA / "docker" / services["postgres"]["volumes"][1].split(":")[0]).is_file()
+    # A store that is not AWS: the second file passes its endpoint to MLflow and the workers.
+    endpoint = yaml.safe_load((INFRA / "docker" / "compose.s3-endpoint.yaml").read_text())["services"]
+    assert endpoint["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"].startswith("${S3_ENDPOINT_URL:?")
+    assert {"MODELPRESS_DVC_ENDPOINT_URL", "AWS_ENDPOINT_URL"} <= set(endpoint["worker"]["environment"])
+    assert set(endpoint) <= set(services)
 
     dockerfile = (INFRA / "docker" / "Dockerfile.worker").read_text()
     assert dockerfile.splitlines()[[line.startswith("FROM") for line in dockerfile.splitlines()].index(True)].startswith("FROM nvidia/cuda:")

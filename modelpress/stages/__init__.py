@@ -24,6 +24,7 @@ from .pipeline import (
     pack_stage,
     preflight,
     read_teacher,
+    resolve_weights,
     snapshot_path,
     step_key,
     summarize,
@@ -36,6 +37,6 @@ from .records import Summary, TeacherInfo
 __all__ = [
     "STAGES", "StageError", "Summary", "TeacherInfo", "calibration_images", "compress_stage", "cycle_path",
     "dvc_yaml", "evaluate_file", "fetch", "file_content", "finetune_stage", "is_current", "load_weights", "method",
-    "method_config", "method_step", "pack_stage", "paths", "preflight", "read_json", "read_teacher", "snapshot_path",
+    "method_config", "method_step", "pack_stage", "paths", "preflight", "read_json", "read_teacher", "resolve_weights", "snapshot_path",
     "stage_key", "step_key", "summarize", "teacher", "tokenizer_file", "unless_skipped", "workdir", "write_json",
 ]

@@ -301,6 +301,20 @@ def _check_takes_inputs(model: nn.Module, recipe: Recipe, what: str = "") -> Non
 
 # ---- fetch, teacher ------------------------------------------------------------------------------
 
+def resolve_weights(weights: str | None) -> str | None:
+    """A ``scheme:/...`` weights URI (e.g. an MLflow ``models:/``) as a local file, by the
+    resolver an installed package registers for the scheme (``modelpress.weights_resolvers``
+    entry points); a path is returned as it is."""
+    scheme, sep, _ = (weights or "").partition(":/")
+    if not sep or len(scheme) < 2:
+        return weights
+    found = entry_points(group="modelpress.weights_resolvers", name=scheme)
+    if not found:
+        raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
+                         "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
+    return next(iter(found)).load()(weights)
+
+
 @stage("fetch")
 def fetch(recipe: Recipe, _key: str) -> Path:
     """Fetch the dataset files into the cache, verified by sha256."""
@@ -810,6 +824,6 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
 __all__ = [
     "calibration_images", "compress_stage", "cycle_path", "evaluate_file", "fetch", "file_content", "finetune_stage",
     "unless_skipped",
-    "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher",
+    "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher", "resolve_weights",
     "snapshot_path", "step_key", "summarize", "teacher", "tokenizer_file",
 ]
