@@ -51,8 +51,16 @@ def add_commands(sub, with_params) -> None:
     rp.set_defaults(fn=cmd_reproduce)
 
 
+def _checkout_recipe(args):
+    """The command's recipe, from the checkout's own parameters even while another run's DVC
+    versioning holds params.yaml, or after a run was killed there."""
+    from modelpress.tasks.versioning import checkout_params
+
+    return _recipe(args, checkout_params())
+
+
 def cmd_run(args) -> int:
-    recipe = _recipe(args)  # invalid parameters fail here, before any work
+    recipe = _checkout_recipe(args)  # invalid parameters fail here, before any work
     from modelpress.stages import preflight
 
     if not os.environ.get(CHILD_ENV):  # the supervising parent checked already
@@ -91,7 +99,7 @@ def _run_flow(recipe) -> int:
 def cmd_sweep(args) -> int:
     from modelpress.sweep import SweepConfig
 
-    sweep = SweepConfig.from_yaml(args.sweep, _recipe(args))
+    sweep = SweepConfig.from_yaml(args.sweep, _checkout_recipe(args))
     if args.concurrency:
         sweep = sweep.model_copy(update={"concurrency": args.concurrency})
     from modelpress.stages import preflight

@@ -89,7 +89,9 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     asyncio.run(_ensure_pool(pool))
     asyncio.run(_ensure_pool(sweep_pool))
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
-    base = Path(source) / "params.yaml" if "://" not in source else None
+    from modelpress.tasks.versioning import checkout_params
+
+    base = checkout_params(Path(source)) if "://" not in source else None
     parameters = default_parameters(params_file, base)
     description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
     common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
@@ -291,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.params is not None and not a.params.is_file():  # else the deployments would run the built-in defaults
         p.error(f"--params {a.params}: no such file")
-    params = a.params or (Path(a.source) / "params.yaml" if "://" not in a.source else None)
+    if a.params is None and "://" not in a.source:  # the source's own parameters, even while a run's versioning holds them
+        from modelpress.tasks.versioning import checkout_params
+
+        params: Path | None = checkout_params(Path(a.source))
+    else:
+        params = a.params
     ids = deploy(a.pool, a.cron, a.timezone, a.source, params, a.sweep_pool)
     names = {k: f"{SWEEP_FLOW}/{k.removeprefix('sweep-')}" if k.startswith("sweep-") else f"{FLOW_NAME}/{k}" for k in ids}
     print(yaml.safe_dump({names[k]: str(v) for k, v in ids.items()}, sort_keys=False).strip())

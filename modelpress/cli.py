@@ -29,13 +29,16 @@ from .stages.declare import STAGES as DECLARED
 STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of one sweep point
 
 
-def _recipe(args):
+def _recipe(args, checkout: str | Path = "params.yaml"):
+    """The recipe of a command. ``checkout``: where the checkout's params.yaml is read from (the
+    pipeline's commands pass the copy another run's versioning keeps while it holds the file)."""
     from .recipe import Recipe
 
     # Another --params file is merged onto the checkout's params.yaml: it may set only what differs;
     # --whole reads it alone (the pipeline's child processes pass the run's whole recipe, whose
     # empty fields must not take params.yaml's values).
-    return Recipe.from_yaml(args.params, args.set, base=None if getattr(args, "whole", False) else "params.yaml")
+    path = checkout if args.params == "params.yaml" else args.params
+    return Recipe.from_yaml(path, args.set, base=None if getattr(args, "whole", False) else checkout)
 
 
 def _table(rows: list[dict]) -> str:

@@ -7,8 +7,10 @@ as if `dvc repro` had produced it, and `dvc push` uploads it.
 
 The checkout's tracked files never change under a run: when the run's parameters differ from
 params.yaml (a `-S` override, a recipe sent from the Prefect UI), params.yaml holds the run's
-parameters only while `dvc commit` records them in dvc.lock, and is restored right after (a
-copy in ``.dvc/tmp`` restores it even after a kill). What reproduces the run, its dvc.lock and
+parameters only while `dvc commit` records them in dvc.lock and `dvc push` uploads what that
+lock names, and is restored right after (a copy in ``.dvc/tmp`` restores it even after a kill;
+meanwhile the pipeline's commands read the checkout's parameters from that copy,
+:func:`checkout_params`). What reproduces the run, its dvc.lock and
 its parameters, is copied to ``<workdir>/lineage/`` and logged with the registered version.
 
 Runs only when the working directory is a DVC repository and `run.workdir` is a relative path
@@ -112,6 +114,25 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def checkout_params(repo: Path = Path(".")) -> Path:
+    """The file that holds the checkout's own parameters now: params.yaml, or while another
+    run's versioning holds params.yaml (it records that run's parameters) the copy it keeps in
+    ``.dvc/tmp``. A copy left by a killed run (no one holds the lock) is put back first."""
+    path, tmp = repo / "params.yaml", repo / ".dvc" / "tmp"
+    saved = tmp / "modelpress-params.yaml.orig"
+    if not saved.is_file():
+        return path
+    with open(tmp / "modelpress-params.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return saved  # a live run's versioning: it puts params.yaml back when it is done
+        if saved.is_file():
+            _write(path, saved.read_bytes())
+            saved.unlink()
+    return path
 
 
 @contextlib.contextmanager

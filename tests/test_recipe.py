@@ -111,3 +111,23 @@ def test_overrides_reach_names_that_hold_dots(tmp_path):
     params.write_text(yaml.safe_dump({"teacher": {"arch": "cifar_vit", "arch_kwargs": None}}))
     r = Recipe.from_yaml(params, ["teacher.arch_kwargs.num_layers=2", "method.overrides.encoder.layers.0.mlp.0={block_size: 4, k: 8}"])
     assert r.teacher.arch_kwargs == {"num_layers": 2} and r.method.overrides["encoder.layers.0.mlp.0"].k == 8
+
+
+def test_the_checkouts_parameters_while_a_run_versions_and_after_one_was_killed(tmp_path):
+    """A run's DVC versioning puts its own parameters in params.yaml for the time of `dvc commit`
+    and `dvc push`: meanwhile, and after a run killed there, the pipeline's commands read the
+    checkout's own parameters."""
+    from modelpress.tasks.versioning import checkout_params, params_as
+
+    (tmp_path / ".dvc").mkdir()
+    own = yaml.safe_dump({"run": {"name": "own"}})
+    (tmp_path / "params.yaml").write_text(own)
+    with params_as(Recipe.parse({"run": {"name": "versioned"}}), tmp_path):
+        assert Recipe.from_yaml(tmp_path / "params.yaml").run.name == "versioned"
+        assert checkout_params(tmp_path).read_text() == own  # the copy the versioning keeps
+    assert checkout_params(tmp_path) == tmp_path / "params.yaml" and (tmp_path / "params.yaml").read_text() == own
+    # Killed inside: the copy is left, and no one holds the lock.
+    (tmp_path / ".dvc" / "tmp" / "modelpress-params.yaml.orig").write_text(own)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"run": {"name": "killed"}}))
+    assert checkout_params(tmp_path) == tmp_path / "params.yaml" and (tmp_path / "params.yaml").read_text() == own
+    assert not (tmp_path / ".dvc" / "tmp" / "modelpress-params.yaml.orig").exists()
