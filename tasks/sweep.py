@@ -21,6 +21,7 @@ from modelpress.recipe import Recipe
 from modelpress.report import markdown_table
 from modelpress.sweep import (
     COLUMNS,
+    PointTimeout,
     SweepConfig,
     result_row,
     sweep_point,
@@ -60,9 +61,15 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     from prefect.deployments import run_deployment
 
     t0 = time.perf_counter()
-    run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
-                         flow_run_name=recipe.run.name, timeout=None)
-    if not run.state or not run.state.is_completed():
+    timeout_s = sweep.point_timeout_h * 3600
+    with _gate(sweep):  # at most `concurrency` points submitted at once, as on the local runner
+        run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
+                             flow_run_name=recipe.run.name, timeout=timeout_s)
+        if run.state is None or not run.state.is_final():  # still queued or computing after point_timeout_h
+            _cancel(run.id)
+            raise PointTimeout(f"point {name}: flow run {run.id} not finished after {timeout_s:.0f} s "
+                               "(sweep point_timeout_h); cancelled")
+    if not run.state.is_completed():
         raise RuntimeError(f"point {name}: flow run {run.id} ended {run.state.name if run.state else 'without a state'}")
     # The version it registered, or (a rerun of a finished point) the one it found already registered.
     found = [v for v in registry.versions(recipe.registered_name())
@@ -77,6 +84,15 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
                "packed_sha256": t[registry.TAG + "packed_sha256"]}
     return {"summary": summary, "seconds": {"total": round(time.perf_counter() - t0, 1)}, "key_params": recipe.method.key_params(),
             "registered": {"version": v.version, "model_name": v.name}, "flow_run_id": str(run.id)}
+
+
+def _cancel(flow_run_id) -> None:
+    """Ask the server to cancel a flow run (its worker stops it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="sweep point_timeout_h"), force=True)
 
 
 @task(name="sweep-point", task_run_name="point-{name}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)

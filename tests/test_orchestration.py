@@ -147,6 +147,23 @@ def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_stack
     assert default.runner == "deployment" and default.deployment == f"{FLOW}/on-demand"
     assert default.base == Recipe.from_yaml(REPO / "params.yaml") and default.budgets
 
+    # A point that no worker takes (none serves this pool here) is cancelled after point_timeout_h
+    # and fails as a timeout (not retried), where the sweep waited for ever.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from modelpress.sweep import PointTimeout
+    from modelpress.tasks.sweep import _on_deployment
+
+    late = SweepConfig.model_validate({"name": "late", "points": [{"name": "a"}], "base": default.base,
+                                       "runner": "deployment", "deployment": f"{FLOW}/on-demand", "point_timeout_h": 0.002})
+    (name, recipe), = late.expand()
+    with temporary_settings({PREFECT_API_URL: api}), pytest.raises(PointTimeout, match="cancelled"):
+        _on_deployment(late, name, recipe)
+    with _client(api) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[recipe.run.name])))
+    assert run.state.type.value in ("CANCELLING", "CANCELLED"), run.state
+
     # The documented docker and kubernetes pools (GPU requests) are accepted by the server.
     from prefect.client.schemas.actions import WorkPoolCreate
 
