@@ -77,7 +77,14 @@ class SweepPoint(BaseModel):
     @field_validator("set")
     @classmethod
     def _not_shared(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
+        def keys(key: str, value: Any):  # a section given as a mapping ({run: {seed: 7}}) is its fields
+            if isinstance(value, dict) and value:
+                for k, sub in value.items():
+                    yield from keys(f"{key}.{k}", sub)
+            else:
+                yield key
+
+        for key in (k for top, value in v.items() for k in keys(top, value)):
             if key.startswith(SHARED) or key in ("data", "teacher", "registry"):
                 raise ValueError(f"override {key!r}: the teacher, data, seed, folder and registry are the sweep's, "
                                  "set them in the base recipe")

@@ -103,3 +103,17 @@ def test_deploy_with_a_missing_params_file_fails_naming_it(tmp_path, capsys):
         deploy.main(["--params", str(missing)])
     assert exit_.value.code == 2
     assert f"--params {missing}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", [{"run.seed": 7}, {"run": {"seed": 7}}, {"teacher": {"epochs": 3}},
+                                      {"data.batch_size": 64}, {"registry": {"model_name": "x"}}])
+def test_a_sweep_point_cannot_change_what_the_points_share(override):
+    """The teacher, data, seed, folder and registry are the sweep's: a point that sets one, as a
+    dotted key or inside a section's mapping, is refused naming it."""
+    from pydantic import ValidationError
+
+    from modelpress.sweep import SweepConfig
+
+    with pytest.raises(ValidationError, match="are the sweep's, set them in the base recipe"):
+        SweepConfig.model_validate({"points": [{"name": "a", "set": override}], "base": Recipe()})
+    assert SweepConfig.model_validate({"points": [{"name": "a", "set": {"method": {"kmeans_iters": 3}}}], "base": Recipe()})
