@@ -18,7 +18,8 @@ pytestmark = pytest.mark.pipeline
 
 BLOCKED = ("prefect", "mlflow", "dvc", "transformers", "safetensors")
 
-SCRIPT = textwrap.dedent("""
+# The start of a script run in a fresh interpreter: importing a package of BLOCKED fails there.
+BLOCKER = textwrap.dedent("""
     import importlib, json, pkgutil, sys
 
     BLOCKED = set({blocked!r})
@@ -26,10 +27,12 @@ SCRIPT = textwrap.dedent("""
     class Block:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked for this test: {{name}}")
+                raise ImportError(f"not importable here: {{name}}")
 
     sys.meta_path.insert(0, Block())
+""")
 
+SCRIPT = BLOCKER + textwrap.dedent("""
     import torch
     import modelpress
     from modelpress import cli
@@ -90,17 +93,7 @@ def test_worker_setup_starts_without_torch(tmp_path):
     assert json.loads(proc.stdout) == [False, True, True, True]
 
 
-LOAD_SCRIPT = textwrap.dedent("""
-    import json, sys
-
-    BLOCKED = set({blocked!r})
-
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"not in the model's requirements: {{name}}")
-
-    sys.meta_path.insert(0, Block())
+LOAD_SCRIPT = BLOCKER + textwrap.dedent("""
     from modelpress.pack import load_packed
 
     print("RESULT", json.dumps([type(load_packed(f)[0]).__name__ for f in {files!r}]))
