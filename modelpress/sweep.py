@@ -100,7 +100,8 @@ class SweepConfig(BaseModel):
     points: list[SweepPoint] = Field([], description="Named points, each a set of overrides of the base recipe.")
     budgets: list[int] = Field([], description="Shorthand: one PQ point per byte budget (method.target_bytes).")
     concurrency: int = Field(2, ge=1, le=256, description="Points computed at the same time.")
-    point_timeout_h: float = Field(48, gt=0, description="A point still computing after this many hours is killed (and retried once).")
+    point_timeout_h: float = Field(48, gt=0, description="A point still computing after this many hours is stopped and reported "
+                                                         "as failed (a rerun of the sweep resumes it from its checkpoints).")
     workdir: str | None = Field(None, description="The sweep's folder; default <base run.workdir>/sweeps/<name>.")
     runner: Literal["local", "deployment"] = Field(
         "local", description="local: each point in a worker process here; deployment: each point is a run of "
