@@ -252,14 +252,10 @@ def preflight(recipe: Recipe) -> None:
     else:
         model = build_model(recipe.teacher.arch, **_arch_kwargs(recipe))
     weights = recipe.teacher.weights
-    if weights:  # a file that is missing, torn, unsafe or of another architecture fails now, not after the fetch
-        scheme, sep, _ = weights.partition(":/")
-        if sep and len(scheme) >= 2:
-            if not entry_points(group="modelpress.weights_resolvers", name=scheme):
-                raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
-                                 "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
-        else:
-            load_weights(model, Path(weights), recipe.teacher.weights_sha256)
+    # A file that is missing, torn, unsafe or of another architecture fails now, not after the fetch;
+    # a URI needs an installed resolver.
+    if weights and _resolver(weights) is None:
+        load_weights(model, Path(weights), recipe.teacher.weights_sha256)
     _check_takes_inputs(model, recipe)
     if _is_encoder(recipe):
         if recipe.finetune.loss == "kl":
@@ -301,18 +297,24 @@ def _check_takes_inputs(model: nn.Module, recipe: Recipe, what: str = "") -> Non
 
 # ---- fetch, teacher ------------------------------------------------------------------------------
 
-def resolve_weights(weights: str | None) -> str | None:
-    """A ``scheme:/...`` weights URI (e.g. an MLflow ``models:/``) as a local file, by the
-    resolver an installed package registers for the scheme (``modelpress.weights_resolvers``
-    entry points); a path is returned as it is."""
-    scheme, sep, _ = (weights or "").partition(":/")
+def _resolver(weights: str) -> Any:
+    """The entry point that resolves a ``scheme:/...`` weights URI (``modelpress.weights_resolvers``),
+    None for a path; ValueError when no installed package registers the scheme."""
+    scheme, sep, _ = weights.partition(":/")
     if not sep or len(scheme) < 2:
-        return weights
+        return None
     found = entry_points(group="modelpress.weights_resolvers", name=scheme)
     if not found:
         raise ValueError(f"teacher.weights {weights}: no resolver for '{scheme}:/' URIs is installed "
                          "(MLflow URIs need the pipeline: pip install 'modelpress[pipeline]')")
-    return next(iter(found)).load()(weights)
+    return next(iter(found))
+
+
+def resolve_weights(weights: str | None) -> str | None:
+    """A ``scheme:/...`` weights URI (e.g. an MLflow ``models:/``) as a local file, by the
+    resolver an installed package registers for the scheme; a path is returned as it is."""
+    found = _resolver(weights) if weights else None
+    return weights if found is None else found.load()(weights)
 
 
 @stage("fetch")
