@@ -116,22 +116,34 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _params_files(repo: Path) -> tuple[Path, Path, Path]:
+    """params.yaml, the copy of the checkout's own kept while a run's parameters are in it, and
+    the lock runs on one checkout take turns on."""
+    tmp = repo / ".dvc" / "tmp"
+    return repo / "params.yaml", tmp / "modelpress-params.yaml.orig", tmp / "modelpress-params.lock"
+
+
+def _put_back(path: Path, saved: Path) -> None:
+    """The checkout's params.yaml from the copy a run killed in :func:`params_as` left (the
+    caller holds the lock)."""
+    if saved.is_file():
+        _write(path, saved.read_bytes())
+        saved.unlink()
+
+
 def checkout_params(repo: Path = Path(".")) -> Path:
     """The file that holds the checkout's own parameters now: params.yaml, or while another
     run's versioning holds params.yaml (it records that run's parameters) the copy it keeps in
     ``.dvc/tmp``. A copy left by a killed run (no one holds the lock) is put back first."""
-    path, tmp = repo / "params.yaml", repo / ".dvc" / "tmp"
-    saved = tmp / "modelpress-params.yaml.orig"
+    path, saved, lock_path = _params_files(repo)
     if not saved.is_file():
         return path
-    with open(tmp / "modelpress-params.lock", "w") as lock:
+    with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return saved  # a live run's versioning: it puts params.yaml back when it is done
-        if saved.is_file():
-            _write(path, saved.read_bytes())
-            saved.unlink()
+        _put_back(path, saved)
     return path
 
 
@@ -140,14 +152,11 @@ def params_as(recipe: Recipe, repo: Path):
     """params.yaml holds the run's parameters inside the block (what `dvc commit` records) and
     its own content again afterwards; runs on one checkout take turns (a file lock). Yields the
     run's parameters file content."""
-    path, tmp = repo / "params.yaml", repo / ".dvc" / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    saved = tmp / "modelpress-params.yaml.orig"
-    with open(tmp / "modelpress-params.lock", "w") as lock:
+    path, saved, lock_path = _params_files(repo)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if saved.is_file():  # a run killed inside this block: put the checkout's file back first
-            _write(path, saved.read_bytes())
-            saved.unlink()
+        _put_back(path, saved)  # a run killed inside this block: the checkout's file first
         original = path.read_bytes() if path.is_file() else None
         try:
             same = original is not None and Recipe.from_yaml(path) == recipe
