@@ -70,9 +70,10 @@ def gpu_limit_name(host: str | None = None) -> str:
 def default_parameters(params_file: Path | None, base: Path | None = None) -> dict:
     """The deployments' default parameters (the UI form's pre-filled values), validated. A
     ``--params`` file may be partial: it is merged onto ``base``, the source's committed
-    params.yaml (runs never rewrite it)."""
+    params.yaml (runs never rewrite it); without one, ``base`` itself."""
     from modelpress.recipe import Recipe
 
+    params_file = params_file or base
     if params_file is None or not params_file.is_file():
         return {}
     return {"recipe": Recipe.from_yaml(params_file, base=base).model_dump(mode="json")}
@@ -91,7 +92,7 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
     from modelpress.tasks.versioning import checkout_params
 
-    base = checkout_params(Path(source)) if "://" not in source else None
+    base = checkout_params(Path(source)) if "://" not in source else None  # even while a run's versioning holds it
     parameters = default_parameters(params_file, base)
     description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
     common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
@@ -293,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.params is not None and not a.params.is_file():  # else the deployments would run the built-in defaults
         p.error(f"--params {a.params}: no such file")
-    if a.params is None and "://" not in a.source:  # the source's own parameters, even while a run's versioning holds them
-        from modelpress.tasks.versioning import checkout_params
-
-        params: Path | None = checkout_params(Path(a.source))
-    else:
-        params = a.params
-    ids = deploy(a.pool, a.cron, a.timezone, a.source, params, a.sweep_pool)
+    ids = deploy(a.pool, a.cron, a.timezone, a.source, a.params, a.sweep_pool)
     names = {k: f"{SWEEP_FLOW}/{k.removeprefix('sweep-')}" if k.startswith("sweep-") else f"{FLOW_NAME}/{k}" for k in ids}
     print(yaml.safe_dump({names[k]: str(v) for k, v in ids.items()}, sort_keys=False).strip())
     return 0
