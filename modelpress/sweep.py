@@ -240,7 +240,8 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
 
 
 class PointTimeout(TimeoutError):
-    """A point ran past its time limit: not worth another try (a retry would run as long)."""
+    """A point ran past its time limit (point_timeout_h): reported as failed, not retried within
+    the sweep (a rerun of the sweep resumes it from its checkpoints)."""
 
     transient = False
 
