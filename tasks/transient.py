@@ -6,7 +6,8 @@ once, with their first error):
 - the network: connection refused/reset/aborted, timeouts, DNS failures, a dropped HTTP
   connection (``OSError`` with those errnos, ``urllib``/``http.client``/``requests`` transport
   errors); not the time limit of a task or flow itself (Prefect's ``TaskRunTimeoutError``, a
-  ``TimeoutError`` too): work that ran out of its hours would only run out of them again;
+  ``TimeoutError`` too): that limit is the user's bound on the work, not a network failure,
+  and the run reports it (a rerun resumes from the checkpoints);
 - HTTP 5xx, 408 and 429 (``urllib.error.HTTPError``, MLflow's REST errors);
 - S3: botocore's transport errors and ``ClientError`` with a 5xx status or a throttling code;
 - a DVC command that failed on its repository lock (another DVC command holds it) or on its
