@@ -109,6 +109,9 @@ def cmd_sweep(args) -> int:
             preflight(recipe)
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
+    if not os.environ.get(CHILD_ENV):
+        with sweep.lock(wait=False):  # this sweep running already: one line now, not a wait
+            pass
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "modelpress")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

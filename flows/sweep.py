@@ -24,6 +24,11 @@ from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, start_pa
 def sweep_flow(sweep: SweepConfig) -> dict:
     """Compress one teacher at every point of the sweep; returns the sweep record."""
     check_sweep(sweep)
+    with sweep.lock():  # the same sweep again (the schedule, a click in the UI) waits for this one to end
+        return _sweep(sweep)
+
+
+def _sweep(sweep: SweepConfig) -> dict:
     if (sweep.base.teacher.weights or "").startswith("models:/"):  # an alias as the version it names now, for every point
         sweep = sweep.model_copy(update={"base": pin_teacher(sweep.base)})
     points = sweep.expand()

@@ -1,21 +1,69 @@
-"""Atomic file writes: readers (and a crashed run's successor) never see half a file."""
+"""Atomic file writes: readers (and a crashed run's successor) never see half a file; and one
+writer at a time per folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
-def remove_partials(root: str | Path) -> int:
-    """Remove the ``.partial-*`` files a killed writer left under ``root`` (call it only while
-    no other process writes there); returns how many there were."""
+def remove_partials(root: str | Path, skip: tuple[str, ...] = ()) -> int:
+    """Remove the ``.partial-*`` files a killed writer left under ``root`` but not in its
+    subfolders named in ``skip`` (call it only while no other process writes there); returns
+    how many there were."""
     n = 0
     for p in Path(root).rglob(".partial-*"):
-        if p.is_file():
+        if p.is_file() and p.relative_to(root).parts[0] not in skip:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, wait: bool = True, what: str = "run.workdir", user: str = "run",
+                skip: tuple[str, ...] = ()) -> Iterator[None]:
+    """One writer at a time in ``folder`` (two runs there would overwrite each other's stages):
+    an exclusive lock on ``<folder>/.lock``, held in the ``with`` block. ``wait=False``: refuse at
+    once with a RuntimeError naming the holder; else wait for it (logged). Once held, the partial
+    files a killed writer left are removed, except in the subfolders named in ``skip`` (a sweep's
+    points, each under its own lock)."""
+    log = logging.getLogger("modelpress")
+    path = Path(folder) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            if not wait:
+                raise RuntimeError(f"{what} {folder} is in use by another {user} ({holder}): wait for it to end, "
+                                   f"or give this {user} another {what}") from None
+            log.info("waiting for the %s holding %s (%s)", user, folder, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        stale = remove_partials(folder, skip)  # the lock holder is the only writer: these are a killed run's
+        if stale:
+            log.info("removed %d partial files a stopped %s left in %s", stale, user, folder)
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
 
 
 def atomic_write(path: str | Path, chunks: list[bytes]) -> None:

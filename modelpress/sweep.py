@@ -51,6 +51,7 @@ from pydantic import (
     model_validator,
 )
 
+from .atomic import folder_lock
 from .recipe import Recipe, RecipeError, read_mapping
 
 POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -132,6 +133,12 @@ class SweepConfig(BaseModel):
 
     def root(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(self.base.run.workdir) / "sweeps" / self.name
+
+    def lock(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+        """One run of a sweep at a time in its folder (two would write the shared teacher and the
+        front at once): ``wait=False`` refuses at once naming the holder (the commands), else
+        waits (a scheduled run). Points take their own folders' locks."""
+        return folder_lock(self.root(), wait, what="sweep folder", user="sweep", skip=("points",))
 
     def point_threads(self) -> int:
         """CPU threads of each local point: the cores shared out between concurrent points."""
@@ -390,7 +397,6 @@ def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int |
     either is reported in ``failed``. Every point is checked before any work (ValueError).
     Returns ``{"teacher", "points": {name: record}, "failed": {name: why}}``."""
     from . import stages
-    from .report import markdown_table
 
     points = dict(sweep.expand())
     names = names or list(points)
@@ -399,6 +405,15 @@ def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int |
         raise ValueError(f"no such point in sweep {sweep.name}: {', '.join(missing)}")
     for name in names:
         stages.preflight(points[name])
+
+    with sweep.lock(wait=False):
+        return _run_local(sweep, points, names, threads, deadline_s, progress_s, print_)
+
+
+def _run_local(sweep: SweepConfig, points: dict[str, Recipe], names: list[str], threads: int | None,
+               deadline_s: float | None, progress_s: float, print_: Callable[[str], None]) -> dict:
+    from . import stages
+    from .report import markdown_table
 
     t0 = time.perf_counter()
     shared = sweep.shared_recipe()

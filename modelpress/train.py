@@ -111,11 +111,14 @@ def fit(
         step, losses = int(resume["step"]), list(resume["losses"])
         if gen is not None:
             gen.set_state(resume["generator"])
+        if resume.get("rng") is not None:  # dropout's draws
+            torch.set_rng_state(resume["rng"])
         log.info("%s: resuming at step %d of %d", stage, step, total)
     while step < total:
         if on_epoch is not None and step > 0 and (resume is None or step != int(resume["step"])):
             on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                      "step": step, "losses": losses, "generator": gen.get_state() if gen is not None else None})
+                      "step": step, "losses": losses, "generator": gen.get_state() if gen is not None else None,
+                      "rng": torch.get_rng_state()})
         resume = None
         for x, y in batches:
             x, y = model_inputs.to(x, device), y.to(device, non_blocking=True)
@@ -241,6 +244,11 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"unknown distillation loss {loss!r} (one of {', '.join(LOSSES)})")
+    on_epoch, resume = kw.pop("on_epoch", None), kw.get("resume")
+    if on_epoch is not None:  # the augmentation's draws too, so that a resumed run sees the same images
+        kw["on_epoch"] = lambda state: on_epoch({**state, "augment": gen.get_state()})
+    if resume is not None and resume.get("augment") is not None:
+        gen.set_state(resume["augment"])
 
     def loss_fn(x, _y):
         if augment:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.atomic import remove_partials
+from modelpress.atomic import folder_lock
 from modelpress.progress import add_listener
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
@@ -21,45 +21,10 @@ from .transient import retry_transient  # noqa: F401 - every task's retry condit
 logging.getLogger("modelpress").setLevel(logging.INFO)
 
 
-def _lock_holder(path) -> str:
-    try:
-        return path.read_text().strip() or "another process"
-    except OSError:
-        return "another process"
-
-
-@contextlib.contextmanager
 def workdir_lock(workdir, wait: bool = True):
-    """One run at a time in a work directory (two would overwrite each other's stages): an
-    exclusive lock on ``<workdir>/.lock``, held for the run. ``wait=False``: refuse at once
-    with a RuntimeError naming the holder; else wait for it (logged)."""
-    import fcntl
-    from pathlib import Path
-
-    path = Path(workdir) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(path)
-            if not wait:
-                raise RuntimeError(f"run.workdir {workdir} is in use by another run ({holder}): wait for it to end, "
-                                   "or give this run another run.workdir") from None
-            logging.getLogger("modelpress").info("waiting for the run holding %s (%s)", workdir, holder)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
-        stale = remove_partials(workdir)  # the lock holder is the only writer: these are a killed run's
-        if stale:
-            logging.getLogger("modelpress").info("removed %d partial files a stopped run left in %s", stale, workdir)
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
+    """One run at a time in a work directory (:func:`modelpress.atomic.folder_lock`): the flow
+    waits for the run holding it; the CLI refuses at once (``wait=False``)."""
+    return folder_lock(workdir, wait)
 
 
 @contextlib.contextmanager

@@ -411,6 +411,15 @@ def test_sweep_concurrency_argument(cli, tmp_path, value):
     cli("sweep", str(sweep), "--concurrency", value, needle="--concurrency")
 
 
+def test_sweep_in_use_by_another_run_of_it(cli, tmp_path):
+    from modelpress.recipe import Recipe
+    from modelpress.sweep import SweepConfig
+
+    path = _sweep(tmp_path, {"name": "busy", "workdir": str(tmp_path / "busy"), "points": [{"name": "a", "set": {"method.name": "uniform"}}]})
+    with SweepConfig.from_yaml(path, Recipe()).lock(wait=False):
+        cli("sweep", str(path), needle=("sweep folder", "busy", "in use by another sweep (pid"))
+
+
 # ---- environment: work directory ---------------------------------------------------------------------
 
 def test_workdir_is_a_file(cli, tmp_path):

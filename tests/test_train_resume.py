@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from modelpress.train import loader, train_classifier
+from modelpress.train import distill, loader, train_classifier
 
 pytestmark = pytest.mark.unit
 
@@ -58,5 +58,41 @@ def test_resume_at_an_epoch_boundary_is_bit_identical():
     steps = []
     resumed = _train(resume=state, scramble=True, on_step=lambda step, _t: steps.append(step))
     assert steps == list(range(17, 25))  # only the third epoch ran again
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _distill(on_step=None, on_epoch=None, resume=None):
+    torch.manual_seed(0)
+    x = torch.randn(192, 1, 8, 8)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    batches = loader(TensorDataset(x, torch.zeros(192, dtype=torch.long)), 32, True, seed=5)
+    torch.manual_seed(123)  # what the run's dropout draws from; a resumed run comes back with the saved state
+    distill(student, teacher, batches, student.parameters(), 3, 0.05, augment=True, seed=7,
+            on_step=on_step, on_epoch=on_epoch, resume=resume)
+    return student
+
+
+def test_distillation_with_augmentation_and_dropout_resumes_bit_identical():
+    """What the fine-tuning stage relies on: the flips and shifts of the augmentation and the
+    dropout's draws come back with the saved state, not only the weights and the batch order."""
+    reference = _distill()
+    saved = []
+
+    def keep(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        saved.append(buf.getvalue())
+
+    def kill(step, _total):
+        if step == 6 * 2 + 2:  # in the third epoch (6 batches an epoch)
+            raise Killed
+
+    with pytest.raises(Killed):
+        _distill(on_step=kill, on_epoch=keep)
+    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    assert state["step"] == 12
+    resumed = _distill(resume=state)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)

@@ -1,5 +1,6 @@
-"""One run at a time per work directory: the CLI refuses a second run with one line naming the
-holder; the flow (a scheduled run) waits for the first to end."""
+"""One run at a time per work directory, and one run of a sweep at a time in its folder: the
+commands refuse a second with one line naming the holder; the flows (a scheduled run) wait for
+the first to end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 
 import pytest
 
+from modelpress.recipe import Recipe
+from modelpress.sweep import SweepConfig, run_local
 from modelpress.tasks.common import workdir_lock
 
 pytestmark = pytest.mark.unit
@@ -47,3 +50,22 @@ def test_taking_the_lock_removes_partial_files_a_killed_run_left(tmp_path):
     kept.write_text("{}")
     with workdir_lock(tmp_path):
         assert not any(p.exists() for p in stale) and kept.exists()
+
+
+def test_a_second_run_of_a_sweep_is_refused_before_it_writes_and_keeps_the_points_partials(tmp_path):
+    """Two runs of one sweep would write its shared teacher and its front at once. The points'
+    folders are under their own locks: a partial file there is a running point's, not stale."""
+    sweep = SweepConfig(name="twice", workdir=str(tmp_path / "s"), base=Recipe(),
+                        points=[{"name": "u", "set": {"method.name": "uniform"}}])
+    point_partial = tmp_path / "s" / "points" / "u" / "compress" / ".partial-model.mpk-x1"
+    stale = tmp_path / "s" / "teacher" / ".partial-teacher.mpk-x2"
+    for p in (point_partial, stale):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"half")
+    with sweep.lock():
+        assert point_partial.exists() and not stale.exists()
+        with pytest.raises(RuntimeError, match=f"sweep folder {tmp_path / 's'} is in use by another sweep \\(pid "):
+            run_local(sweep, print_=lambda line: None)
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "points", "teacher"]  # no dataset fetched
+    with sweep.lock(wait=False):  # free again once the first ends
+        pass

@@ -351,10 +351,11 @@ def load_weights(model: nn.Module, path: Path, expected_sha: str | None, what: s
         raise StageError(f"{what} weights {path} do not fit {type(model).__name__}: {lines[1] if len(lines) > 1 else lines[0]}") from None
 
 
-def _train_state(recipe: Recipe, key: str):
-    """Epoch-boundary checkpoints of the teacher's training (teacher/train-state.pt, our own
-    file, read back with weights_only=True): a killed training resumes at its last epoch."""
-    path = paths(recipe)["teacher_dir"] / "train-state.pt"
+def _train_state(recipe: Recipe, key: str, folder: str = "teacher_dir"):
+    """Epoch-boundary checkpoints of a stage's training (the teacher's, the fine-tuning's:
+    ``<folder>/train-state.pt``, our own file, read back with weights_only=True): a killed
+    training resumes at its last epoch."""
+    path = paths(recipe)[folder] / "train-state.pt"
     saved = None
     if path.is_file():
         try:
@@ -369,7 +370,7 @@ def _train_state(recipe: Recipe, key: str):
         torch.save({"key": key, **state}, buf)
         atomic_write(path, [buf.getvalue()])
 
-    return path, saved, save
+    return saved, save
 
 
 @stage("teacher")
@@ -396,13 +397,12 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     else:
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
-        state_path, resume, save = _train_state(recipe, key)
+        resume, save = _train_state(recipe, key)
         train_classifier(
             model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
             recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
             stage="teacher", device=device, on_step=_snapshot_keeper(recipe, model), on_epoch=save, resume=resume,
         )
-        state_path.unlink(missing_ok=True)
     if is_text(recipe) and not _is_encoder(recipe):  # a sequence classifier is scored on the data set's labels
         _check_text_labels(recipe, test)
     if is_text(recipe):  # kept with the run's outputs: the registry hands it to consumers
@@ -419,6 +419,7 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
         sha256=sha256_file(p["teacher"]),
     )
     write_json(p["teacher_info"], info.model_dump(mode="json"))
+    (p["teacher_dir"] / "train-state.pt").unlink(missing_ok=True)  # once the results are written: a kill before resumes from it
     return p["teacher"]
 
 
@@ -703,15 +704,18 @@ def finetune_stage(recipe: Recipe, key: str) -> Path:
         if cfg.train_other:
             params += [q for n, q in student.named_parameters() if not n.endswith(".codebook") and is_bias_or_norm(student, n)]
             params += [w for w in _dense_weights(student) if all(w is not q for q in params)]
+        resume, save = _train_state(recipe, key, "finetune_dir")
         with keep_masks(student, masks):
             distill(student, teacher_model, loader(train, cfg.batch_size, True, recipe.run.seed), params, cfg.epochs,
                     cfg.lr, temperature=cfg.temperature, stage="finetune", device=device, augment=cfg.augment,
-                    seed=recipe.run.seed, loss=_distill_loss(recipe), dropout=not is_text(recipe))
+                    seed=recipe.run.seed, loss=_distill_loss(recipe), dropout=not is_text(recipe),
+                    on_epoch=save, resume=resume)
     _round_codebooks(student, recipe.pack.codebook_dtype, own)  # before BatchNorm sees the weights it will run with
     if cfg.bn_batches > 0:
         recalibrate_batchnorm(student, loader(train, recipe.data.batch_size, True, recipe.run.seed + 1), cfg.bn_batches)
     meta = {"key": key, "input": _input_meta(recipe), **({"codebooks": own} if own else {})}
     pack_model(student, p["finetuned"], _arch(recipe), meta, "f32", "f32")
+    (p["finetune_dir"] / "train-state.pt").unlink(missing_ok=True)  # once the result is written: a kill before resumes from it
     return p["finetuned"]
 
 
