@@ -17,7 +17,14 @@ from modelpress import stages
 from modelpress.sweep import SweepConfig
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import fetch_dataset, pin_teacher, prepare_teacher
-from modelpress.tasks.sweep import check_sweep, publish_front, rows_of, start_parent_run, sweep_point_task
+from modelpress.tasks.sweep import (
+    check_sweep,
+    publish_front,
+    register_points,
+    rows_of,
+    start_parent_run,
+    sweep_point_task,
+)
 
 
 @flow(name="modelpress-sweep", log_prints=True)
@@ -51,9 +58,6 @@ def _sweep(sweep: SweepConfig) -> dict:
     if sweep.base.registry.enabled:
         parent = start_parent_run(sweep)
         recipes = dict(points)
-        for row in rows:
-            rec = results[row["point"]]
-            reg = rec.get("registered") or register_model(
-                recipes[row["point"]], str(stages.paths(recipes[row["point"]])["packed"]), rec["summary"], parent)
-            row["version"] = reg["version"] if reg else None
+        register_points(rows, results, lambda name, rec: register_model(
+            recipes[name], str(stages.paths(recipes[name])["packed"]), rec["summary"], parent), failed)
     return publish_front(sweep, rows, failed, wall_s, parent)

@@ -148,19 +148,28 @@ def promote(name: str, new_version: str, max_top1_drop: float) -> str:
     Returns the decision, also stored in the new version's ``modelpress.promotion`` tag."""
     c = client()
     c.set_registered_model_alias(name, "candidate", new_version)
-    all_versions = versions(name)
+    champion, decision = promotion(versions(name), new_version, max_top1_drop)
+    if champion:
+        c.set_registered_model_alias(name, "champion", new_version)
+    c.set_model_version_tag(name, new_version, TAG + "promotion", decision)
+    return decision
+
+
+def promotion(all_versions: list, new_version: str, max_top1_drop: float) -> tuple[bool, str]:
+    """(whether ``new_version`` becomes champion, the decision in words) under the promotion rule."""
     best = choose_champion(all_versions, max_top1_drop)
     new = next(v for v in all_versions if str(v.version) == str(new_version))
     drop, size = _num(new, "top1_drop"), int(_num(new, "packed_bytes", 0))
     if best is not None and str(best.version) == str(new_version):
-        c.set_registered_model_alias(name, "champion", new_version)
-        decision = f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
-    elif drop > max_top1_drop:
-        decision = f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}"
-    else:
-        decision = f"not promoted: version {best.version} is smaller ({int(_num(best, 'packed_bytes', 0)):,} vs {size:,} bytes)"
-    c.set_model_version_tag(name, new_version, TAG + "promotion", decision)
-    return decision
+        return True, f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
+    if not drop <= max_top1_drop:  # a drop that is not a number (NaN outputs) is not within the rule either
+        return False, f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}" if drop > max_top1_drop else \
+            f"not promoted: top-1 drop {drop} is not a number"
+    other = int(_num(best, "packed_bytes", 0))
+    if other < size:
+        return False, f"not promoted: version {best.version} is smaller ({other:,} vs {size:,} bytes)"
+    return False, (f"not promoted: version {best.version} is as small ({other:,} bytes) and scores higher "
+                   f"({_num(best, 'compressed_top1'):.2f} vs {_num(new, 'compressed_top1'):.2f})")
 
 
 def model_card(name: str, tags: dict, summary: dict, version: str | None = None) -> str:

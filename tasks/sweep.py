@@ -43,15 +43,35 @@ def _gate(sweep: SweepConfig) -> threading.Semaphore:
 
 @task(name="check-sweep", timeout_seconds=600)
 def check_sweep(sweep: SweepConfig) -> list[str]:
-    """Every point's recipe is valid and fits the architecture, before any work."""
+    """Every point's recipe is valid and fits the architecture, and the tracking server the
+    points register in answers, before any work."""
     names = []
     for name, recipe in sweep.expand():
+        if sweep.runner == "deployment":  # its points run on the pool's machines (a GPU), not on this control worker
+            recipe = recipe.with_overrides({"run.device": "auto"})
         try:
             stages.preflight(recipe)
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
         names.append(name)
+    if sweep.base.registry.enabled:
+        registry.check_reachable()
     return names
+
+
+def register_points(rows: list[dict], results: dict[str, dict], register, failed: dict[str, str]) -> None:
+    """Give each row its registry version: the one its point's run registered, else
+    ``register(name, record)``. A point whose registration fails is reported in ``failed`` and
+    keeps its row (version None): the others' versions and the front are still published."""
+    for row in rows:
+        rec = results[row["point"]]
+        try:
+            reg = rec.get("registered") or register(row["point"], rec)
+        except Exception as e:  # noqa: BLE001 - one point's registry failure does not lose the sweep's front
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failed[row["point"]] = f"registration failed: {why}"
+            reg = None
+        row["version"] = reg["version"] if reg else None
 
 
 def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:

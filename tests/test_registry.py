@@ -91,6 +91,14 @@ def test_promotion_rule():
     assert registry.choose_champion(versions, 1.0).version == "4"  # smallest eligible, ties -> higher top-1
     assert registry.choose_champion(versions, 2.0).version == "2"
     assert registry.choose_champion(versions, 0.1) is None
+    assert registry.promotion(versions, "4", 1.0) == (True, "champion: top-1 drop 0.50 <= 1.0 and smallest eligible file (80,000 bytes)")
+    assert registry.promotion(versions, "3", 1.0) == (False, "not promoted: version 4 is as small (80,000 bytes) and scores higher (90.70 vs 90.30)")
+    assert registry.promotion(versions, "1", 1.0) == (False, "not promoted: version 4 is smaller (80,000 vs 100,000 bytes)")
+    assert registry.promotion(versions, "2", 1.0) == (False, "not promoted: top-1 drop 1.50 > 1.0")
+    # A version whose outputs were NaN (no top-1 drop to compare) when no version is eligible:
+    # registered and reported, not a crash that a rerun meets again.
+    nan = [v(5, 50_000, float("nan"), float("nan")), v(1, 100_000, 1.2, 90.0)]
+    assert registry.promotion(nan, "5", 1.0) == (False, "not promoted: top-1 drop nan is not a number")
 
 
 def test_consumer_process_reproduces_evaluate_predictions(registered, tmp_path):

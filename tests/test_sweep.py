@@ -184,3 +184,22 @@ def test_local_sweep_runs_points_with_the_library_alone(trained_workdir, tmp_pat
     assert out["points"]["uniform4"]["summary"] == summary
     assert not (root / "points" / "slow" / "point.json").exists()
     assert (root / "points" / "uniform4" / "point.json").stat().st_mtime_ns == stamp  # not recomputed
+
+
+def test_a_point_whose_registration_fails_is_reported_and_the_others_keep_their_versions():
+    """The registry failing for one point (an S3 403 on its file, a server error after the
+    retries) must not lose the front every point computed for hours."""
+    from modelpress.tasks.sweep import register_points
+
+    rows = [{"point": n} for n in ("a", "b", "c")]
+    results = {"a": {"registered": {"version": "3"}}, "b": {}, "c": {}}
+
+    def register(name, _rec):
+        if name == "b":
+            raise RuntimeError("S3 PutObject: AccessDenied\nmore lines")
+        return {"version": "7"}
+
+    failed: dict[str, str] = {}
+    register_points(rows, results, register, failed)
+    assert [r["version"] for r in rows] == ["3", None, "7"]
+    assert failed == {"b": "registration failed: S3 PutObject: AccessDenied"}
