@@ -194,7 +194,7 @@ def link_shared(recipe: Recipe, root: Path) -> None:
 def point_key(recipe: Recipe) -> str:
     from .stages import stage_key
 
-    return recipe.section_hash("pack", "data", extra=stage_key(recipe, "finetune"))
+    return recipe.section_hash("pack", "data", extra=stage_key(recipe, "evaluate"))  # every stage's settings and code
 
 
 def point_path(recipe: Recipe) -> Path:

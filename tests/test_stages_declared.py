@@ -24,6 +24,38 @@ def test_committed_dvc_yaml_is_generated_from_the_declarations():
     assert parsed["compress"]["params"] == list(SPECS["compress"].params)
 
 
+def test_a_stage_key_follows_the_code_it_runs(tmp_path, monkeypatch):
+    """After an upgrade the next run (the nightly) redoes the stages whose code changed and what
+    follows them, so a fix reaches the model; code no stage runs keeps every key."""
+    import shutil
+
+    from modelpress.stages import declare
+
+    assert all((declare.LIBRARY_ROOT / c).exists() for s in stages.STAGES for c in s.code)
+    copy = tmp_path / "lib"
+    shutil.copytree(declare.LIBRARY_ROOT / "modelpress", copy / "modelpress", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(declare, "LIBRARY_ROOT", copy)
+    recipe = Recipe()
+    names = ("fetch", "teacher", "compress", "finetune", "pack")
+
+    def keys():
+        return {n: stages.stage_key(recipe, n) for n in names} | {"step": stages.step_key(recipe.with_overrides(
+            {"method": {"name": "prune", "target_sparsity": 0.5}}), 0)}
+
+    def edit(rel: str):
+        before = keys()
+        with open(copy / rel, "a") as f:
+            f.write("\n# changed\n")
+        after = keys()
+        return sorted(k for k in before if before[k] != after[k])
+
+    assert edit("modelpress/methods/pq/quantize.py") == ["compress", "finetune", "pack", "step"]
+    assert edit("modelpress/models/cnn.py") == ["compress", "finetune", "pack", "step", "teacher"]
+    assert edit("modelpress/pack/format.py") == ["compress", "finetune", "pack", "step", "teacher"]
+    assert edit("modelpress/data/fetch.py") == ["fetch"]  # the same files: later stages keep their keys
+    assert edit("modelpress/report.py") == []
+
+
 def _change(recipe: Recipe, dotted: str) -> Recipe | None:
     """A valid recipe differing from ``recipe`` in one field under ``dotted``, or None."""
     candidates = {
@@ -162,3 +194,17 @@ def test_the_committed_params_yaml_holds_every_parameter_dvc_yaml_names():
 
     named = [(s, p) for s, v in yaml.safe_load(stages.dvc_yaml())["stages"].items() for p in v.get("params", [])]
     assert len(named) > 10 and [(s, p) for s, p in named if not has(params, p)] == []
+
+
+@pytest.mark.pipeline
+def test_dvc_ignores_the_bytecode_beside_the_code_the_stages_depend_on():
+    """Python writes .pyc files into the code folders dvc.yaml lists (they record the sources'
+    mtimes): DVC must not see them, or a checkout or branch switch reruns every stage."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dvc = Path(sys.executable).parent / "dvc"
+    pyc, source = "modelpress/pack/__pycache__/format.cpython-311.pyc", "modelpress/pack/format.py"
+    proc = subprocess.run([str(dvc), "check-ignore", pyc, source], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == [pyc], proc.stdout + proc.stderr

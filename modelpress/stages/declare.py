@@ -7,8 +7,9 @@ library code) and what it writes. From these declarations come
 - **dvc.yaml** (``modelpress dvc-yaml``; a test checks the committed file is this output), so the
   flow's keys and DVC's dependencies cannot drift apart.
 
-Library code is a DVC dependency (``dvc repro`` reruns a stage whose code changed) but not part
-of the key, so a nightly run after a code change resumes instead of starting over.
+The library code a stage runs is in its key as well as a DVC dependency: after an upgrade the
+next run (the nightly, ``dvc repro``) redoes the stages whose code changed and what follows
+them, so a fix reaches the model; a run killed and rerun on the same code resumes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StageSpec:
     deps: tuple[str, ...] = ()  # earlier stages whose outputs it reads
     files: tuple[str, ...] = ()  # recipe fields naming input files: their content is in the key
     folders: tuple[str, ...] = ()  # recipe fields that may name a model folder (hf:<folder>/): its files' content too
-    code: tuple[str, ...] = ()  # library code it runs (DVC dependencies)
+    code: tuple[str, ...] = ()  # library code it runs (its .py files: in the key, and DVC dependencies)
     outs: tuple[str, ...] = ()  # layout names (stages.layout.paths) of its outputs
     result: str = ""  # layout name of the output the stage returns
     resumable: bool = False  # skipped when its record holds the current key (else it always runs)
@@ -51,18 +52,26 @@ STAGES: tuple[StageSpec, ...] = (
               note="sources only say where to get the same files: they do not change what later stages read"),
     StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images", "data.max_tokens"), deps=("fetch",),
               files=("teacher.weights",), folders=("teacher.arch",),
-              code=("modelpress/models", "modelpress/train.py"), outs=("teacher_dir",), result="teacher", resumable=True),
+              code=("modelpress/models", "modelpress/train.py", "modelpress/inputs.py", "modelpress/data/datasets.py",
+                    "modelpress/data/text.py", "modelpress/pack", "modelpress/stages/pipeline.py"),
+              outs=("teacher_dir",), result="teacher", resumable=True),
     StageSpec("compress", params=("method", "pack", "finetune.batch_size", "finetune.loss", "teacher.epochs", "teacher.lr",
                                   "teacher.weight_decay", "teacher.batch_size", "data.test_images"),
-              deps=("teacher",), code=("modelpress/methods", "modelpress/pack", "modelpress/train.py"),
+              deps=("teacher",), code=("modelpress/methods", "modelpress/pack", "modelpress/train.py", "modelpress/inputs.py",
+                                       "modelpress/walk.py", "modelpress/flops.py", "modelpress/stages/pipeline.py"),
               outs=("compress_dir",), result="compressed", resumable=True, persist=True,
               note="pruning replays the teacher's schedule where its own is left empty; a byte budget sizes with pack; "
                    "layer tuning and retraining distil with finetune.loss"),
     StageSpec("finetune", params=("finetune", "pack.codebook_dtype", "run.seed", "data.batch_size"), deps=("compress",),
-              files=("finetune.distill_from.weights",), code=("modelpress/methods", "modelpress/train.py"),
+              files=("finetune.distill_from.weights",),
+              code=("modelpress/methods", "modelpress/pack", "modelpress/train.py", "modelpress/inputs.py",
+                    "modelpress/stages/pipeline.py"),
               outs=("finetune_dir",), result="finetuned", resumable=True),
-    StageSpec("pack", params=("pack",), deps=("finetune",), code=("modelpress/pack",), outs=("packed",), result="packed"),
-    StageSpec("evaluate", params=("data.test_images",), deps=("pack",), code=("modelpress/pack", "modelpress/models"), metrics=("metrics",),
+    StageSpec("pack", params=("pack",), deps=("finetune",), code=("modelpress/pack", "modelpress/stages/pipeline.py"),
+              outs=("packed",), result="packed"),
+    StageSpec("evaluate", params=("data.test_images",), deps=("pack",),
+              code=("modelpress/pack", "modelpress/models", "modelpress/data/datasets.py", "modelpress/data/text.py",
+                    "modelpress/stages/pipeline.py"), metrics=("metrics",),
               result="metrics"),
 )
 SPECS = {s.name: s for s in STAGES}
@@ -105,7 +114,21 @@ def folder_content(arch: str | None) -> str | None:
     return hashlib.sha256(json.dumps([[f, file_content(str(folder / f))] for f in FOLDER_FILES]).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=64)
+LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # the folder holding modelpress/ (a checkout or site-packages)
+
+
+def code_content(names: tuple[str, ...]) -> str:
+    """sha256 over the library code a stage runs: the .py files of its ``code`` entries, so a
+    stage whose code changed is not taken for current."""
+    entries = []
+    for name in names:
+        path = LIBRARY_ROOT / name
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            entries.append([f.relative_to(LIBRARY_ROOT).as_posix(), file_content(str(f))])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
 def _sha256_of(path: str, _mtime_ns: int, _size: int) -> str:
     return sha256_file(path)
 
@@ -127,6 +150,7 @@ def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
         {f: file_content(_value(dump, f)) for f in spec.files}
         | {f: c for f in spec.folders if (c := folder_content(_value(dump, f))) is not None},
         [identity_key(recipe, d, dump) for d in spec.deps],
+        code_content(spec.code),
     ]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

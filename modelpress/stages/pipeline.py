@@ -52,7 +52,7 @@ from ..pack.codebook import is_int_codebook
 from ..progress import log
 from ..recipe import Recipe
 from ..train import distill, evaluate, is_bias_or_norm, loader, recalibrate_batchnorm, resolve_device, train_classifier
-from .declare import file_content, stage, stage_key
+from .declare import SPECS, code_content, file_content, stage, stage_key
 from .layout import StageError, paths, read_json, write_json
 from .records import Summary, TeacherInfo
 
@@ -479,7 +479,7 @@ def step_key(recipe: Recipe, index: int) -> str | None:
     if ident is None:
         return None
     loss = [recipe.finetune.loss] if recipe.finetune.loss else []  # retraining's loss; empty: the keys of earlier work stay
-    return recipe.section_hash(extra=[ident, stage_key(recipe, "teacher"), *loss])
+    return recipe.section_hash(extra=[ident, stage_key(recipe, "teacher"), code_content(SPECS["compress"].code), *loss])
 
 
 def cycle_path(recipe: Recipe, index: int) -> Path:
