@@ -24,6 +24,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .atomic import folder_lock
 from .stages.declare import STAGES as DECLARED
 
 STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of one sweep point
@@ -57,6 +58,15 @@ def cmd_stage(args) -> int:
 
     recipe = _recipe(args)
     stages.preflight(recipe)  # bad layer names or budgets fail here, before any work
+    if args.name in ("point", "evaluate"):  # a sweep's point (its own folder) and a run's evaluation (its lock held)
+        return _stage(args, recipe)
+    with folder_lock(recipe.run.workdir):  # `dvc repro` beside a run in the same folder waits for it, as the run would
+        return _stage(args, recipe)
+
+
+def _stage(args, recipe) -> int:
+    from . import stages
+
     if args.name == "fetch":
         print(stages.fetch(recipe))
     elif args.name == "teacher":

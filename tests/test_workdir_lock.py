@@ -69,3 +69,32 @@ def test_a_second_run_of_a_sweep_is_refused_before_it_writes_and_keeps_the_point
         assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "points", "teacher"]  # no dataset fetched
     with sweep.lock(wait=False):  # free again once the first ends
         pass
+
+
+@pytest.mark.pipeline
+def test_a_dvc_stage_waits_for_the_run_holding_its_folder(tmp_path):
+    """`dvc repro` runs `modelpress stage NAME`: beside a run in the same folder it waits, instead of
+    writing the run's outputs under it (or losing its partial files to the run's cleanup)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, tiny_recipe
+
+    work = tmp_path / "work"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(tiny_recipe(work).model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "modelpress", "stage", "fetch", "--params", str(params), "--whole"]
+    lines: list[str] = []
+    with workdir_lock(work):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("waiting for the run holding" in line for line in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(lines)[-2000:]
+            time.sleep(0.2)
+        time.sleep(1)
+        assert proc.poll() is None and not (work / "datasets").exists(), "".join(lines)[-2000:]
+    assert proc.wait(timeout=300) == 0, "".join(lines)[-2000:]
+    assert (work / "datasets" / "fashion-mnist").is_dir()
