@@ -81,7 +81,16 @@ def pareto_front(rows: list[dict], x: str = "packed_bytes", y: str = "top1") -> 
     return rows
 
 
-def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = None, title: str = "") -> Path:
+METRIC_LABELS = {"top1": "top-1", "embedding_cosine": "embedding cosine to the teacher"}
+
+
+def metric_label(metric: str | None) -> str:
+    """What a summary's ``compressed_top1`` measures, in words (``metric``: absent = top-1)."""
+    return METRIC_LABELS.get(metric or "top1", metric or "top-1")
+
+
+def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = None, title: str = "",
+               metric: str | None = None) -> Path:
     """Accuracy vs packed bytes (log scale), one marker per series (default: method), the
     Pareto front as a line."""
     import matplotlib
@@ -104,7 +113,7 @@ def plot_front(rows: list[dict], path: str | Path, teacher_top1: float | None = 
         ax.axhline(teacher_top1, color="grey", ls="--", label=f"teacher {teacher_top1:.2f}%")
     ax.set_xscale("log")
     ax.set_xlabel("packed file (bytes, log scale)")
-    ax.set_ylabel("top-1 from the packed file (%)")
+    ax.set_ylabel(f"{metric_label(metric)} from the packed file (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "accuracy vs size")

@@ -349,13 +349,14 @@ def result_row(name: str, rec: dict, series: str | None = None) -> dict:
     s = rec["summary"]
     return {"point": name, "series": series or s["method"], "method": s["method"], "key_params": rec.get("key_params", ""), "packed_bytes": s["packed_bytes"],
             "ratio": s["compression_ratio"], "top1": s["compressed_top1"], "drop": s["top1_drop"],
-            "seconds": rec.get("wall_s", rec["seconds"]["total"]), "packed_sha256": s["packed_sha256"]}
+            "seconds": rec.get("wall_s", rec["seconds"]["total"]), "packed_sha256": s["packed_sha256"],
+            "test_images": s.get("test_images"), "metric": s.get("metric", "top1")}
 
 
 def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: dict[str, str], wall_s: float) -> dict:
     """sweep.json, front.md, front.csv, front.png in the sweep's folder; returns the record."""
     from .atomic import atomic_write
-    from .report import markdown_table, pareto_front, plot_front
+    from .report import markdown_table, metric_label, pareto_front, plot_front
     from .stages import write_json
 
     root = sweep.root()
@@ -366,9 +367,14 @@ def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: d
               "sum_point_s": round(point_s, 1), "reused": reused, "concurrency": sweep.concurrency, "runner": sweep.runner}
     write_json(root / "sweep.json", record)
     top1, fp32 = teacher.get("top1"), teacher.get("fp32_bytes")
-    head = (f"# Sweep {sweep.name}\n\nTeacher {teacher.get('arch')}: top-1 "
+    metric = next((r["metric"] for r in rows if r.get("metric")), "top1")
+    label = metric_label(metric)
+    counts = sorted({r["test_images"] for r in rows if r.get("test_images")})
+    where = f"the {' or '.join(f'{n:,}' for n in counts)} test {'texts' if metric == 'embedding_cosine' else 'images'}" \
+        if counts else "the test set"
+    head = (f"# Sweep {sweep.name}\n\nTeacher {teacher.get('arch')}: {label} "
             f"{'?' if top1 is None else f'{top1:.2f}'} %, {'?' if fp32 is None else f'{fp32:,}'} fp32 bytes. "
-            f"Top-1 on the full test set from each packed file; bytes = the file on disk.\n\n")
+            f"{label[0].upper() + label[1:]} (column top1) on {where}, from each packed file; bytes = the file on disk.\n\n")
     foot = (f"\n\n{len(rows)} points ({reused} finished before, not recomputed), concurrency {sweep.concurrency}: "
             f"wall {wall_s:.0f} s for {point_s:.0f} s of point time." + (f" Failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}." if failed else ""))
     atomic_write(root / "front.md", [(head + markdown_table(rows, COLUMNS) + foot + "\n").encode()])
@@ -377,7 +383,7 @@ def write_results(sweep: SweepConfig, rows: list[dict], teacher: dict, failed: d
     w.writeheader()
     w.writerows(rows)
     atomic_write(root / "front.csv", [buf.getvalue().encode()])
-    plot_front(rows, root / "front.png", teacher.get("top1"), f"{sweep.name}: top-1 vs packed bytes")
+    plot_front(rows, root / "front.png", teacher.get("top1"), f"{sweep.name}: {label} vs packed bytes", metric)
     return record
 
 

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from modelpress import stages
 from modelpress.recipe import Recipe
-from modelpress.report import markdown_table
+from modelpress.report import markdown_table, metric_label
 
 from .common import GPU_TAG, gpu_slot, log_device, retry_transient, ui_progress
 from .resolve import pin_model_uri, resolve_teacher_weights
@@ -116,10 +116,11 @@ def layer_rows(layers: list[dict]) -> list[dict]:
 
 
 def summary_markdown(summary: dict) -> str:
+    m = metric_label(summary.get("metric"))
     rows = [
-        ("teacher top-1", f"{summary['teacher_top1']:.2f} %"),
-        ("compressed top-1 (from the packed file)", f"{summary['compressed_top1']:.2f} %"),
-        ("top-1 drop", f"{summary['top1_drop']:.2f} points"),
+        (f"teacher {m}", f"{summary['teacher_top1']:.2f} %"),
+        (f"compressed {m} (from the packed file, {summary.get('test_images') or '?'} test inputs)", f"{summary['compressed_top1']:.2f} %"),
+        (f"{m} drop", f"{summary['top1_drop']:.2f} points"),
         ("packed file", f"{summary['packed_bytes']:,} bytes"),
         ("teacher fp32 weights", f"{summary['teacher_fp32_bytes']:,} bytes"),
         ("compression ratio", f"{summary['compression_ratio']:.1f}x"),

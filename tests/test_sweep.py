@@ -203,3 +203,25 @@ def test_a_point_whose_registration_fails_is_reported_and_the_others_keep_their_
     register_points(rows, results, register, failed)
     assert [r["version"] for r in rows] == ["3", None, "7"]
     assert failed == {"b": "registration failed: S3 PutObject: AccessDenied"}
+
+
+@pytest.mark.unit
+def test_the_front_says_what_was_measured_and_on_how_many_inputs(tmp_path):
+    """A quick sweep (-S data.test_images=2000) or a text encoder's (embedding cosine) must not be
+    published as top-1 on the full test set."""
+    from modelpress.sweep import result_row, write_results
+
+    def rec(top1, size, **more):
+        summary = {"compressed_top1": top1, "top1_drop": 91.0 - top1, "packed_bytes": size, "compression_ratio": 1e6 / size,
+                   "method": "pq", "packed_sha256": "x", "test_images": 2000, **more}
+        return {"summary": summary, "seconds": {"total": 10.0}}
+
+    sweep = SweepConfig(name="quick", workdir=str(tmp_path / "q"), points=[{"name": "a"}])
+    write_results(sweep, [result_row("a", rec(90.5, 50_000))], {"arch": "cnn", "top1": 91.0, "fp32_bytes": 10**6}, {}, 12.0)
+    head = (tmp_path / "q" / "front.md").read_text().splitlines()[2]
+    assert "Top-1 (column top1) on the 2,000 test images, from each packed file" in head and "full" not in head
+    text = SweepConfig(name="text", workdir=str(tmp_path / "t"), points=[{"name": "a"}])
+    write_results(text, [result_row("a", rec(97.0, 50_000, metric="embedding_cosine"))], {"arch": "hf", "top1": 100.0}, {}, 1.0)
+    head = (tmp_path / "t" / "front.md").read_text().splitlines()[2]
+    assert head.startswith("Teacher hf: embedding cosine to the teacher 100.00 %")
+    assert "Embedding cosine to the teacher (column top1) on the 2,000 test texts" in head
