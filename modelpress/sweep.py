@@ -159,6 +159,13 @@ class SweepConfig(BaseModel):
             r = r.with_overrides({"run.name": f"{self.name}-{p.name}", "run.workdir": str(self.root() / "points" / p.name),
                                   "run.version_outputs": False, "registry.model_name": self.registered_name()})
             out.append((p.name, r))
+        seen: dict[str, str] = {}
+        for name, r in out:  # the same settings twice: computed twice and shown as a difference that is noise
+            same = r.model_dump_json(exclude={"run": {"name", "workdir"}})
+            if same in seen:
+                raise RecipeError(f"sweep {self.name}: points {seen[same]} and {name} have the same settings "
+                                  "(a setting equal to the base recipe's changes nothing)")
+            seen[same] = name
         return out
 
     @classmethod

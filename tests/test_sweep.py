@@ -54,6 +54,9 @@ def test_sweep_file_errors(tmp_path):
     points = dict(sweep.expand())
     assert points["pq-50000B"].method.target_bytes == 50000 and points["u"].method.name == "uniform"
     assert points["u"].run.workdir == str(sweep.root() / "points" / "u")
+    with pytest.raises(RecipeError, match="points b and c have the same settings"):  # c sets the base's own value
+        load({"points": [{"name": "b", "set": {"method.name": "uniform"}},
+                         {"name": "c", "set": {"method.name": "uniform", "finetune.train_other": True}}]}).expand()
     with pytest.raises(RecipeError, match="point bad: method.bits"):
         SweepConfig(name="s", points=[{"name": "bad", "set": {"method.name": "uniform", "method.bits": 9}}]).expand()
 
