@@ -417,7 +417,10 @@ def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int |
     if missing:
         raise ValueError(f"no such point in sweep {sweep.name}: {', '.join(missing)}")
     for name in names:
-        stages.preflight(points[name])
+        try:
+            stages.preflight(points[name])
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
 
     with sweep.lock(wait=False):
         return _run_local(sweep, points, names, threads, deadline_s, progress_s, print_)
@@ -494,15 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the results (JSON) here")
     ap.add_argument("--progress-s", type=float, default=60, help="show one log line of each point this often")
     args = ap.parse_args(argv)
-
-    sweep = SweepConfig.from_yaml(args.sweep, Recipe.from_yaml(args.params, args.set))
-    update = {k: v for k, v in (("concurrency", args.concurrency), ("workdir", args.workdir)) if v}
-    sweep = sweep.model_copy(update=update)
-    names = [n for n in args.only.split(",") if n]
-    missing = [n for n in names if n not in dict(sweep.expand())]
-    if missing:
-        sys.exit(f"no such point in {args.sweep}: {', '.join(missing)}")
-    result = run_local(sweep, names, args.threads, args.deadline_s, args.progress_s)
+    try:
+        sweep = SweepConfig.from_yaml(args.sweep, Recipe.from_yaml(args.params, args.set))
+        update = {k: v for k, v in (("concurrency", args.concurrency), ("workdir", args.workdir)) if v}
+        sweep = sweep.model_copy(update=update)
+        names = [n for n in args.only.split(",") if n]
+        missing = [n for n in names if n not in dict(sweep.expand())]
+        if missing:
+            raise ValueError(f"no such point in {args.sweep}: {', '.join(missing)}")
+        result = run_local(sweep, names, args.threads, args.deadline_s, args.progress_s)
+    except (ValueError, RuntimeError, OSError) as e:  # a bad file, setting or point, a busy folder: one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"python -m modelpress.sweep: error: {msg}", file=sys.stderr)
+        return 2
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 1 if result["failed"] else 0

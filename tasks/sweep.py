@@ -135,7 +135,7 @@ def start_parent_run(sweep: SweepConfig) -> str:
 
     registry.use_experiment(sweep.base.registry.experiment)
     with mlflow.start_run(run_name=f"sweep-{sweep.name}", tags={registry.TAG + "sweep": sweep.name}) as run:
-        mlflow.log_dict(sweep.model_dump(mode="json", exclude={"base"}), "sweep.json")
+        mlflow.log_dict(sweep.model_dump(mode="json", exclude={"base"}), "sweep_config.json")  # sweep.json is the results (publish_front)
         mlflow.log_dict(sweep.base.model_dump(mode="json"), "base_recipe.json")
     return run.info.run_id
 

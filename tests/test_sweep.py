@@ -129,7 +129,9 @@ def test_kill_mid_sweep_then_rerun_completes_only_the_missing_points(trained_wor
     parent = client.search_runs([client.get_experiment_by_name("modelpress").experiment_id],
                                 "tags.`modelpress.sweep` = 'kill'")[0]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"front.png", "front.csv", "sweep.json"} <= arts
+    assert {"front.png", "front.csv", "sweep.json", "sweep_config.json", "base_recipe.json"} <= arts
+    config = json.loads(open(client.download_artifacts(parent.info.run_id, "sweep_config.json", str(tmp_path))).read())
+    assert [p["name"] for p in config["points"]] == [p["name"] for p in POINTS]  # the definition, kept beside the results
     children = {client.get_run(versions[str(r["version"])].run_id).data.tags.get("mlflow.parentRunId") for r in rows.values()
                 if not r["reused"]}
     assert children == {parent.info.run_id}
@@ -228,3 +230,24 @@ def test_the_front_says_what_was_measured_and_on_how_many_inputs(tmp_path):
     head = (tmp_path / "t" / "front.md").read_text().splitlines()[2]
     assert head.startswith("Teacher hf: embedding cosine to the teacher 100.00 %")
     assert "Embedding cosine to the teacher (column top1) on the 2,000 test texts" in head
+
+
+@pytest.mark.unit
+def test_the_library_sweep_command_answers_bad_input_with_one_line(tmp_path, capsys):
+    from modelpress.sweep import main
+
+    params = _params(tmp_path, tmp_path / "work")
+    cases = [({"points": [{"name": "a"}, {"name": "a"}]}, "point names must be unique: a"),
+             ({"points": [{"name": "typo", "set": {"method.name": "kmeans", "method.exclude": ["no_such_layer"]}}]},
+              "sweep point typo: exclude: 'no_such_layer' matches no Conv2d/Linear layer"),
+             ({"points": [{"name": "a", "set": {"method.nmae": "pq"}}]}, "nmae")]
+    for content, needle in cases:
+        sweep = tmp_path / "s.yaml"
+        sweep.write_text(yaml.safe_dump({"workdir": str(tmp_path / "out"), **content}))
+        assert main([str(sweep), "--params", str(params)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("python -m modelpress.sweep: error: ") and needle in err[0], err
+    sweep.write_text(yaml.safe_dump({"workdir": str(tmp_path / "out"), "points": [{"name": "a"}]}))
+    assert main([str(sweep), "--params", str(params), "--only", "nope"]) == 2
+    assert "no such point" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
