@@ -41,6 +41,28 @@ def test_teacher_from_checkpoint_is_loaded_not_trained(workdir, tmp_path):
     assert stages.stage_key(recipe, "teacher") != key
 
 
+def test_a_teacher_trained_here_is_evaluated_again_not_retrained_for_another_test_set(trained_workdir, tmp_path, caplog):
+    """`-S data.test_images=2000` (or another evaluation batch size) changes how the teacher is
+    scored, not how it is trained: the stage re-evaluates the teacher it trained."""
+    import shutil
+
+    work = shutil.copytree(trained_workdir, tmp_path / "w")
+    before = (work / "teacher" / "teacher.mpk").read_bytes()
+    quick = tiny_recipe(work, data={"test_images": 300, "batch_size": 100})
+    assert stages.stage_key(quick, "teacher") != stages.stage_key(tiny_recipe(work), "teacher")
+    with caplog.at_level("INFO", logger="modelpress"):
+        stages.teacher(quick)
+    assert "trained before with these settings" in caplog.text and "teacher: training" not in caplog.text
+    assert (work / "teacher" / "teacher.mpk").read_bytes() == before
+    info = stages.read_json(work / "teacher" / "teacher.json")
+    assert info["trained"] is True and stages.is_current(quick, "teacher")
+    assert "on 300 test images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="modelpress"):  # what training reads changes: trained again
+        stages.teacher(tiny_recipe(work, data={"test_images": 300}, teacher={"epochs": 0.05}))
+    assert "teacher: training" in caplog.text
+
+
 def test_unsafe_or_mismatched_weights_are_refused(workdir, tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": NotWeights()}, evil)

@@ -140,13 +140,14 @@ def _params(dump: dict, names: tuple[str, ...]) -> dict:
     return {p: v for p, v in values.items() if not ("." in p and v is None)}
 
 
-def stage_key(recipe: Recipe, name: str, _dump: dict | None = None) -> str:
-    """The hash of everything stage ``name`` depends on (its declaration says what)."""
+def stage_key(recipe: Recipe, name: str, _dump: dict | None = None, leave_out: tuple[str, ...] = ()) -> str:
+    """The hash of everything stage ``name`` depends on (its declaration says what), less the
+    params in ``leave_out`` (the teacher's training: what the stage reads only to evaluate)."""
     spec = SPECS[name]
     dump = recipe.model_dump(mode="json") if _dump is None else _dump
     blob = [
         name,
-        _params(dump, spec.params),
+        _params(dump, tuple(p for p in spec.params if p not in leave_out)),
         {f: file_content(_value(dump, f)) for f in spec.files}
         | {f: c for f in spec.folders if (c := folder_content(_value(dump, f))) is not None},
         [identity_key(recipe, d, dump) for d in spec.deps],

@@ -373,6 +373,15 @@ def _train_state(recipe: Recipe, key: str, folder: str = "teacher_dir"):
     return saved, save
 
 
+# What the teacher stage reads only to evaluate: a new value re-evaluates a teacher trained here, not retrains it.
+EVALUATION_ONLY = ("data.batch_size", "data.test_images")
+
+
+def _trained_before(recipe: Recipe, train_key: str) -> bool:
+    info = read_json(paths(recipe)["teacher_info"]) or {}
+    return info.get("train_key") == train_key and paths(recipe)["teacher"].is_file()
+
+
 @stage("teacher")
 def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     """Load (or train) the teacher, evaluate it, store it as an fp32 packed file.
@@ -394,10 +403,13 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     elif source:
         load_weights(model, Path(source), recipe.teacher.weights_sha256)
         model.to(device)
+    elif _trained_before(recipe, train_key := stage_key(recipe, "teacher", leave_out=EVALUATION_ONLY)):
+        model = _load_teacher(recipe, device)
+        log.info("teacher: trained before with these settings (%s): evaluated again", p["teacher"])
     else:
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
-        resume, save = _train_state(recipe, key)
+        resume, save = _train_state(recipe, train_key)
         train_classifier(
             model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
             recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
@@ -414,7 +426,7 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     info = TeacherInfo(
         arch=recipe.teacher.arch, top1=top1, params=sum(q.numel() for q in model.parameters()),
         fp32_bytes=parameter_bytes(model), source=source or "trained", trained=not source,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, train_key=None if source else train_key,
         num_classes=text_classes(recipe) if is_text(recipe) else DATASET_INFO[recipe.data.name]["num_classes"],
         sha256=sha256_file(p["teacher"]),
     )

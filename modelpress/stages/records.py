@@ -21,6 +21,7 @@ class TeacherInfo(_Record):
     seconds: float
     num_classes: int  # 0: an encoder (no classes)
     sha256: str  # of teacher/teacher.mpk
+    train_key: str | None = None  # a teacher trained here: the key of its training (stage key less the evaluation's params)
 
 
 class Summary(_Record):
