@@ -47,9 +47,9 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("fetch", params=("data.name", "data.sources", "data.files"), code=("modelpress/data",),
+    StageSpec("fetch", params=("data.name", "data.files"), code=("modelpress/data",),
               outs=("data",), result="data", identity=("data.name", "data.files"),
-              note="sources only say where to get the same files: they do not change what later stages read"),
+              note="not data.sources: they only say where to get these same files (checked by sha256)"),
     StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images", "data.max_tokens"), deps=("fetch",),
               files=("teacher.weights",), folders=("teacher.arch",),
               code=("modelpress/models", "modelpress/train.py", "modelpress/inputs.py", "modelpress/data/datasets.py",
