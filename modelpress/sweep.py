@@ -8,7 +8,7 @@ finished point, else compute it in its own process) and writes the results. The 
 (flows/sweep.py) fans the points out through it; :func:`run_local` runs a whole sweep with the
 library alone (no Prefect, MLflow or DVC), for a machine with PyTorch and little else::
 
-    python -m modelpress.sweep SWEEP.yaml --params P.yaml [-S k=v] [--only a,b] [--concurrency N]
+    python -m modelpress.sweep SWEEP.yaml --params P.yaml [--whole] [-S k=v] [--only a,b] [--concurrency N]
         [--threads N] [--workdir DIR] [--deadline-s N] [--out results.json]
 
 Folder of a sweep (``workdir``, default ``<run.workdir>/sweeps/<name>``)::
@@ -479,6 +479,12 @@ def _run_local(sweep: SweepConfig, points: dict[str, Recipe], names: list[str], 
     return {"teacher": teacher, "points": {n: results[n] for n in names if n in results}, "failed": failed}
 
 
+def base_recipe(params: str, sets: list[str], whole: bool = False) -> Recipe:
+    """The sweep's base recipe as ``modelpress sweep`` reads it, so that both run the same points
+    into the same folders: another file than ./params.yaml is merged onto it (``whole``: alone)."""
+    return Recipe.from_yaml(params, sets, base=None if whole else "params.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m modelpress.sweep``: :func:`run_local` from the command line; exit status 1
     when a point failed or was not started."""
@@ -487,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "The same point folders and point.json files as `modelpress sweep`, each point "
                                              "in its own process; finished points are not recomputed.")
     ap.add_argument("sweep")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml",
+                    help="the base recipe: merged onto ./params.yaml as `modelpress sweep` does (--whole: alone)")
+    ap.add_argument("--whole", action="store_true", help="read --params alone, not merged onto ./params.yaml")
     ap.add_argument("-S", "--set", action="append", default=[], help="override of the base recipe (KEY=VALUE)")
     ap.add_argument("--only", default="", help="comma-separated point names, in this order (default: all)")
     ap.add_argument("--concurrency", type=int, default=None)
@@ -498,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress-s", type=float, default=60, help="show one log line of each point this often")
     args = ap.parse_args(argv)
     try:
-        sweep = SweepConfig.from_yaml(args.sweep, Recipe.from_yaml(args.params, args.set))
+        sweep = SweepConfig.from_yaml(args.sweep, base_recipe(args.params, args.set, args.whole))
         update = {k: v for k, v in (("concurrency", args.concurrency), ("workdir", args.workdir)) if v}
         sweep = sweep.model_copy(update=update)
         names = [n for n in args.only.split(",") if n]

@@ -251,3 +251,20 @@ def test_the_library_sweep_command_answers_bad_input_with_one_line(tmp_path, cap
     assert main([str(sweep), "--params", str(params), "--only", "nope"]) == 2
     assert "no such point" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.unit
+def test_the_library_sweep_reads_its_base_recipe_as_the_sweep_command_does(tmp_path, monkeypatch):
+    """`python -m modelpress.sweep S --params P` on the GPU box and `modelpress sweep S --params P`
+    after it must compute the same points (the same keys), or the second redoes them all."""
+    from modelpress.cli import _recipe
+    from modelpress.sweep import base_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pack": {"codebook_dtype": "i8"}, "finetune": {"epochs": 3}}))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"finetune": {"epochs": 8}}))
+    lib = base_recipe("p.yaml", ["run.seed=3"])
+    assert lib.pack.codebook_dtype == "i8" and lib.finetune.epochs == 8 and lib.run.seed == 3
+    args = type("Args", (), {"params": "p.yaml", "set": ["run.seed=3"], "whole": False})()
+    assert lib == _recipe(args)
+    assert base_recipe("p.yaml", [], whole=True).pack.codebook_dtype == "f16"
