@@ -313,14 +313,16 @@ class NotStarted(RuntimeError):
 def sweep_point(sweep: SweepConfig, name: str, recipe: Recipe, timeout_s: float | None = None,
                 log: Callable[[str], None] | None = None, threads: int | None = None,
                 timeout_why: str = "sweep point_timeout_h", gate: contextlib.AbstractContextManager | None = None,
-                deadline: float | None = None, note: Callable[[str], None] | None = None) -> dict:
+                deadline: float | None = None, note: Callable[[str], None] | None = None,
+                deadline_why: str = "deadline") -> dict:
     """One local point of ``sweep``: what every sweep runner calls (the Prefect task, :func:`run_local`).
 
     A point that already finished with these settings (:func:`finished_point`) is returned as
     it is, ``reused: True``. Otherwise, once ``gate`` (a concurrency limit) lets it, it is
     computed in its own process (:func:`run_point_process`) with the sweep's shared dataset,
-    teacher and cache, killed after ``timeout_s`` (or at ``deadline``, a ``time.perf_counter()``
-    instant: :class:`NotStarted` if that has passed before it starts); its point.json gets the
+    teacher and cache, killed after ``timeout_s`` or at ``deadline`` (a ``time.perf_counter()``
+    instant: :class:`NotStarted` if that has passed before it starts), whichever comes first,
+    the report naming which (``timeout_why``, ``deadline_why``); its point.json gets the
     wall time seen here, ``reused: False``. ``log`` gets the point process's lines, ``note``
     this function's own (finished before, starting)."""
     done = finished_point(recipe)
@@ -332,9 +334,11 @@ def sweep_point(sweep: SweepConfig, name: str, recipe: Recipe, timeout_s: float 
     threads = threads or sweep.point_threads()
     with gate if gate is not None else contextlib.nullcontext():
         if deadline is not None:
-            timeout_s = deadline - time.perf_counter()
-            if timeout_s <= 0:
-                raise NotStarted("not started (deadline)")
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise NotStarted(f"not started ({deadline_why})")
+            if timeout_s is None or left < timeout_s:
+                timeout_s, timeout_why = left, deadline_why
         if note:
             note(f"point {name}: starting ({recipe.method.key_params()}, {threads} CPU threads)")
         link_shared(recipe, sweep.root())
@@ -406,7 +410,8 @@ def run_local(sweep: SweepConfig, names: list[str] | None = None, threads: int |
     no MLflow, no DVC, no registration and no front files; the same point folders and
     point.json files as ``modelpress sweep``, each point in its own process (:func:`sweep_point`),
     ``sweep.concurrency`` at a time, finished points not recomputed. Points still running
-    ``deadline_s`` after the start are killed, those not started by then are not started;
+    ``deadline_s`` after the start, or ``point_timeout_h`` after their own, are killed, those
+    not started by the deadline are not started;
     either is reported in ``failed``. Every point is checked before any work (ValueError).
     Returns ``{"teacher", "points": {name: record}, "failed": {name: why}}``."""
     from . import stages
@@ -453,7 +458,8 @@ def _run_local(sweep: SweepConfig, points: dict[str, Recipe], names: list[str], 
                     print_(f"[{name}] {line}")
 
         try:
-            rec = sweep_point(sweep, name, points[name], log=log, threads=threads, timeout_why="--deadline-s", deadline=end)
+            rec = sweep_point(sweep, name, points[name], sweep.point_timeout_h * 3600, log=log, threads=threads, deadline=end,
+                              deadline_why="--deadline-s")
         except NotStarted as e:
             failed[name] = str(e)
             return

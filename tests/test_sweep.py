@@ -186,9 +186,17 @@ def test_local_sweep_runs_points_with_the_library_alone(trained_workdir, tmp_pat
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads((tmp_path / "r.json").read_text())
     assert set(out["points"]) == {"uniform4"} and "timed out after" in out["failed"]["slow"], out["failed"]
+    assert "(--deadline-s)" in out["failed"]["slow"]
     assert out["points"]["uniform4"]["summary"] == summary
     assert not (root / "points" / "slow" / "point.json").exists()
     assert (root / "points" / "uniform4" / "point.json").stat().st_mtime_ns == stamp  # not recomputed
+    # Without --deadline-s the sweep file's own limit per point holds (a hung point is not waited for).
+    raw = yaml.safe_load(sweep.read_text())
+    sweep.write_text(yaml.safe_dump({**raw, "point_timeout_h": 0.004}))  # 14 s
+    proc = subprocess.run(cmd + ["--only", "slow"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failed = json.loads((tmp_path / "r.json").read_text())["failed"]
+    assert "timed out after 14 s (sweep point_timeout_h)" in failed["slow"], failed
 
 
 def test_a_point_whose_registration_fails_is_reported_and_the_others_keep_their_versions():
