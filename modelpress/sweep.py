@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
 import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -237,20 +235,13 @@ def run_point(recipe: Recipe) -> dict:
         fn(recipe)
         seconds[name] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    summary = stages.summarize(recipe, stages.evaluate_file(stages.paths(recipe)["packed"], recipe))
+    summary = stages.evaluate_in_fresh_process(recipe)  # as the compression flow measures, as a consumer loads
     seconds["evaluate"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - t_all, 1)
     rec = {"key": point_key(recipe), "summary": summary, "seconds": seconds,
            "key_params": recipe.method.key_params(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     stages.write_json(point_path(recipe), rec)
     return rec
-
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned points
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class PointTimeout(TimeoutError):
@@ -265,6 +256,8 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
     """:func:`run_point` in a child process (``modelpress stage point``) with ``threads`` CPU
     threads: true parallelism, and a crash or an out-of-memory kill takes down one point only.
     Each line it logs goes to ``log``; it is killed after ``timeout_s`` (TimeoutError)."""
+    from .stages import die_with_parent
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(recipe.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -273,7 +266,7 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
     try:
         with tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    preexec_fn=die_with_parent if sys.platform == "linux" else None)
             timed_out = threading.Event()
 
             def kill() -> None:

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -97,16 +91,7 @@ def pack_model(recipe: Recipe, finetuned_path: str) -> str:
 @task(name="evaluate", timeout_seconds=3600, **RETRY)
 def evaluate_packed(recipe: Recipe, packed_path: str) -> dict:
     """Evaluate the packed file in a fresh process, exactly as a consumer would load it."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(recipe.model_dump_json())
-    try:
-        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--whole", "--json"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"evaluation process failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return stages.evaluate_in_fresh_process(recipe)
 
 
 def layer_rows(layers: list[dict]) -> list[dict]:

@@ -276,3 +276,25 @@ def test_the_library_sweep_reads_its_base_recipe_as_the_sweep_command_does(tmp_p
     args = type("Args", (), {"params": "p.yaml", "set": ["run.seed=3"], "whole": False})()
     assert lib == _recipe(args)
     assert base_recipe("p.yaml", [], whole=True).pack.codebook_dtype == "f16"
+
+
+def test_a_sweep_point_is_measured_by_a_fresh_process(trained_workdir, tmp_path, monkeypatch):
+    """A point's figures (and the registry card built from them) come from the packed file loaded
+    by a new interpreter, as the compression flow measures and as a consumer loads it."""
+    from modelpress import stages
+    from modelpress.stages import pipeline
+    from modelpress.sweep import run_point
+
+    from helpers import tiny_recipe
+
+    work = shutil.copytree(trained_workdir, tmp_path / "w")
+    recipe = tiny_recipe(work, method={"name": "uniform", "bits": 4}, finetune={"epochs": 0})
+
+    def here(*_a, **_k):
+        raise AssertionError("evaluated in the point's own process")
+
+    monkeypatch.setattr(stages, "evaluate_file", here)
+    monkeypatch.setattr(pipeline, "evaluate_file", here)
+    rec = run_point(recipe)
+    assert rec["summary"]["packed_bytes"] == stages.paths(recipe)["packed"].stat().st_size
+    assert rec["summary"]["test_images"] == TEST_IMAGES

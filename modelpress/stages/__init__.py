@@ -13,7 +13,9 @@ from .pipeline import (
     calibration_images,
     compress_stage,
     cycle_path,
+    die_with_parent,
     evaluate_file,
+    evaluate_in_fresh_process,
     fetch,
     file_content,
     finetune_stage,
@@ -35,7 +37,7 @@ from .pipeline import (
 from .records import Summary, TeacherInfo
 
 __all__ = [
-    "STAGES", "StageError", "Summary", "TeacherInfo", "calibration_images", "compress_stage", "cycle_path",
+    "STAGES", "StageError", "Summary", "TeacherInfo", "calibration_images", "compress_stage", "cycle_path", "die_with_parent", "evaluate_in_fresh_process",
     "dvc_yaml", "evaluate_file", "fetch", "file_content", "finetune_stage", "is_current", "load_weights", "method",
     "method_config", "method_step", "pack_stage", "paths", "preflight", "read_json", "read_teacher", "resolve_weights", "snapshot_path",
     "stage_key", "step_key", "summarize", "teacher", "tokenizer_file", "unless_skipped", "workdir", "write_json",

@@ -804,6 +804,39 @@ def evaluate_file(packed_path: Path, recipe: Recipe, limit: int | None = None) -
             "sha256": sha256_file(packed_path)}
 
 
+def die_with_parent() -> None:
+    """For ``preexec_fn`` (Linux): the child is killed when the process that started it dies, so a
+    killed run or sweep point leaves no orphan computing on."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def evaluate_in_fresh_process(recipe: Recipe) -> dict:
+    """The run's summary, its figures measured by a new interpreter that loads the packed file
+    exactly as a consumer would (``modelpress stage evaluate``): nothing this process holds in
+    memory can reach them."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(recipe.model_dump_json())
+    try:
+        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--whole", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation process failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _metric(recipe: Recipe) -> str:
     return "embedding_cosine" if _is_encoder(recipe) else "top1"
 
@@ -840,8 +873,8 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
 
 
 __all__ = [
-    "calibration_images", "compress_stage", "cycle_path", "evaluate_file", "fetch", "file_content", "finetune_stage",
-    "unless_skipped",
+    "calibration_images", "compress_stage", "cycle_path", "die_with_parent", "evaluate_file", "evaluate_in_fresh_process",
+    "fetch", "file_content", "finetune_stage", "unless_skipped",
     "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher", "resolve_weights",
     "snapshot_path", "step_key", "summarize", "teacher", "tokenizer_file",
 ]
