@@ -17,6 +17,25 @@ HOST="${MLFLOW_HOST:-127.0.0.1}"
 # MLflow 3 also starts a job runner and seven huey consumers (GenAI jobs, trace rollups), about
 # 230 MB RSS each: 2.4 GB for a registry that never uses them. Off unless asked for.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+# An S3 artifact store the server cannot reach (no endpoint, no credentials, no bucket) would fail
+# the first registration, after a whole compression run: say so now, and do not start.
+if [[ "$ARTIFACTS" == s3://* ]]; then
+  "$ROOT/.venv/bin/python" - "$ARTIFACTS" <<'PY' || exit 2
+import os, sys
+import boto3
+from botocore.config import Config
+uri = sys.argv[1]
+bucket = uri[len("s3://"):].split("/")[0]
+endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+try:
+    s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    s3.head_bucket(Bucket=bucket)
+except Exception as e:  # noqa: BLE001 - any failure: one line naming the store and what to set
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    sys.exit(f"mlflow-server.sh: artifact store {uri}: bucket {bucket!r} not reachable at {endpoint or 'AWS'} ({why}); "
+             "set MLFLOW_S3_ENDPOINT_URL and AWS credentials, or MLFLOW_ARTIFACTS to a local folder")
+PY
+fi
 echo "MLflow on http://$HOST:$PORT (clients: MLFLOW_TRACKING_URI=http://$HOST:$PORT), backend $BACKEND, artifacts $ARTIFACTS"
 exec env --default-signal=INT "$ROOT/.venv/bin/mlflow" server --host "$HOST" --port "$PORT" \
   --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --workers 1

@@ -3,6 +3,8 @@ each case fails with a RecipeError (the CLI prints it as one line) naming the fi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from modelpress.recipe import Recipe, RecipeError
@@ -117,3 +119,26 @@ def test_a_sweep_point_cannot_change_what_the_points_share(override):
     with pytest.raises(ValidationError, match="are the sweep's, set them in the base recipe"):
         SweepConfig.model_validate({"points": [{"name": "a", "set": override}], "base": Recipe()})
     assert SweepConfig.model_validate({"points": [{"name": "a", "set": {"method": {"kmeans_iters": 3}}}], "base": Recipe()})
+
+
+@pytest.mark.pipeline
+def test_mlflow_server_with_an_artifact_store_it_cannot_reach_does_not_start(tmp_path):
+    """infra/mlflow-server.sh with the default s3:// store and no endpoint or credentials (or a
+    wrong endpoint) would start, and the first registration would fail after a whole run."""
+    import socket
+    import subprocess
+
+    from helpers import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{closed}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
+               MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.run([str(REPO / "infra" / "mlflow-server.sh"), "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("mlflow-server.sh: artifact store s3://modelpress/mlflow: bucket 'modelpress' not reachable at "
+                           f"http://127.0.0.1:{closed}") and "MLFLOW_ARTIFACTS to a local folder" in line, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()

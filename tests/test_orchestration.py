@@ -388,7 +388,9 @@ def test_production_configuration_parses():
 
     compose = yaml.safe_load((INFRA / "docker" / "compose.prod.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker"}
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker", "sweep-worker"}
+    assert services["sweep-worker"]["command"] == ["gpu-sweeps"] and services["sweep-worker"]["environment"]["MODELPRESS_WORKER_KIND"] == "control"
+    assert {v.split(":")[1] for v in services["worker"]["volumes"]} == {"/opt/modelpress/data", "/opt/modelpress/.dvc/cache"}
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
     assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS"].startswith("${MLFLOW_ARTIFACTS")
