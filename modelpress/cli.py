@@ -108,11 +108,11 @@ def cmd_inspect(args) -> int:
     if "method" in packed.meta:
         print(f"method: {packed.meta['method']}")
     print(_table(packed.summary()))
-    from .pack import build_from_packed
+    from .pack.model import decoded_tensors
     from .report import weight_values
 
-    model = build_from_packed(packed)
-    v = weight_values([p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1])
+    tensors = decoded_tensors(packed)  # no model built: a custom: architecture's file is read as well
+    v = weight_values([t for n, t in tensors.items() if n.endswith("weight") and t.dim() > 1])
     print(f"weights: {v['weights']:,}, {v['unique_values']:,} distinct values network-wide, "
           f"entropy {v['entropy_bits']:.2f} bits per weight")
     return 0

@@ -495,7 +495,7 @@ def test_teacher_arch_kwargs_reach_the_builder_and_the_packed_file(tmp_path):
     assert "arch_kwargs" not in Recipe().model_dump(mode="json")["teacher"]  # empty: no key of earlier runs changes
 
 
-def test_the_budget_chooses_each_layers_codebook_storage(tmp_path):
+def test_the_budget_chooses_each_layers_codebook_storage(tmp_path, capsys):
     """method.budget_codebooks: every candidate's damage is measured with its codebook as each
     storage keeps it, and each layer gets its own: grouped scales (g6) for the layer whose few
     outlier rows make outlier centroids (with one scale per position, i6, they coarsen every other
@@ -527,5 +527,10 @@ def test_the_budget_chooses_each_layers_codebook_storage(tmp_path):
                 layer.codebook.copy_(round_codebook(layer.codebook, own[name]))
         loaded, _ = load_packed(path, skeleton=copy.deepcopy(model))
         assert torch.equal(loaded(x[:8]), student.eval()(x[:8]))
+    from modelpress import cli  # the user's own class: inspect reads the file without building the model
+
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture custom:mlp" in out and f"weights: {sum(p.numel() for n, p in model.named_parameters() if n.endswith('weight')):,}," in out
     with pytest.raises(ValueError, match="budget_codebooks is the byte budget's choice"):
         PQConfig(budget_codebooks=["i6"])

@@ -164,6 +164,23 @@ def build_from_packed(packed: Packed, materialize: bool = True, skeleton: nn.Mod
     return model.eval()
 
 
+def decoded_tensors(packed: Packed) -> dict[str, torch.Tensor]:
+    """Every tensor of the file as the loaded model holds it (addends summed), without building
+    the model: what ``modelpress inspect`` reads, a ``custom:`` architecture's file included.
+    A named architecture's shapes are checked first, as :func:`build_from_packed` checks them."""
+    if not is_custom(packed.arch):
+        check_against_architecture(packed.arch, without_addends([(n, p["shape"]) for n, _, p, _ in packed.model_entries()]))
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, enc, p, buf in packed.model_entries():
+        base, i = addend_of(name) or (name, 0)
+        parts.setdefault(base, {})[i] = decode_entry(name, enc, p, buf).weight()
+    out = {}
+    for name, by_index in parts.items():
+        weights = [by_index[i] for i in sorted(by_index)]
+        out[name] = sum(weights[1:], weights[0])
+    return out
+
+
 def load_packed(path: str | Path, materialize: bool = True, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Load a packed file: returns (model in eval mode, metadata). ``skeleton``: see
     :func:`build_from_packed` (a file packed as ``custom:<name>`` needs one)."""
