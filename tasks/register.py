@@ -68,6 +68,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def settings_key(recipe: Recipe) -> str:
+    """Every stage's settings, input files and code, in one key (the evaluation's, which holds the
+    others'): a deployment sweep's rerun finds a point already registered by it."""
+    return stages.stage_key(recipe, "evaluate")
+
+
 def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
     """Lineage and key figures of a model version (strings, as MLflow stores tags)."""
     p = stages.paths(recipe)
@@ -80,6 +86,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "teacher_top1": f"{summary['teacher_top1']:.2f}", "compressed_top1": f"{summary['compressed_top1']:.2f}",
         "top1_drop": f"{summary['top1_drop']:.2f}",
         "metric": summary.get("metric", "top1"),  # what the *_top1 figures are (embedding_cosine for a text encoder)
+        "test_images": summary.get("test_images", ""),  # how many test inputs they were measured on
         "teacher_arch": recipe.teacher.arch, "teacher_source": teacher.get("source", ""),
         "teacher_sha256": teacher.get("sha256", ""),
         "dataset": recipe.data.name,
@@ -87,6 +94,7 @@ def version_tags(recipe: Recipe, summary: dict) -> dict[str, str]:
         "packed_sha256": summary["packed_sha256"],
         "git_commit": _git("rev-parse", "HEAD"), "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "settings_key": settings_key(recipe),
     }
     versioning = summary.get("versioning") or {}
     tags["dvc"] = versioning.get("dvc", "skipped")
@@ -143,6 +151,7 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
     if existing is not None:
         if flow_run.get_id():  # which flow run found it (a deployment sweep's point reads its figures back by this)
             registry.client().set_model_version_tag(name, existing.version, T + "last_prefect_flow_run_id", str(flow_run.get_id()))
+        registry.client().set_model_version_tag(name, existing.version, T + "settings_key", settings_key(recipe))
         decision = existing.tags.get(T + "promotion") or registry.promote(name, existing.version, recipe.registry.max_top1_drop)
         return {"model_name": name, "version": existing.version, "run_id": existing.run_id,
                 "model_uri": existing.source, "duplicate": True, "promotion": decision}

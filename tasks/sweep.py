@@ -80,7 +80,14 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     version (tagged with the flow run's id), so no shared result storage is needed."""
     from prefect.deployments import run_deployment
 
+    from .register import settings_key
+
     t0 = time.perf_counter()
+    key = settings_key(recipe)
+    done = [v for v in registry.versions(recipe.registered_name()) if v.tags.get(registry.TAG + "settings_key") == key]
+    if done:  # registered by an earlier run of this sweep (or of these settings): not submitted again
+        get_run_logger().info("point %s: version %s has these settings, not recomputed", name, done[0].version)
+        return {**_from_version(done[0], recipe, t0), "reused": True}
     timeout_s = sweep.point_timeout_h * 3600
     with _gate(sweep):  # at most `concurrency` points submitted at once, as on the local runner
         run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
@@ -96,14 +103,20 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
              if str(run.id) in (v.tags.get(registry.TAG + "prefect_flow_run_id"), v.tags.get(registry.TAG + "last_prefect_flow_run_id"))]
     if not found:
         raise RuntimeError(f"point {name}: flow run {run.id} registered no version of {recipe.registered_name()}")
-    v, t = found[0], found[0].tags
+    return {**_from_version(found[0], recipe, t0), "flow_run_id": str(run.id)}
+
+
+def _from_version(v, recipe: Recipe, t0: float) -> dict:
+    """A deployment point's record, from the figures its model version carries."""
+    t = v.tags
     num = lambda k: float(t[registry.TAG + k])  # noqa: E731
     summary = {"method": t[registry.TAG + "method"], "packed_bytes": int(num("packed_bytes")),
                "compression_ratio": num("compression_ratio"), "compressed_top1": num("compressed_top1"),
                "top1_drop": num("top1_drop"), "teacher_top1": num("teacher_top1"),
-               "packed_sha256": t[registry.TAG + "packed_sha256"]}
+               "packed_sha256": t[registry.TAG + "packed_sha256"], "metric": t.get(registry.TAG + "metric", "top1"),
+               "test_images": int(t.get(registry.TAG + "test_images") or 0) or None}
     return {"summary": summary, "seconds": {"total": round(time.perf_counter() - t0, 1)}, "key_params": recipe.method.key_params(),
-            "registered": {"version": v.version, "model_name": v.name}, "flow_run_id": str(run.id)}
+            "registered": {"version": v.version, "model_name": v.name}}
 
 
 def _cancel(flow_run_id) -> None:

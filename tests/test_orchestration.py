@@ -356,6 +356,16 @@ def test_end_to_end_deployment_run_on_worker_registers_in_mlflow_and_pushes_dvc(
             assert v.tags["modelpress.pareto_front"] == str(r["on_front"]).lower()
             assert int(v.tags["modelpress.packed_bytes"]) == r["packed_bytes"]
         assert "sweep-e2e" in [r.info.run_name for r in ml.search_runs([ml.get_experiment_by_name("modelpress").experiment_id])]
+        # The same sweep again (the schedule, a second click): its points are registered with these
+        # settings, so none is submitted to the GPU pool again.
+        with temporary_settings({PREFECT_API_URL: api}):
+            again = run_deployment("modelpress-sweep/on-demand", parameters={"sweep": sweep}, timeout=0, as_subflow=False)
+        assert _wait_final(api, again.id, 300, [worker, control]).state_name == "Completed", control.tail()
+        with _client(api) as client:
+            assert sorted(r.name for r in client.read_flow_runs() if r.name in ("e2e-u8", "e2e-u4")) == ["e2e-u4", "e2e-u8"]
+        rerun = json.loads((repo / "data" / "sweeps" / "e2e" / "sweep.json").read_text())
+        assert rerun["reused"] == 2 and [r["version"] for r in rerun["points"]] == [r["version"] for r in record["points"]]
+        assert "on the 2,000 test images" in (repo / "data" / "sweeps" / "e2e" / "front.md").read_text()
     finally:
         left = stack.close()
     assert left == [], f"processes left after stopping the services: {left}"
