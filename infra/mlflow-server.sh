@@ -27,10 +27,17 @@ from botocore.config import Config
 uri = sys.argv[1]
 bucket = uri[len("s3://"):].split("/")[0]
 endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+verify = os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() not in ("1", "true")
 try:
-    s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    s3 = boto3.client("s3", endpoint_url=endpoint, verify=verify,
+                      config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
     s3.head_bucket(Bucket=bucket)
 except Exception as e:  # noqa: BLE001 - any failure: one line naming the store and what to set
+    if getattr(e, "response", {}).get("Error", {}).get("Code") in ("403", "AccessDenied"):
+        # Reached, but not allowed to list the bucket: a policy scoped to a prefix may still let MLflow write.
+        print(f"mlflow-server.sh: warning: artifact store {uri}: no permission to list bucket {bucket!r}; "
+              "starting anyway", file=sys.stderr)
+        sys.exit(0)
     why = (str(e).strip().splitlines() or [type(e).__name__])[0]
     sys.exit(f"mlflow-server.sh: artifact store {uri}: bucket {bucket!r} not reachable at {endpoint or 'AWS'} ({why}); "
              "set MLFLOW_S3_ENDPOINT_URL and AWS credentials, or MLFLOW_ARTIFACTS to a local folder")

@@ -24,6 +24,10 @@ def remove_partials(root: str | Path, skip: tuple[str, ...] = ()) -> int:
     return n
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock (``folder_lock(..., wait=False)``)."""
+
+
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -36,9 +40,9 @@ def folder_lock(folder: str | Path, wait: bool = True, what: str = "run.workdir"
                 skip: tuple[str, ...] = ()) -> Iterator[None]:
     """One writer at a time in ``folder`` (two runs there would overwrite each other's stages):
     an exclusive lock on ``<folder>/.lock``, held in the ``with`` block. ``wait=False``: refuse at
-    once with a RuntimeError naming the holder; else wait for it (logged). Once held, the partial
-    files a killed writer left are removed, except in the subfolders named in ``skip`` (a sweep's
-    points, each under its own lock)."""
+    once with :class:`FolderBusy` naming the holder; else wait for it (logged). Once held, the
+    partial files a killed writer left are removed, except in the subfolders named in ``skip``
+    (another lock's: a run's sweeps, a sweep's points)."""
     log = logging.getLogger("modelpress")
     path = Path(folder) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +52,8 @@ def folder_lock(folder: str | Path, wait: bool = True, what: str = "run.workdir"
         except BlockingIOError:
             holder = _holder(path)
             if not wait:
-                raise RuntimeError(f"{what} {folder} is in use by another {user} ({holder}): wait for it to end, "
-                                   f"or give this {user} another {what}") from None
+                raise FolderBusy(f"{what} {folder} is in use by another {user} ({holder}): wait for it to end, "
+                                 f"or give this {user} another {what}") from None
             log.info("waiting for the %s holding %s (%s)", user, folder, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
@@ -83,3 +87,10 @@ def atomic_write(path: str | Path, chunks: list[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def workdir_lock(workdir: str | Path, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+    """One run at a time in a work directory (two would overwrite each other's stages): the flow
+    waits for the run holding it, the commands refuse at once (``wait=False``). Its ``sweeps/``
+    are the sweeps' own (each under its sweep lock)."""
+    return folder_lock(workdir, wait, skip=("sweeps",))

@@ -24,7 +24,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .atomic import folder_lock
+from .atomic import workdir_lock
 from .stages.declare import STAGES as DECLARED
 
 STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of one sweep point
@@ -63,7 +63,9 @@ def cmd_stage(args) -> int:
     stages.preflight(recipe)  # bad layer names or budgets fail here, before any work
     if args.name in ("point", "evaluate"):  # a sweep's point (its own folder) and a run's evaluation (its lock held)
         return _stage(args, recipe)
-    with folder_lock(recipe.run.workdir):  # `dvc repro` beside a run in the same folder waits for it, as the run would
+    # `dvc repro` beside a run in the same folder stops here with one line: waiting would hold DVC's
+    # lock on the stage's outputs, which the run's own `dvc commit` then finds busy.
+    with workdir_lock(recipe.run.workdir, wait=False):
         return _stage(args, recipe)
 
 

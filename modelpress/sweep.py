@@ -49,7 +49,7 @@ from pydantic import (
     model_validator,
 )
 
-from .atomic import folder_lock
+from .atomic import FolderBusy, folder_lock
 from .recipe import Recipe, RecipeError, read_mapping
 
 POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -133,9 +133,10 @@ class SweepConfig(BaseModel):
         return Path(self.workdir) if self.workdir else Path(self.base.run.workdir) / "sweeps" / self.name
 
     def lock(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
-        """One run of a sweep at a time in its folder (two would write the shared teacher and the
-        front at once): ``wait=False`` refuses at once naming the holder (the commands), else
-        waits (a scheduled run). Points take their own folders' locks."""
+        """One run of a sweep at a time in its folder (two would write the shared teacher, the
+        points and the front at once): ``wait=False`` refuses at once naming the holder (the
+        commands), else waits (a scheduled run). The points run under it; a deployment sweep's
+        points under their own runs' locks, on the workers."""
         return folder_lock(self.root(), wait, what="sweep folder", user="sweep", skip=("points",))
 
     def point_threads(self) -> int:
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ValueError(f"no such point in {args.sweep}: {', '.join(missing)}")
         result = run_local(sweep, names, args.threads, args.deadline_s, args.progress_s)
-    except (ValueError, RuntimeError, OSError) as e:  # a bad file, setting or point, a busy folder: one line
+    except (ValueError, FolderBusy) as e:  # a bad file, setting or point, a busy folder: one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"python -m modelpress.sweep: error: {msg}", file=sys.stderr)
         return 2

@@ -113,12 +113,15 @@ def fit(
             gen.set_state(resume["generator"])
         if resume.get("rng") is not None:  # dropout's draws
             torch.set_rng_state(resume["rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():  # (on the GPU, from its own generators)
+            torch.cuda.set_rng_state_all(list(resume["cuda_rng"]))
         log.info("%s: resuming at step %d of %d", stage, step, total)
     while step < total:
         if on_epoch is not None and step > 0 and (resume is None or step != int(resume["step"])):
             on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
                       "step": step, "losses": losses, "generator": gen.get_state() if gen is not None else None,
-                      "rng": torch.get_rng_state()})
+                      "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
         resume = None
         for x, y in batches:
             x, y = model_inputs.to(x, device), y.to(device, non_blocking=True)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.atomic import folder_lock
+from modelpress.atomic import workdir_lock  # noqa: F401 - the flow's lock, re-exported
 from modelpress.progress import add_listener
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
@@ -19,12 +19,6 @@ from .transient import retry_transient  # noqa: F401 - every task's retry condit
 # Library progress lines (logger "modelpress") reach Prefect's logs when
 # PREFECT_LOGGING_EXTRA_LOGGERS includes "modelpress"; INFO is their level.
 logging.getLogger("modelpress").setLevel(logging.INFO)
-
-
-def workdir_lock(workdir, wait: bool = True):
-    """One run at a time in a work directory (:func:`modelpress.atomic.folder_lock`): the flow
-    waits for the run holding it; the CLI refuses at once (``wait=False``)."""
-    return folder_lock(workdir, wait)
 
 
 @contextlib.contextmanager

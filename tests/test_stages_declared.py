@@ -38,20 +38,27 @@ def test_a_stage_key_follows_the_code_it_runs(tmp_path, monkeypatch):
     recipe = Recipe()
     names = ("fetch", "teacher", "compress", "finetune", "pack")
 
+    from modelpress.stages.pipeline import EVALUATION_ONLY, TRAINING_CODE
+
     def keys():
         return {n: stages.stage_key(recipe, n) for n in names} | {"step": stages.step_key(recipe.with_overrides(
-            {"method": {"name": "prune", "target_sparsity": 0.5}}), 0)}
+            {"method": {"name": "prune", "target_sparsity": 0.5}}), 0),
+            "training": stages.stage_key(recipe, "teacher", leave_out=EVALUATION_ONLY, code=TRAINING_CODE)}
 
     def edit(rel: str):
         before = keys()
         with open(copy / rel, "a") as f:
             f.write("\n# changed\n")
+        assert keys() == before  # read once per process: the code it runs, whatever the files become
+        declare._code_content.cache_clear()  # (a new process)
         after = keys()
         return sorted(k for k in before if before[k] != after[k])
 
     assert edit("modelpress/methods/pq/quantize.py") == ["compress", "finetune", "pack", "step"]
-    assert edit("modelpress/models/cnn.py") == ["compress", "finetune", "pack", "step", "teacher"]
+    assert edit("modelpress/models/cnn.py") == ["compress", "finetune", "pack", "step", "teacher", "training"]
+    # How the teacher stage packs or evaluates: scored again, its training (a teacher trained here) kept.
     assert edit("modelpress/pack/format.py") == ["compress", "finetune", "pack", "step", "teacher"]
+    assert edit("modelpress/stages/pipeline.py") == ["compress", "finetune", "pack", "step", "teacher"]
     assert edit("modelpress/data/fetch.py") == ["fetch"]  # the same files: later stages keep their keys
     assert edit("modelpress/report.py") == []
 

@@ -57,10 +57,22 @@ def test_a_teacher_trained_here_is_evaluated_again_not_retrained_for_another_tes
     info = stages.read_json(work / "teacher" / "teacher.json")
     assert info["trained"] is True and stages.is_current(quick, "teacher")
     assert "on 300 test images" in caplog.text
+    # teacher.mpk no longer the file teacher.json describes (a run with other training settings,
+    # killed after rewriting it): not taken for the teacher these settings trained.
+    other = tmp_path / "other.mpk"
+    model, _ = load_packed(work / "teacher" / "teacher.mpk")
+    with torch.no_grad():
+        for q in model.parameters():
+            q.mul_(0.5)
+    from modelpress.pack import pack_model, read_packed
+
+    pack_model(model, other, read_packed(work / "teacher" / "teacher.mpk").arch, {}, float_dtype="f32")
+    shutil.copy(other, work / "teacher" / "teacher.mpk")
     caplog.clear()
-    with caplog.at_level("INFO", logger="modelpress"):  # what training reads changes: trained again
-        stages.teacher(tiny_recipe(work, data={"test_images": 300}, teacher={"epochs": 0.05}))
+    with caplog.at_level("INFO", logger="modelpress"):
+        stages.teacher(tiny_recipe(work, data={"test_images": 200}))
     assert "teacher: training" in caplog.text
+    assert (work / "teacher" / "teacher.mpk").read_bytes() == before  # trained again: the same teacher (same seed)
 
 
 def test_unsafe_or_mismatched_weights_are_refused(workdir, tmp_path):

@@ -41,20 +41,20 @@ class StageSpec:
     result: str = ""  # layout name of the output the stage returns
     resumable: bool = False  # skipped when its record holds the current key (else it always runs)
     identity: tuple[str, ...] | None = None  # the params that identify its outputs for later stages (default: params)
-    persist: bool = False  # DVC keeps the outputs before re-running (in-stage checkpoints survive)
+    persist: bool = False  # DVC keeps the outputs before re-running (checkpoints survive; a busy folder loses nothing)
     metrics: tuple[str, ...] = ()  # layout names of metrics files (DVC, not cached)
     note: str = ""
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("fetch", params=("data.name", "data.files"), code=("modelpress/data",),
-              outs=("data",), result="data", identity=("data.name", "data.files"),
+              outs=("data",), result="data", identity=("data.name", "data.files"), persist=True,
               note="not data.sources: they only say where to get these same files (checked by sha256)"),
     StageSpec("teacher", params=("teacher", "run.seed", "data.batch_size", "data.test_images", "data.max_tokens"), deps=("fetch",),
               files=("teacher.weights",), folders=("teacher.arch",),
               code=("modelpress/models", "modelpress/train.py", "modelpress/inputs.py", "modelpress/data/datasets.py",
                     "modelpress/data/text.py", "modelpress/pack", "modelpress/stages/pipeline.py"),
-              outs=("teacher_dir",), result="teacher", resumable=True),
+              outs=("teacher_dir",), result="teacher", resumable=True, persist=True),
     StageSpec("compress", params=("method", "pack", "finetune.batch_size", "finetune.loss", "teacher.epochs", "teacher.lr",
                                   "teacher.weight_decay", "teacher.batch_size", "data.test_images"),
               deps=("teacher",), code=("modelpress/methods", "modelpress/pack", "modelpress/train.py", "modelpress/inputs.py",
@@ -66,7 +66,7 @@ STAGES: tuple[StageSpec, ...] = (
               files=("finetune.distill_from.weights",),
               code=("modelpress/methods", "modelpress/pack", "modelpress/train.py", "modelpress/inputs.py",
                     "modelpress/stages/pipeline.py"),
-              outs=("finetune_dir",), result="finetuned", resumable=True),
+              outs=("finetune_dir",), result="finetuned", resumable=True, persist=True),
     StageSpec("pack", params=("pack",), deps=("finetune",), code=("modelpress/pack", "modelpress/stages/pipeline.py"),
               outs=("packed",), result="packed"),
     StageSpec("evaluate", params=("data.test_images",), deps=("pack",),
@@ -119,12 +119,18 @@ LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # the folder holding modelpr
 
 def code_content(names: tuple[str, ...]) -> str:
     """sha256 over the library code a stage runs: the .py files of its ``code`` entries, so a
-    stage whose code changed is not taken for current."""
+    stage whose code changed is not taken for current. Read once per process: the code this
+    process runs, even if the files change under it (a `git pull` during a run)."""
+    return _code_content(LIBRARY_ROOT, tuple(names))
+
+
+@functools.lru_cache(maxsize=256)
+def _code_content(root: Path, names: tuple[str, ...]) -> str:
     entries = []
     for name in names:
-        path = LIBRARY_ROOT / name
+        path = root / name
         for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            entries.append([f.relative_to(LIBRARY_ROOT).as_posix(), file_content(str(f))])
+            entries.append([f.relative_to(root).as_posix(), file_content(str(f))])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
@@ -140,9 +146,11 @@ def _params(dump: dict, names: tuple[str, ...]) -> dict:
     return {p: v for p, v in values.items() if not ("." in p and v is None)}
 
 
-def stage_key(recipe: Recipe, name: str, _dump: dict | None = None, leave_out: tuple[str, ...] = ()) -> str:
+def stage_key(recipe: Recipe, name: str, _dump: dict | None = None, leave_out: tuple[str, ...] = (),
+              code: tuple[str, ...] | None = None) -> str:
     """The hash of everything stage ``name`` depends on (its declaration says what), less the
-    params in ``leave_out`` (the teacher's training: what the stage reads only to evaluate)."""
+    params in ``leave_out``, with ``code`` for the declared code (the teacher's training: what
+    the stage reads only to evaluate left out, the training code alone)."""
     spec = SPECS[name]
     dump = recipe.model_dump(mode="json") if _dump is None else _dump
     blob = [
@@ -151,7 +159,7 @@ def stage_key(recipe: Recipe, name: str, _dump: dict | None = None, leave_out: t
         {f: file_content(_value(dump, f)) for f in spec.files}
         | {f: c for f in spec.folders if (c := folder_content(_value(dump, f))) is not None},
         [identity_key(recipe, d, dump) for d in spec.deps],
-        code_content(spec.code),
+        code_content(spec.code if code is None else code),
     ]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

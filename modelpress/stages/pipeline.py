@@ -373,13 +373,18 @@ def _train_state(recipe: Recipe, key: str, folder: str = "teacher_dir"):
     return saved, save
 
 
-# What the teacher stage reads only to evaluate: a new value re-evaluates a teacher trained here, not retrains it.
+# What the teacher stage reads only to evaluate: a new value re-evaluates a teacher trained here, not retrains it;
+# and the code its training runs (an edit of how the stage evaluates or packs does not retrain it either).
 EVALUATION_ONLY = ("data.batch_size", "data.test_images")
+TRAINING_CODE = ("modelpress/models", "modelpress/train.py", "modelpress/inputs.py", "modelpress/data/datasets.py",
+                 "modelpress/data/text.py")
 
 
 def _trained_before(recipe: Recipe, train_key: str) -> bool:
-    info = read_json(paths(recipe)["teacher_info"]) or {}
-    return info.get("train_key") == train_key and paths(recipe)["teacher"].is_file()
+    """teacher.json says the teacher was trained with these settings and teacher.mpk is still the
+    file it describes (a later run, killed after rewriting it, may have left another's)."""
+    info, path = read_json(paths(recipe)["teacher_info"]) or {}, paths(recipe)["teacher"]
+    return info.get("train_key") == train_key and path.is_file() and sha256_file(path) == info.get("sha256")
 
 
 @stage("teacher")
@@ -403,13 +408,17 @@ def teacher(recipe: Recipe, key: str, weights_path: str | None = None) -> Path:
     elif source:
         load_weights(model, Path(source), recipe.teacher.weights_sha256)
         model.to(device)
-    elif _trained_before(recipe, train_key := stage_key(recipe, "teacher", leave_out=EVALUATION_ONLY)):
+    elif _trained_before(recipe, train_key := stage_key(recipe, "teacher", leave_out=EVALUATION_ONLY, code=TRAINING_CODE)):
         model = _load_teacher(recipe, device)
         log.info("teacher: trained before with these settings (%s): evaluated again", p["teacher"])
     else:
         model.to(device)
         log.info("teacher: training %s for %g epochs", recipe.teacher.arch, recipe.teacher.epochs)
         resume, save = _train_state(recipe, train_key)
+        p["teacher_info"].unlink(missing_ok=True)  # it describes the teacher being replaced
+        if resume is None:  # a training from the start: snapshots of another one must not be rewound to
+            for old in p["snapshots"].glob("at-*.mpk"):
+                old.unlink()
         train_classifier(
             model, loader(train, recipe.teacher.batch_size, True, recipe.run.seed), recipe.teacher.epochs,
             recipe.teacher.lr, optimizer="sgd", weight_decay=recipe.teacher.weight_decay, warmup_frac=0.05,
