@@ -37,23 +37,30 @@ def _train(on_step=None, on_epoch=None, resume=None, scramble=False):
     return model
 
 
-def test_resume_at_an_epoch_boundary_is_bit_identical():
-    reference = _train()
+def _killed_at(run, step_of_kill: int) -> list[dict]:
+    """The states ``run`` saved at its epoch boundaries (through torch.save and weights_only=True,
+    as the stages write them) before it was killed after step ``step_of_kill``."""
     saved = []
 
-    def keep(state):  # what the teacher stage writes: through torch.save / weights_only=True
+    def keep(state):
         buf = io.BytesIO()
         torch.save(state, buf)
         saved.append(buf.getvalue())
 
     def kill(step, _total):
-        if step == 8 * 2 + 3:  # in the third epoch (8 batches an epoch)
+        if step == step_of_kill:
             raise Killed
 
     with pytest.raises(Killed):
-        _train(on_step=kill, on_epoch=keep)
+        run(on_step=kill, on_epoch=keep)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in saved]
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical():
+    reference = _train()
+    saved = _killed_at(_train, 8 * 2 + 3)  # in the third epoch (8 batches an epoch)
     assert len(saved) == 2  # after epochs 1 and 2
-    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    state = saved[-1]
     assert state["step"] == 16
     steps = []
     resumed = _train(resume=state, scramble=True, on_step=lambda step, _t: steps.append(step))
@@ -78,20 +85,7 @@ def test_distillation_with_augmentation_and_dropout_resumes_bit_identical():
     """What the fine-tuning stage relies on: the flips and shifts of the augmentation and the
     dropout's draws come back with the saved state, not only the weights and the batch order."""
     reference = _distill()
-    saved = []
-
-    def keep(state):
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        saved.append(buf.getvalue())
-
-    def kill(step, _total):
-        if step == 6 * 2 + 2:  # in the third epoch (6 batches an epoch)
-            raise Killed
-
-    with pytest.raises(Killed):
-        _distill(on_step=kill, on_epoch=keep)
-    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    state = _killed_at(_distill, 6 * 2 + 2)[-1]  # in the third epoch (6 batches an epoch)
     assert state["step"] == 12
     resumed = _distill(resume=state)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
