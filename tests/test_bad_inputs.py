@@ -142,3 +142,22 @@ def test_mlflow_server_with_an_artifact_store_it_cannot_reach_does_not_start(tmp
     assert line.startswith("mlflow-server.sh: artifact store s3://modelpress/mlflow: bucket 'modelpress' not reachable at "
                            f"http://127.0.0.1:{closed}") and "MLFLOW_ARTIFACTS to a local folder" in line, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.pipeline
+def test_s3_server_on_a_port_in_use_fails_with_one_line():
+    """infra/s3-server.sh on a port another program holds: one line naming it, not a bucket made in
+    whatever answers there or a traceback."""
+    import socket
+    import subprocess
+
+    from helpers import REPO
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([str(REPO / "infra" / "s3-server.sh"), str(port), "modelpress"], capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"s3-server.sh: moto_server exited before it answered: is port {port} in use?"
