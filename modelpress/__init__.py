@@ -2,7 +2,7 @@
 
 The library is plain PyTorch: every method is a function you can call from a notebook::
 
-    from modelpress import compress, PQConfig, PruneConfig, arch_spec, pack_model, load_packed
+    from modelpress import compress, PQConfig, PruneConfig, WFNConfig, LCConfig, LCTask, arch_spec, pack_model, load_packed
     student, stats = compress(model, PQConfig(), calibration=images, train_batches=batches)
     size = pack_model(student, "model.mpk", arch_spec("fmnist_cnn"))
     model, meta = load_packed("model.mpk")
@@ -23,19 +23,23 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "compress": ".methods", "KMeansConfig": ".methods.kmeans", "PQConfig": ".methods.pq",
     "PruneConfig": ".methods.prune", "PrunePQConfig": ".methods.prune", "UniformConfig": ".methods.uniform",
+    "WFNConfig": ".methods.wfn", "LCConfig": ".methods.lc", "LCTask": ".methods.lc",
     "arch_spec": ".pack", "load_packed": ".pack", "pack_model": ".pack", "read_packed": ".pack",
 }
 
 if TYPE_CHECKING:
     from .methods import compress
     from .methods.kmeans import KMeansConfig
+    from .methods.lc import LCConfig, LCTask
     from .methods.pq import PQConfig
     from .methods.prune import PruneConfig, PrunePQConfig
     from .methods.uniform import UniformConfig
+    from .methods.wfn import WFNConfig
     from .pack import arch_spec, load_packed, pack_model, read_packed
 
 # Spelled out (not list(_EXPORTS)): ruff and mypy read the public names from a literal __all__.
-__all__ = ["KMeansConfig", "PQConfig", "UniformConfig", "PruneConfig", "PrunePQConfig", "arch_spec", "compress", "load_packed", "pack_model", "read_packed"]
+__all__ = ["KMeansConfig", "LCConfig", "LCTask", "PQConfig", "UniformConfig", "PruneConfig", "PrunePQConfig", "WFNConfig", "arch_spec",
+           "compress", "load_packed", "pack_model", "read_packed"]
 __version__ = "0.1.0"
 
 

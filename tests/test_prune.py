@@ -235,3 +235,12 @@ def test_weight_rewinding_resets_survivors_to_the_earlier_weights(trained, data)
         w = model.get_submodule(n).weight
         assert torch.equal(w != 0, m), n
         assert torch.allclose(w[m], early[f"{n}.weight"][m], atol=1e-6), n  # ...the values from the early weights
+
+
+def test_compress_returns_the_cycles_of_a_pruning(trained, data):
+    """The README's notebook call, `pruned, cycles = compress(model, PruneConfig(...), train_batches=...)`."""
+    train, _ = data
+    cfg = PruneConfig(target_sparsity=0.5, epochs=0.02, lr=0.01, weight_decay=0)
+    pruned, cycles = compress(copy.deepcopy(trained), cfg, train_batches=loader(torch.utils.data.Subset(train, range(512)), 128, True))
+    assert [round(c["sparsity"], 3) for c in cycles] == schedule(0.5, 0.2) and cycles[-1]["done"]
+    assert sparsity(pruned) == pytest.approx(0.5, abs=1e-6)

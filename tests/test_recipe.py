@@ -131,3 +131,20 @@ def test_the_checkouts_parameters_while_a_run_versions_and_after_one_was_killed(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"run": {"name": "killed"}}))
     assert checkout_params(tmp_path) == tmp_path / "params.yaml" and (tmp_path / "params.yaml").read_text() == own
     assert not (tmp_path / ".dvc" / "tmp" / "modelpress-params.yaml.orig").exists()
+
+
+def test_the_readmes_run_examples_are_valid_on_the_checkouts_params():
+    """Every `modelpress run -S ...` line of the README passes the checks a run makes before any
+    work, on the params.yaml a newcomer has (a layer name of another architecture would not)."""
+    import re
+    import shlex
+
+    from modelpress.stages import preflight
+
+    lines = [m.group(1) for m in re.finditer(r"^modelpress run (.*?)(?:\s+#.*)?$", (REPO / "README.md").read_text(), re.M)]
+    assert len(lines) >= 3
+    for line in lines:
+        args = shlex.split(line)
+        sets = [a for flag, a in zip(args, args[1:]) if flag in ("-S", "--set")]
+        assert sets, line
+        preflight(Recipe.from_yaml(REPO / "params.yaml", sets))

@@ -80,7 +80,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise ImportError("text data sets need the tokenizers package: pip install 'modelpress[hf]'") from None
+        raise ImportError("text data sets need the tokenizers package: make setup, or pip install -e '.[hf]' in the checkout") from None
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust parser raises a plain Exception

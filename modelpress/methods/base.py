@@ -142,13 +142,14 @@ class Method:
             raise TypeError(f"method {self.name}: give either apply or steps")
 
     def run(self, model: nn.Module, cfg: BaseModel, ctx: Context) -> list[dict]:
-        """Compress ``model`` in place: ``apply``, or every step then ``finish``."""
+        """Compress ``model`` in place: ``apply``, or every step then ``finish``. Returns the
+        per-layer statistics, or for a method with nothing to finish (pruning) its steps' records."""
         cfg, _ = self.plan(model, cfg, ctx)
         if self.apply is not None:
             return self.apply(model, cfg, ctx)
         assert self.steps is not None  # __post_init__: one of the two
-        run_steps(self.steps, model, cfg, ctx)
-        return self.steps.finish(model, cfg, ctx)
+        records = run_steps(self.steps, model, cfg, ctx)
+        return self.steps.finish(model, cfg, ctx) or records
 
 
 StepCallback = Callable[[int, nn.Module, dict], None]

@@ -3,7 +3,7 @@ allow-list) and carries its configuration (the ``config.json`` contents) as a JS
 model is rebuilt offline from them, with random weights that the file's tensors then replace.
 No download, no ``trust_remote_code``: only the allow-listed classes of the installed
 ``transformers`` package, never code named by a file. ``transformers`` is an optional extra
-(``pip install modelpress[hf]``), imported only when such a model is built."""
+(``make setup``; elsewhere ``pip install -e '.[hf]'`` in the checkout), imported only when such a model is built."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def build_hf(arch: str, config: Any = None) -> nn.Module:
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"{arch} needs the transformers package: pip install 'modelpress[hf]'") from None
+        raise ImportError(f"{arch} needs the transformers package: make setup, or pip install -e '.[hf]' in the checkout") from None
     model_type = cfg.pop("model_type")
     config_obj = transformers.AutoConfig.for_model(model_type, **cfg)
     model = getattr(transformers, arch[len(HF_PREFIX):])(config_obj)
