@@ -79,6 +79,16 @@ def default_parameters(params_file: Path | None, base: Path | None = None) -> di
     return {"recipe": Recipe.from_yaml(params_file, base=base).model_dump(mode="json")}
 
 
+def sweep_defaults(parameters: dict) -> dict:
+    """The sweep form's default: a budget sweep of the compress deployments' default recipe (the
+    built-in one where they have none: a git URL as the source and no --params), points on the pool."""
+    from modelpress.recipe import Recipe
+
+    base = parameters.get("recipe") or Recipe().model_dump(mode="json")
+    return {"sweep": {"name": "front", "base": base, "budgets": [120000, 80000, 50000],
+                      "runner": "deployment", "deployment": f"{FLOW_NAME}/{ON_DEMAND}", "concurrency": 4}}
+
+
 def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path | None,
            sweep_pool: str | None = None) -> dict[str, UUID]:
     """Create or update the nightly and on-demand deployments; returns their ids."""
@@ -101,10 +111,7 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
         name=NIGHTLY, schedules=[Cron(cron, timezone=timezone, slug="nightly")],
         description=f"{description} Scheduled: cron '{cron}' ({timezone}).", **common)
     on_demand = flow.to_deployment(name=ON_DEMAND, description=f"{description} Triggered from the UI or the API.", **common)
-    sweep_params = {}
-    if parameters:  # the form's default: a budget sweep of the default recipe, points on the pool
-        sweep_params = {"sweep": {"name": "front", "base": parameters["recipe"], "budgets": [120000, 80000, 50000],
-                                  "runner": "deployment", "deployment": f"{FLOW_NAME}/{ON_DEMAND}", "concurrency": 4}}
+    sweep_params = sweep_defaults(parameters)
     sweep = prefect_flow.from_source(source=source, entrypoint=SWEEP_ENTRYPOINT).to_deployment(
         name=ON_DEMAND, description="Compress one teacher at many points (methods x knobs or byte budgets); "
                                     "Pareto front of accuracy vs packed bytes.",

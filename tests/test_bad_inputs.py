@@ -161,3 +161,15 @@ def test_s3_server_on_a_port_in_use_fails_with_one_line():
                               text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"s3-server.sh: moto_server exited before it answered: is port {port} in use?"
+
+
+def test_the_sweep_form_has_a_default_even_without_a_params_file():
+    """Deployments from a git URL without --params: the compress deployments run the built-in
+    recipe, and the sweep's UI form is still pre-filled with a valid budget sweep of it."""
+    from modelpress.flows.deploy import sweep_defaults
+    from modelpress.sweep import SweepConfig
+
+    for parameters in ({}, {"recipe": Recipe.parse({"finetune": {"epochs": 3}}).model_dump(mode="json")}):
+        sweep = SweepConfig.model_validate(sweep_defaults(parameters)["sweep"])
+        assert sweep.runner == "deployment" and len(sweep.expand()) == 3
+        assert sweep.base == Recipe.parse(parameters.get("recipe") or {})
