@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
             from modelpress.tasks.registry import check_reachable
 
             check_reachable()  # a tracking server that does not answer fails now, not after the run
-        from modelpress.tasks.common import workdir_lock
+        from modelpress.atomic import workdir_lock
 
         with workdir_lock(recipe.run.workdir, wait=False):  # another run there: one line now, not a wait
             pass

@@ -12,11 +12,11 @@ import time
 
 from prefect import flow
 
+from modelpress.atomic import workdir_lock
 from modelpress.methods import REGISTRY
 from modelpress.methods.base import until_done
 from modelpress.recipe import Recipe
 from modelpress.stages import unless_skipped
-from modelpress.tasks.common import workdir_lock
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import (
     check_recipe,

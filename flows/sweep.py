@@ -14,6 +14,7 @@ import time
 from prefect import flow
 
 from modelpress import stages
+from modelpress.progress import error_line
 from modelpress.sweep import SweepConfig
 from modelpress.tasks.register import register_model
 from modelpress.tasks.steps import fetch_dataset, pin_teacher, prepare_teacher
@@ -49,7 +50,7 @@ def _sweep(sweep: SweepConfig) -> dict:
         try:
             results[name] = future.result()
         except Exception as e:  # noqa: BLE001 - one failed point does not sink the sweep
-            failed[name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failed[name] = error_line(e)
     wall_s = time.perf_counter() - t0
     if not results:
         raise RuntimeError(f"every point of sweep {sweep.name} failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))

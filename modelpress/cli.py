@@ -25,6 +25,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .atomic import workdir_lock
+from .progress import error_line
 from .stages.declare import STAGES as DECLARED
 
 STAGES = (*(s.name for s in DECLARED), "point")  # point: compress..evaluate of one sweep point
@@ -180,7 +181,7 @@ def _one_line_errors(fn) -> int:
     except Exception as e:  # noqa: BLE001 - every failure ends as one clear line
         if os.environ.get("MODELPRESS_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = error_line(e)
         print(f"modelpress: error: {msg}", file=sys.stderr)
         return 1
 

@@ -12,6 +12,13 @@ from typing import Callable
 
 log = logging.getLogger("modelpress")
 
+
+def error_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what one-line
+    reports of a failure show."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
 Listener = Callable[[dict], None]
 _listeners: list[Listener] = []
 

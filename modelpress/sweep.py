@@ -50,6 +50,7 @@ from pydantic import (
 )
 
 from .atomic import FolderBusy, folder_lock
+from .progress import error_line
 from .recipe import Recipe, RecipeError, read_mapping
 
 POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -257,14 +258,11 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
     """:func:`run_point` in a child process (``modelpress stage point``) with ``threads`` CPU
     threads: true parallelism, and a crash or an out-of-memory kill takes down one point only.
     Each line it logs goes to ``log``; it is killed after ``timeout_s`` (TimeoutError)."""
-    from .stages import die_with_parent
+    from .stages import die_with_parent, stage_command
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(recipe.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "modelpress", "stage", "point", "--params", f.name, "--whole", "--json"]
     last = ""
-    try:
+    with stage_command("point", recipe) as cmd:
         with tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
@@ -291,8 +289,6 @@ def run_point_process(recipe: Recipe, threads: int, timeout_s: float | None = No
                     watchdog.cancel()
             out.seek(0)
             stdout = out.read()
-    finally:
-        Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
         if timed_out.is_set():  # (Timer.finished is also set by cancel(): not a timeout sign)
             raise PointTimeout(f"point {name} timed out after {timeout_s:.0f} s ({timeout_why})")
@@ -458,7 +454,7 @@ def _run_local(sweep: SweepConfig, points: dict[str, Recipe], names: list[str], 
             failed[name] = str(e)
             return
         except Exception as e:  # noqa: BLE001 - one failed point does not sink the others
-            failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            failed[name] = error_line(e)
             with lock:
                 print_(f"{name}: FAILED {failed[name]}\n  " + "\n  ".join(tail))
             return
@@ -515,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no such point in {args.sweep}: {', '.join(missing)}")
         result = run_local(sweep, names, args.threads, args.deadline_s, args.progress_s)
     except (ValueError, FolderBusy) as e:  # a bad file, setting or point, a busy folder: one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = error_line(e)
         print(f"python -m modelpress.sweep: error: {msg}", file=sys.stderr)
         return 2
     if args.out:

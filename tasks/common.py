@@ -11,7 +11,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.atomic import workdir_lock  # noqa: F401 - the flow's lock, re-exported
 from modelpress.progress import add_listener
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from modelpress import stages
+from modelpress.progress import error_line
 from modelpress.recipe import Recipe
 from modelpress.report import markdown_table
 from modelpress.sweep import (
@@ -68,7 +69,7 @@ def register_points(rows: list[dict], results: dict[str, dict], register, failed
         try:
             reg = rec.get("registered") or register(row["point"], rec)
         except Exception as e:  # noqa: BLE001 - one point's registry failure does not lose the sweep's front
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = error_line(e)
             failed[row["point"]] = f"registration failed: {why}"
             reg = None
         row["version"] = reg["version"] if reg else None

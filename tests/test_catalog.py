@@ -440,7 +440,7 @@ def test_workdir_not_writable(cli, tmp_path):
 
 
 def test_workdir_in_use_by_another_run(cli, tmp_path):
-    from modelpress.tasks.common import workdir_lock
+    from modelpress.atomic import workdir_lock
 
     busy = tmp_path / "busy"
     with workdir_lock(str(busy), wait=False):

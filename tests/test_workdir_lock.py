@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from modelpress.atomic import workdir_lock
 from modelpress.recipe import Recipe
 from modelpress.sweep import SweepConfig, run_local
-from modelpress.tasks.common import workdir_lock
 
 pytestmark = pytest.mark.unit
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..progress import error_line
+
 TEXT_FILES = ("train.jsonl", "test.jsonl")
 TOKENIZER_FILE = "tokenizer.json"
 MAX_LINE_CHARS = 1_000_000
@@ -84,7 +86,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust parser raises a plain Exception
-        raise TextDataError(f"{file}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise TextDataError(f"{file}: not a tokenizers file ({error_line(e)})") from None
 
 
 def _pad_id(tokenizer: Any) -> int:

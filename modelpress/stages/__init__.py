@@ -28,6 +28,7 @@ from .pipeline import (
     read_teacher,
     resolve_weights,
     snapshot_path,
+    stage_command,
     step_key,
     summarize,
     teacher,
@@ -40,5 +41,5 @@ __all__ = [
     "STAGES", "StageError", "Summary", "TeacherInfo", "calibration_images", "compress_stage", "cycle_path", "die_with_parent", "evaluate_in_fresh_process",
     "dvc_yaml", "evaluate_file", "fetch", "file_content", "finetune_stage", "is_current", "load_weights", "method",
     "method_config", "method_step", "pack_stage", "paths", "preflight", "read_json", "read_teacher", "resolve_weights", "snapshot_path",
-    "stage_key", "step_key", "summarize", "teacher", "tokenizer_file", "unless_skipped", "workdir", "write_json",
+    "stage_command", "stage_key", "step_key", "summarize", "teacher", "tokenizer_file", "unless_skipped", "workdir", "write_json",
 ]

@@ -7,6 +7,7 @@ nothing here names a method.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -15,10 +16,12 @@ import json
 import math
 import os
 import platform
+import sys
+import tempfile
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Sized, cast
+from typing import Any, Iterator, Sized, cast
 
 import torch
 import torch.nn as nn
@@ -49,7 +52,7 @@ from ..pack import (
     round_codebook,
 )
 from ..pack.codebook import is_int_codebook
-from ..progress import log
+from ..progress import error_line, log
 from ..recipe import Recipe
 from ..train import distill, evaluate, is_bias_or_norm, loader, recalibrate_batchnorm, resolve_device, train_classifier
 from .declare import SPECS, code_content, file_content, stage, stage_key
@@ -290,7 +293,7 @@ def _check_takes_inputs(model: nn.Module, recipe: Recipe, what: str = "") -> Non
         with torch.no_grad():
             model.eval()(**dummy) if isinstance(dummy, dict) else model.eval()(dummy)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = error_line(e)
         raise ValueError(f"{what or 'teacher.arch ' + recipe.teacher.arch} does not take {recipe.data.name}'s inputs "
                          f"({'x'.join(map(str, shape))}): {first}") from None
 
@@ -337,7 +340,7 @@ def load_weights(model: nn.Module, path: Path, expected_sha: str | None, what: s
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = error_line(e)
             raise StageError(f"{what} weights {path}: cannot be loaded safely (weights_only=True): {first}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -825,22 +828,27 @@ def die_with_parent() -> None:
         pass
 
 
+@contextlib.contextmanager
+def stage_command(name: str, recipe: Recipe) -> Iterator[list[str]]:
+    """``modelpress stage NAME --json`` for ``recipe`` in a new interpreter: the command line, its
+    recipe in a temporary file read whole (not merged onto a params.yaml), removed after the block."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(recipe.model_dump_json())
+    try:
+        yield [sys.executable, "-m", "modelpress", "stage", name, "--params", f.name, "--whole", "--json"]
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
 def evaluate_in_fresh_process(recipe: Recipe) -> dict:
     """The run's summary, its figures measured by a new interpreter that loads the packed file
     exactly as a consumer would (``modelpress stage evaluate``): nothing this process holds in
     memory can reach them."""
     import subprocess
-    import sys
-    import tempfile
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(recipe.model_dump_json())
-    try:
-        cmd = [sys.executable, "-m", "modelpress", "stage", "evaluate", "--params", f.name, "--whole", "--json"]
+    with stage_command("evaluate", recipe) as cmd:
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               preexec_fn=die_with_parent if sys.platform == "linux" else None)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"evaluation process failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -883,7 +891,7 @@ def summarize(recipe: Recipe, evaluation: dict) -> dict:
 
 __all__ = [
     "calibration_images", "compress_stage", "cycle_path", "die_with_parent", "evaluate_file", "evaluate_in_fresh_process",
-    "fetch", "file_content", "finetune_stage", "unless_skipped",
+    "fetch", "file_content", "finetune_stage", "stage_command", "unless_skipped",
     "load_weights", "method", "method_config", "method_step", "pack_stage", "preflight", "read_teacher", "resolve_weights",
     "snapshot_path", "step_key", "summarize", "teacher", "tokenizer_file",
 ]
