@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.progress import add_listener
+from modelpress.progress import add_listener, error_line
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
 
@@ -20,28 +21,73 @@ from .transient import retry_transient  # noqa: F401 - every task's retry condit
 logging.getLogger("modelpress").setLevel(logging.INFO)
 
 
+class ProgressMirror:
+    """A progress listener that hands library events to ``post`` (a Prefect API call) from a
+    thread of its own, at most one every ``every_s`` (and the last one), the newest replacing any
+    not yet posted. The work never waits for the API: while it is unreachable (a server restart,
+    an outage longer than the client's minute of retries) the bar stops moving and one warning
+    says so; the task goes on, as the GPU slot's lease does."""
+
+    def __init__(self, post, every_s: float = 2.0):
+        self.post, self.every_s = post, every_s
+        self._latest: dict | None = None
+        self._last = float("-inf")
+        self._wake, self._closing, self.failures = threading.Event(), False, 0
+        self._thread = threading.Thread(target=self._run, name="modelpress-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: dict) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s and event["done"] < event["total"]:
+            return
+        self._last = now
+        self._latest = event
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            event, self._latest = self._latest, None
+            if event is not None:
+                try:
+                    self.post(event)
+                except Exception as e:  # noqa: BLE001 - the bar is a convenience; the work must go on
+                    self.failures += 1
+                    if self.failures == 1:
+                        logging.getLogger("modelpress").warning(
+                            "progress bar not updated (the Prefect API did not answer: %s); the work goes on", error_line(e))
+            if self._closing and self._latest is None:
+                return
+
+    def close(self, wait_s: float = 5.0) -> None:
+        """Post what is pending, waiting at most ``wait_s`` (an unreachable API is not waited for)."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(wait_s)
+
+
 @contextlib.contextmanager
 def ui_progress(key: str, every_s: float = 2.0):
     """Mirror library progress events into a Prefect progress artifact (a bar in the UI)."""
     if TaskRunContext.get() is None:
         yield
         return
-    artifact = create_progress_artifact(0.0, description=f"{key} progress")
-    last = [0.0]
-
-    def on_event(event: dict) -> None:
-        now = time.monotonic()
-        if now - last[0] < every_s and event["done"] < event["total"]:
-            return
-        last[0] = now
-        pct = 100.0 * event["done"] / event["total"]
-        update_progress_artifact(artifact, pct, description=f"{event['stage']}: {event['done']}/{event['total']}")
-
-    remove = add_listener(on_event)
+    try:
+        artifact = create_progress_artifact(0.0, description=f"{key} progress")
+    except Exception as e:  # noqa: BLE001 - no bar, same work
+        logging.getLogger("modelpress").warning("no progress bar for %s (the Prefect API did not answer: %s)", key, error_line(e))
+        yield
+        return
+    mirror = ProgressMirror(lambda event: update_progress_artifact(
+        artifact, 100.0 * event["done"] / event["total"], description=f"{event['stage']}: {event['done']}/{event['total']}"),
+        every_s)
+    remove = add_listener(mirror)
     try:
         yield
     finally:
         remove()
+        mirror.close()
 
 
 # GPU-heavy tasks (teacher, compress, fine-tune) hold one slot of the global concurrency limit
@@ -72,7 +118,6 @@ def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
         yield
         return
     renew_every_s = float(os.environ.get("MODELPRESS_GPU_LEASE_RENEW_S", renew_every_s))
-    import threading
     from uuid import UUID
 
     import httpx

@@ -216,3 +216,48 @@ def test_classifier_is_the_one_every_task_uses():
     for t in retrying:
         assert t.retry_condition_fn is retry_transient, t.name
     assert Path(sys.modules["modelpress.tasks.common"].__file__).read_text().count("PERMANENT") == 0
+
+
+# ---- the progress bar, while the Prefect API is away ---------------------------------------------
+
+def test_progress_bar_updates_never_hold_up_the_work_and_an_unreachable_api_costs_a_warning(caplog):
+    """The UI's progress bar is posted from a thread of its own: a post that hangs (the client
+    retrying a server that is down) does not slow the loop that reports progress, and a post that
+    fails (the retries exhausted) is one warning, not an exception in the task."""
+    import threading
+    import time
+
+    from modelpress.progress import Progress, add_listener
+    from modelpress.tasks.common import ProgressMirror
+
+    release = threading.Event()
+    posted: list[dict] = []
+
+    def hanging(event: dict) -> None:
+        posted.append(event)
+        release.wait(30)
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    mirror = ProgressMirror(hanging, every_s=0.0)
+    remove = add_listener(mirror)
+    try:
+        t0 = time.monotonic()
+        bar = Progress("finetune", total=200, every_s=0.0)
+        for _ in range(200):
+            bar.update()
+        loop_s = time.monotonic() - t0
+    finally:
+        remove()
+    assert loop_s < 5, f"the loop waited for the API: {loop_s:.1f} s"
+    deadline = time.monotonic() + 10
+    while not posted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(posted) == 1, "a second post started while the first still hung"
+    with caplog.at_level("WARNING", logger="modelpress"):
+        release.set()
+        mirror.close(wait_s=10)
+    # After the hung post, the newest event (the last) is posted, no other in between.
+    done = [p["done"] for p in posted]
+    assert done[-1] == 200 and len(done) <= 2 and mirror.failures == len(done), (mirror.failures, done)
+    warnings = [r.getMessage() for r in caplog.records if "progress bar not updated" in r.getMessage()]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
