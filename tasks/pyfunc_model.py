@@ -4,8 +4,12 @@ MLflow stores this file with the model; at load time it rebuilds the network fro
 file alone (no pickle). An image model predicts logits for a float32 batch shaped like the input
 example; a text model (its file's input ``kind`` is ``tokens``) takes strings, tokenizes them
 with the ``tokenizer.json`` logged beside the file and returns their sentence embeddings (an
-encoder) or their labels (a sequence classifier).
+encoder) or their labels (a sequence classifier). Inputs are run in batches of ``BATCH`` on the
+device the module is on (a consumer may move ``unwrap_python_model().model`` to a GPU).
 """
+
+import hashlib
+import itertools
 
 import mlflow
 import numpy as np
@@ -13,10 +17,24 @@ import torch
 
 from modelpress.pack import load_packed
 
+BATCH = 256
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 class PackedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.model, self.meta = load_packed(context.artifacts["packed"])
+        self.model, self.meta = load_packed(context.artifacts["packed"])  # a damaged file: its own checksum error
+        expected, got = (context.model_config or {}).get("packed_sha256"), _sha256(context.artifacts["packed"])
+        if expected and got != expected:  # a whole other packed file in the version's place
+            raise ValueError(f"the packed file of this model version is not the one it was registered with "
+                             f"(sha256 {got[:16]}..., registered {expected[:16]}...)")
         self.tokenizer = None
         if self.meta.get("input", {}).get("kind") == "tokens":
             from modelpress.data.text import load_tokenizer
@@ -27,8 +45,16 @@ class PackedModel(mlflow.pyfunc.PythonModel):
         if self.tokenizer is not None:
             return self._embed(model_input)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        device = self._device()
         with torch.no_grad():
-            return self.model(x).numpy()
+            parts = [self.model(x[i:i + BATCH].to(device)).float().cpu() for i in range(0, len(x), BATCH)]
+        if not parts:  # no input: no rows, the output's own width
+            with torch.no_grad():
+                parts = [self.model(torch.zeros(1, *x.shape[1:], device=device)).float().cpu()[:0]]
+        return torch.cat(parts).numpy()
+
+    def _device(self) -> torch.device:
+        return next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
 
     def _embed(self, model_input):
         from modelpress.data.text import sentence_embedding, tokenize
@@ -36,12 +62,18 @@ class PackedModel(mlflow.pyfunc.PythonModel):
         if hasattr(model_input, "iloc"):  # a one-column table (what a list of strings becomes in MLflow's schema)
             model_input = model_input.iloc[:, 0]
         texts = [str(t) for t in list(model_input)]
-        x = tokenize(self.tokenizer, texts, int(self.meta["input"]["max_tokens"]))
-        with torch.no_grad():
-            out = self.model(**x)
-        if "classes" in self.meta["input"]:  # a sequence classifier: the label of each text
-            return out["logits"].argmax(-1).numpy()
-        return sentence_embedding(out, x["attention_mask"]).numpy()
+        if not texts:
+            raise ValueError("no text to encode: give a list of strings (or a one-column table)")
+        device, parts = self._device(), []
+        for i in range(0, len(texts), BATCH):
+            x = {k: v.to(device) for k, v in tokenize(self.tokenizer, texts[i:i + BATCH], int(self.meta["input"]["max_tokens"])).items()}
+            with torch.no_grad():
+                out = self.model(**x)
+            if "classes" in self.meta["input"]:  # a sequence classifier: the label of each text
+                parts.append(out["logits"].argmax(-1).cpu())
+            else:
+                parts.append(sentence_embedding(out, x["attention_mask"]).float().cpu())
+        return torch.cat(parts).numpy()
 
 
 mlflow.models.set_model(PackedModel())

@@ -37,7 +37,9 @@ T = registry.TAG
 def runtime_requirements(arch: str, text: bool = False) -> list[str]:
     """The pinned packages that loading a packed file of architecture ``arch`` imports."""
     names = RUNTIME_PACKAGES + (("torchvision",) if needs_torchvision(arch) else ()) + (TEXT_PACKAGES if text else ())
-    return [f"{name}=={metadata.version(name)}" for name in names]
+    # A local version label (torch 2.14.1+cu124 from PyTorch's own index) is not on a consumer's
+    # index: the public release it labels is pinned.
+    return [f"{name}=={metadata.version(name).split('+', 1)[0]}" for name in names]
 
 
 def _not_library(folder: str, names: list[str]) -> set[str]:
@@ -183,10 +185,12 @@ def register_model(recipe: Recipe, packed_path: str, summary: dict, parent_run_i
                     code_paths=[str(_library_copy(Path(tmp)))],
                     input_example=["a short sentence", "another one"] if text else np.zeros([2, *input_shape], dtype=np.float32),
                     pip_requirements=runtime_requirements(packed.arch["name"], text),
+                    model_config={"packed_sha256": summary["packed_sha256"]},  # checked when a consumer loads it
                 )
-            card = registry.model_card(name, tags, {**summary, "input_shape": input_shape})
+            card_facts = {**summary, "input_shape": input_shape, "input": inputs}
+            card = registry.model_card(name, tags, card_facts)
             version = registry.create_version(name, info.model_uri, run.info.run_id, tags, card, info.model_id)
-            registry.describe_version(name, version.version, tags, {**summary, "input_shape": input_shape})
+            registry.describe_version(name, version.version, tags, card_facts)
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise

@@ -6,9 +6,10 @@ Rules, documented in the README:
   ``registry.model_name`` is set.
 - **Duplicates**: a version whose packed file has the same sha256 as an existing version of the
   same registered model is not created again; the existing version is returned.
-- **Aliases**: every new version gets ``candidate``. ``champion`` goes to the version that
+- **Aliases**: ``candidate`` is the newest version. ``champion`` goes to the version that
   (1) loses at most ``max_top1_drop`` points of top-1 against its teacher and (2) has the
-  smallest packed file among the versions meeting (1) (ties: higher top-1, then newer). The
+  smallest packed file among the versions meeting (1) (ties: higher top-1, then newer), among
+  the versions of the same data set measured on the most test inputs (``comparable``). The
   decision is written to the new version's ``modelpress.promotion`` tag.
 """
 
@@ -143,22 +144,48 @@ def choose_champion(candidates: list, max_top1_drop: float):
     return min(eligible, key=lambda v: (_num(v, "packed_bytes"), -_num(v, "compressed_top1"), -int(v.version)))
 
 
+def comparable(all_versions: list, like) -> list:
+    """The versions the promotion rule compares ``like`` with: those of its data set, measured on
+    the most test inputs any of them was. A quick check (``data.test_images``) never displaces a
+    version measured on the whole test set, and a model of another data set registered under the
+    same name is not weighed against this one. (Versions without the figures: compared.)"""
+    dataset = like.tags.get(TAG + "dataset", "")
+    same = [v for v in all_versions if v.tags.get(TAG + "dataset", "") == dataset]
+    most = max((_num(v, "test_images", 0) for v in same), default=0)
+    return [v for v in same if not _num(v, "test_images", 0) or _num(v, "test_images", 0) >= most]
+
+
 def promote(name: str, new_version: str, max_top1_drop: float) -> str:
-    """Set ``candidate`` on the new version; move ``champion`` if the rule says so.
-    Returns the decision, also stored in the new version's ``modelpress.promotion`` tag."""
+    """Put ``candidate`` on the newest version and ``champion`` on the version the rule picks
+    among all versions comparable with ``new_version`` (it may be an older one: a version made
+    champion under a looser ``max_top1_drop`` loses the alias to one that meets this run's). When
+    none qualifies, ``champion`` stays where it is. Computed again when a version was added
+    meanwhile (two runs registering at once agree on the result). Returns the decision, also
+    stored in the new version's ``modelpress.promotion`` tag."""
     c = client()
-    c.set_registered_model_alias(name, "candidate", new_version)
-    champion, decision = promotion(versions(name), new_version, max_top1_drop)
-    if champion:
-        c.set_registered_model_alias(name, "champion", new_version)
+    for _ in range(3):
+        every = versions(name)
+        c.set_registered_model_alias(name, "candidate", every[0].version)
+        _, decision = promotion(every, new_version, max_top1_drop)
+        new = next(v for v in every if str(v.version) == str(new_version))
+        best = choose_champion(comparable(every, new), max_top1_drop)
+        if best is not None:
+            c.set_registered_model_alias(name, "champion", best.version)
+        if versions(name)[0].version == every[0].version:
+            break
     c.set_model_version_tag(name, new_version, TAG + "promotion", decision)
     return decision
 
 
 def promotion(all_versions: list, new_version: str, max_top1_drop: float) -> tuple[bool, str]:
     """(whether ``new_version`` becomes champion, the decision in words) under the promotion rule."""
-    best = choose_champion(all_versions, max_top1_drop)
     new = next(v for v in all_versions if str(v.version) == str(new_version))
+    pool = comparable(all_versions, new)
+    if new not in pool:
+        most = max(_num(v, "test_images", 0) for v in pool)
+        return False, (f"not promoted: measured on {int(_num(new, 'test_images', 0)):,} test inputs, where other versions "
+                       f"were on {int(most):,} (data.test_images)")
+    best = choose_champion(pool, max_top1_drop)
     drop, size = _num(new, "top1_drop"), int(_num(new, "packed_bytes", 0))
     if best is not None and str(best.version) == str(new_version):
         return True, f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
@@ -201,8 +228,8 @@ mlflow models predict -m {ref} -i batch.json -t json --env-manager local   # or 
 
 {_usage(ref, summary)}
 
-`models:/{name}@candidate` is the newest version; `models:/{name}@champion` exists once a version meets
-the promotion rule (see its `modelpress.promotion` tag).
+Serve `models:/{name}@champion`, the version the promotion rule picked (see each version's
+`modelpress.promotion` tag); `models:/{name}@candidate` is the newest version, whatever its quality.
 
 {_inputs(summary)}
 """
@@ -251,8 +278,14 @@ def _inputs(summary: dict) -> str:
                 "model version (`tokenizer.json`), at most the packed file's `max_tokens` tokens each; the output is " +
                 ("the\nmean of the encoder's last hidden states over the real tokens." if _is_encoder(summary) else
                  "the\nlabel of each text (the argmax of the classifier's logits)."))
-    return (f"Inputs: float32, shape (N, {', '.join(map(str, summary.get('input_shape', [])))}), normalised with the data set's\n"
-            "mean/std (stored in the packed file's metadata).")
+    meta = summary.get("input") or {}
+    shape = ", ".join(map(str, summary.get("input_shape", [])))
+    if "mean" not in meta:
+        return f"Inputs: float32, shape (N, {shape}), normalised with the data set's mean/std (the packed file's metadata)."
+    classes = meta.get("classes") or []
+    return (f"Inputs: float32, shape (N, {shape}): pixels scaled to [0, 1], then per channel (x - mean) / std with\n"
+            f"mean {list(meta['mean'])} and std {list(meta['std'])} (also in the packed file's metadata, `modelpress inspect`).\n"
+            f"Outputs: float32 (N, {len(classes) or '?'}) logits" + (f", classes in order: {', '.join(map(str, classes))}." if classes else "."))
 
 
 def describe_version(name: str, version: str, tags: dict, summary: dict) -> None:

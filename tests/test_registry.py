@@ -70,6 +70,8 @@ def test_versions_aliases_and_no_duplicates(registered):
     assert mv.tags["modelpress.compressed_top1"] == f"{s2['compressed_top1']:.2f}"
     assert mv.tags["modelpress.prefect_flow_run_id"]
     assert "How to load" in mv.description and f"{s2['packed_bytes']:,} bytes" in mv.description
+    # What a REST client needs to prepare its inputs and read the outputs, in the card itself.
+    assert "mean [0.286] and std [0.353]" in mv.description and "classes in order: T-shirt/top, Trouser" in mv.description, mv.description
 
     # Re-running the same inputs registers nothing new.
     from modelpress.flows.compress import compress_flow
@@ -99,6 +101,52 @@ def test_promotion_rule():
     # registered and reported, not a crash that a rerun meets again.
     nan = [v(5, 50_000, float("nan"), float("nan")), v(1, 100_000, 1.2, 90.0)]
     assert registry.promotion(nan, "5", 1.0) == (False, "not promoted: top-1 drop nan is not a number")
+
+
+
+def _tagged(version, size, drop, top1, dataset="fashion-mnist", test_images=10_000):
+    return SimpleNamespace(version=str(version), tags={
+        "modelpress.packed_bytes": str(size), "modelpress.top1_drop": str(drop), "modelpress.compressed_top1": str(top1),
+        "modelpress.dataset": dataset, "modelpress.test_images": str(test_images)})
+
+
+def test_promotion_compares_only_versions_of_one_data_set_measured_on_the_most_test_inputs():
+    full = [_tagged(1, 100_000, 0.5, 90.0), _tagged(2, 90_000, 0.8, 89.7)]
+    quick = _tagged(3, 40_000, 0.2, 91.0, test_images=2_000)  # smaller and better, on a fifth of the test set
+    other = _tagged(4, 30_000, 0.1, 99.0, dataset="cifar10")
+    every = [*full, quick, other]
+    assert registry.promotion(every, "3", 1.0) == (
+        False, "not promoted: measured on 2,000 test inputs, where other versions were on 10,000 (data.test_images)")
+    assert registry.promotion(every, "2", 1.0)[0] is True
+    assert registry.choose_champion(registry.comparable(every, full[0]), 1.0).version == "2"
+    assert registry.promotion(every, "4", 1.0)[0] is True  # alone in its data set
+    # Quick checks compare among themselves while nothing was measured on more.
+    assert registry.promotion([quick, _tagged(5, 50_000, 0.3, 90.9, test_images=2_000)], "3", 1.0)[0] is True
+
+
+@pytest.mark.usefixtures("own_store")
+def test_champion_is_the_rules_choice_among_all_versions_and_candidate_the_newest(tmp_path):
+    """A version made champion by a run with a loose max_top1_drop loses the alias to the rule's
+    choice of the next run; a version promoted again later (a rerun that finds its packed file
+    registered) does not take ``candidate`` back from newer versions."""
+    c = registry.client()
+    c.create_registered_model("m")
+
+    def add(size, drop, top1):
+        tags = {k: v for k, v in _tagged(0, size, drop, top1).tags.items()}
+        return c.create_model_version("m", f"file://{tmp_path}", tags=tags).version
+
+    v1 = add(100_000, 0.5, 90.0)
+    assert registry.promote("m", v1, 1.0).startswith("champion")
+    v2 = add(40_000, 30.0, 60.0)  # an on-demand run with max_top1_drop 100
+    assert registry.promote("m", v2, 100.0).startswith("champion")
+    assert c.get_model_version_by_alias("m", "champion").version == v2
+    v3 = add(110_000, 0.4, 90.1)  # the nightly, default rule: version 1 is the smallest within it
+    assert registry.promote("m", v3, 1.0) == "not promoted: version 1 is smaller (100,000 vs 110,000 bytes)"
+    assert c.get_model_version_by_alias("m", "champion").version == v1
+    assert c.get_model_version_by_alias("m", "candidate").version == v3
+    registry.promote("m", v1, 1.0)  # found again by a rerun of its flow
+    assert c.get_model_version_by_alias("m", "candidate").version == v3
 
 
 def test_consumer_process_reproduces_evaluate_predictions(registered, tmp_path):
@@ -135,15 +183,25 @@ def test_module_access_and_tampered_artifact(registered):
     with torch.no_grad():
         x = torch.from_numpy(_batch(8))
         assert torch.equal(net(x), load_packed(packed)[0](x))
+    # More inputs than one batch of the pyfunc: run in batches, the same outputs; no input, no rows.
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    many = _batch(300)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(many), net(torch.from_numpy(many)).numpy(), rtol=1e-5, atol=1e-5)
+    assert model.predict(many[:0]).shape == (0, 10)
     # The registry's stored copy: tamper with it, and loading fails with the checksum error.
     version = registry.client().get_model_version(NAME, s2["registered"]["version"])
     stored = _stored_packed_file(version)
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[:-20] + bytes(20))
-        import mlflow
-
         with pytest.raises(PackedFormatError, match="checksum mismatch"):
+            mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        # Another valid packed file in its place (version 1's): not the file the version's tags describe.
+        stored.write_bytes(_packed_of(registered[0][1]).read_bytes())
+        with pytest.raises(ValueError, match="not the one it was registered with"):
             mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
         stored.unlink()
         with pytest.raises(Exception, match=r"(?i)no such|not found|does not exist"):
