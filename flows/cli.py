@@ -122,7 +122,10 @@ def cmd_sweep(args) -> int:
 def _run_sweep(sweep) -> int:
     from modelpress.flows.sweep import sweep_flow
 
-    record = sweep_flow(sweep)
+    state = sweep_flow(sweep, return_state=True)  # Failed when a point failed, with the others' record as its data
+    record = state.result(raise_on_failure=False)
+    if isinstance(record, BaseException):
+        raise record
     from modelpress.report import markdown_table
     from modelpress.sweep import COLUMNS
 

@@ -14,8 +14,10 @@
                                          not hold a GPU worker's one slot its points need
         The compression deployments take the one parameter ``recipe`` (modelpress.recipe.Recipe), so the UI shows a typed
         form with the schema's defaults and descriptions; ``--params`` (default: params.yaml of the
-        source) sets the form's defaults. The worker runs the flow from ``--source``: a directory
-        it can read (the repository checkout; default: this one) or a git URL it clones.
+        source; of this checkout for a git URL) sets the form's defaults and the nightly's recipe,
+        as of this command: rerun it after editing params.yaml (the deployments' descriptions name
+        the file and its sha256). The worker runs the flow from ``--source``: a directory it can
+        read (the repository checkout; default: this one) or a git URL it clones.
 
     python -m modelpress.flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
         what infra/prefect-worker.sh runs before starting a worker: creates the process work pool
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import socket
 import sys
@@ -102,9 +105,15 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
     from modelpress.tasks.versioning import checkout_params
 
-    base = checkout_params(Path(source)) if "://" not in source else None  # even while a run's versioning holds it
+    # The source's params.yaml (even while a run's versioning holds it); for a git URL, this
+    # checkout's: the one deploying, which a URL's clone does not exist yet to be read from.
+    base = checkout_params(Path(source) if "://" not in source else REPO)
     parameters = default_parameters(params_file, base)
-    description = "Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow."
+    used = params_file or base
+    description = ("Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow. "
+                   + (f"Parameters: {used} (sha256 {hashlib.sha256(used.read_bytes()).hexdigest()[:12]}) as of this deploy; "
+                      "rerun infra/deploy.sh after editing it." if used is not None and used.is_file() else
+                      "Parameters: the built-in defaults."))
     common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
                   enforce_parameter_schema=True)
     nightly = flow.to_deployment(

@@ -4,7 +4,8 @@ register each -> Pareto front.
 One compression run per point, fanned out through Prefect: locally each point is a worker
 process; with ``runner: deployment`` each is a run of the compression deployment on the work
 pool, so the sweep scales across worker machines. A failed point is retried, then reported,
-and does not sink the others; finished points are not recomputed when the sweep is rerun.
+and does not sink the others (their front is published; the sweep's run then ends Failed, its
+record as the state's data); finished points are not recomputed when the sweep is rerun.
 """
 
 from __future__ import annotations
@@ -61,4 +62,11 @@ def _sweep(sweep: SweepConfig) -> dict:
         recipes = dict(points)
         register_points(rows, results, lambda name, rec: register_model(
             recipes[name], str(stages.paths(recipes[name])["packed"]), rec["summary"], parent), failed)
-    return publish_front(sweep, rows, failed, wall_s, parent)
+    record = publish_front(sweep, rows, failed, wall_s, parent)
+    if failed:  # the front of the others is published; the run still ends Failed, for the UI and automations
+        from prefect.states import Failed
+
+        return Failed(message=f"sweep {sweep.name}: {len(failed)} of {len(points)} points failed ("
+                              + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "); the others' front is published",
+                      data=record)
+    return record

@@ -22,7 +22,8 @@ def resolve_teacher_weights(ref: str | None) -> str | None:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
     except Exception as e:  # noqa: BLE001 - MLflow raises many types
-        raise StageError(f"teacher.weights {ref}: cannot download from MLflow: {str(e).splitlines()[0]}") from None
+        # chained: a network failure underneath is transient (tasks/transient.py), so the task is retried
+        raise StageError(f"teacher.weights {ref}: cannot download from MLflow: {str(e).splitlines()[0]}") from e
     if local.is_file():
         return str(local)
     found = sorted(p for p in local.rglob("*") if p.suffix in WEIGHT_SUFFIXES)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
 
 from modelpress import stages
 from modelpress.recipe import Recipe
@@ -44,8 +47,19 @@ def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
 
 @task(name="check", timeout_seconds=300)
 def check_recipe(recipe: Recipe) -> None:
-    """Fail in seconds on settings the architecture cannot take (layer names, budgets)."""
+    """Fail in seconds on settings the architecture cannot take (layer names, budgets), and on a
+    tracking server that does not answer (not after hours of compression, at registration)."""
     stages.preflight(recipe)
+    if recipe.registry.enabled:
+        from prefect.runtime import deployment
+
+        from .registry import DEFAULT_TRACKING_URI, check_reachable
+
+        if deployment.get_id() and not os.environ.get("MLFLOW_TRACKING_URI"):
+            get_run_logger().warning(
+                "MLFLOW_TRACKING_URI is not set on this worker: the model is registered in %s on the worker's own "
+                "disk, not in the team's registry (set it in the worker's environment: infra/README.md)", DEFAULT_TRACKING_URI)
+        check_reachable()
 
 
 @task(name="method-step", task_run_name="{label}-{step}", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)

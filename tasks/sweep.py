@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
 
 from modelpress import stages
 from modelpress.progress import error_line
@@ -91,8 +93,12 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
         return {**_from_version(done[0], recipe, t0), "reused": True}
     timeout_s = sweep.point_timeout_h * 3600
     with _gate(sweep):  # at most `concurrency` points submitted at once, as on the local runner
+        # Keyed by this sweep's flow run: a retry of this task, or this sweep run rescheduled after its
+        # worker died, finds the point's flow run already submitted and waits for it (no second run
+        # computing the same point); a new run of the sweep submits afresh.
+        ident = f"modelpress-sweep:{flow_run.get_id() or uuid.uuid4()}:{name}:{key}"
         run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
-                             flow_run_name=recipe.run.name, timeout=timeout_s)
+                             flow_run_name=recipe.run.name, timeout=timeout_s, idempotency_key=ident)
         if run.state is None or not run.state.is_final():  # still queued or computing after point_timeout_h
             _cancel(run.id)
             raise PointTimeout(f"point {name}: flow run {run.id} not finished after {timeout_s:.0f} s "

@@ -173,3 +173,18 @@ def test_the_sweep_form_has_a_default_even_without_a_params_file():
         sweep = SweepConfig.model_validate(sweep_defaults(parameters)["sweep"])
         assert sweep.runner == "deployment" and len(sweep.expand()) == 3
         assert sweep.base == Recipe.parse(parameters.get("recipe") or {})
+
+
+def test_the_flow_checks_the_tracking_server_before_any_work(tmp_path, monkeypatch):
+    """A scheduled or UI-triggered run whose registry cannot be written fails at its first task
+    with the store named, not at registration after the compression (the CLI checked it, the
+    flow did not)."""
+    from modelpress.tasks.steps import check_recipe
+
+    from helpers import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "w")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/modelpress-nowhere/mlflow.db")
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI sqlite:////proc/modelpress-nowhere/mlflow.db"):
+        check_recipe.fn(recipe)
+    check_recipe.fn(recipe.with_overrides({"registry.enabled": False}))  # nothing to register: nothing to check

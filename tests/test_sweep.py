@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,8 @@ def test_a_failing_point_is_reported_not_retried_and_does_not_sink_the_sweep(tra
     out = proc.stdout + proc.stderr
     # A file where a folder must go is bad input: not retried (tasks/transient.py), reported.
     assert "Retry 1/1" not in out and "failed: broken" in out
+    # The sweep's flow run ends Failed (a green run in the UI hid the failed point), its front published.
+    assert re.search(r"Finished in state Failed\([\"']sweep fail: 1 of 2 points failed \(broken: ", out), out[-3000:]
     record = json.loads((root / "sweep.json").read_text())
     assert [r["point"] for r in record["points"]] == ["good"] and "broken" in record["failed"]
     assert "broken" in (root / "front.md").read_text()
