@@ -16,7 +16,7 @@
         form with the schema's defaults and descriptions; ``--params`` (default: params.yaml of the
         source; of this checkout for a git URL) sets the form's defaults and the nightly's recipe,
         as of this command: rerun it after editing params.yaml (the deployments' descriptions name
-        the file and its sha256). The worker runs the flow from ``--source``: a directory it can
+        the file and the sha256 of the recipe). The worker runs the flow from ``--source``: a directory it can
         read (the repository checkout; default: this one) or a git URL it clones.
 
     python -m modelpress.flows.deploy worker-setup [--no-gpu] POOL WORKER_NAME
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -82,9 +83,24 @@ def default_parameters(params_file: Path | None, base: Path | None = None) -> di
     return {"recipe": Recipe.from_yaml(params_file, base=base).model_dump(mode="json")}
 
 
+def parameters_note(parameters: dict, params_file: Path | None, base: Path | None) -> str:
+    """What a deployment's description says of its parameters: a snapshot of which files, and the
+    sha256 of the recipe they make (compare it with the checkout's to see a drift)."""
+    if not parameters:
+        return "Parameters: the built-in defaults."
+    files = " merged onto ".join(str(f) for f in (params_file, base) if f is not None)
+    return (f"Parameters: {files} as of this deploy (recipe sha256 {recipe_sha256(parameters['recipe'])}); "
+            "rerun infra/deploy.sh after editing them.")
+
+
+def recipe_sha256(recipe: dict) -> str:
+    """First 12 hex digits of the sha256 of a recipe's canonical JSON."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def sweep_defaults(parameters: dict) -> dict:
     """The sweep form's default: a budget sweep of the compress deployments' default recipe (the
-    built-in one where they have none: a git URL as the source and no --params), points on the pool."""
+    built-in one where they have none: no params.yaml to be read), points on the pool."""
     from modelpress.recipe import Recipe
 
     base = parameters.get("recipe") or Recipe().model_dump(mode="json")
@@ -105,15 +121,12 @@ def deploy(pool: str, cron: str, timezone: str, source: str, params_file: Path |
     flow = prefect_flow.from_source(source=source, entrypoint=ENTRYPOINT)
     from modelpress.tasks.versioning import checkout_params
 
-    # The source's params.yaml (even while a run's versioning holds it); for a git URL, this
-    # checkout's: the one deploying, which a URL's clone does not exist yet to be read from.
+    # The source's params.yaml (even while a run's versioning holds it); for a git URL, the one of
+    # this checkout, the deployer's (keep it at the commit the URL serves).
     base = checkout_params(Path(source) if "://" not in source else REPO)
     parameters = default_parameters(params_file, base)
-    used = params_file or base
     description = ("Compress a model (PQ), evaluate the packed file, version outputs with DVC, register in MLflow. "
-                   + (f"Parameters: {used} (sha256 {hashlib.sha256(used.read_bytes()).hexdigest()[:12]}) as of this deploy; "
-                      "rerun infra/deploy.sh after editing it." if used is not None and used.is_file() else
-                      "Parameters: the built-in defaults."))
+                   + parameters_note(parameters, params_file, base))
     common = dict(parameters=parameters, job_variables=JOB_VARIABLES, tags=["modelpress", "gpu"],
                   enforce_parameter_schema=True)
     nightly = flow.to_deployment(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -33,7 +34,10 @@ class ProgressMirror:
         self._latest: dict | None = None
         self._last = float("-inf")
         self._wake, self._closing, self.failures = threading.Event(), False, 0
-        self._thread = threading.Thread(target=self._run, name="modelpress-progress", daemon=True)
+        self._lock = threading.Lock()  # the hand-over of the newest event
+        # Run in a copy of this context: the task run's Prefect settings and client, not a bare thread's.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="modelpress-progress", daemon=True)
         self._thread.start()
 
     def __call__(self, event: dict) -> None:
@@ -41,14 +45,16 @@ class ProgressMirror:
         if now - self._last < self.every_s and event["done"] < event["total"]:
             return
         self._last = now
-        self._latest = event
+        with self._lock:
+            self._latest = event
         self._wake.set()
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
-            event, self._latest = self._latest, None
+            with self._lock:
+                event, self._latest = self._latest, None
             if event is not None:
                 try:
                     self.post(event)
@@ -57,8 +63,9 @@ class ProgressMirror:
                     if self.failures == 1:
                         logging.getLogger("modelpress").warning(
                             "progress bar not updated (the Prefect API did not answer: %s); the work goes on", error_line(e))
-            if self._closing and self._latest is None:
-                return
+            with self._lock:
+                if self._closing and self._latest is None:
+                    return
 
     def close(self, wait_s: float = 5.0) -> None:
         """Post what is pending, waiting at most ``wait_s`` (an unreachable API is not waited for)."""
@@ -79,9 +86,14 @@ def ui_progress(key: str, every_s: float = 2.0):
         logging.getLogger("modelpress").warning("no progress bar for %s (the Prefect API did not answer: %s)", key, error_line(e))
         yield
         return
-    mirror = ProgressMirror(lambda event: update_progress_artifact(
-        artifact, 100.0 * event["done"] / event["total"], description=f"{event['stage']}: {event['done']}/{event['total']}"),
-        every_s)
+    try:
+        mirror = ProgressMirror(lambda event: update_progress_artifact(
+            artifact, 100.0 * event["done"] / event["total"], description=f"{event['stage']}: {event['done']}/{event['total']}"),
+            every_s)
+    except RuntimeError as e:  # no thread to be had: no bar, same work
+        logging.getLogger("modelpress").warning("no progress bar for %s: %s", key, error_line(e))
+        yield
+        return
     remove = add_listener(mirror)
     try:
         yield

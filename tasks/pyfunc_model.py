@@ -30,11 +30,14 @@ def _sha256(path) -> str:
 
 class PackedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.model, self.meta = load_packed(context.artifacts["packed"])  # a damaged file: its own checksum error
         expected, got = (context.model_config or {}).get("packed_sha256"), _sha256(context.artifacts["packed"])
-        if expected and got != expected:  # a whole other packed file in the version's place
+        if expected and got != expected:  # not the registered file: damaged, or another packed file in its place
+            from modelpress.pack import read_packed
+
+            read_packed(context.artifacts["packed"])  # a damaged file: its own checksum error says so
             raise ValueError(f"the packed file of this model version is not the one it was registered with "
                              f"(sha256 {got[:16]}..., registered {expected[:16]}...)")
+        self.model, self.meta = load_packed(context.artifacts["packed"])
         self.tokenizer = None
         if self.meta.get("input", {}).get("kind") == "tokens":
             from modelpress.data.text import load_tokenizer
@@ -45,16 +48,22 @@ class PackedModel(mlflow.pyfunc.PythonModel):
         if self.tokenizer is not None:
             return self._embed(model_input)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        device = self._device()
+        shape = tuple(self.meta.get("input", {}).get("shape") or ())
+        if shape and tuple(x.shape[1:]) != shape:
+            raise ValueError(f"inputs of shape {tuple(x.shape)}: this model takes float32 (N, {', '.join(map(str, shape))})")
+        device, dtype = self._device(), self._dtype()  # where the module is, and its precision (a consumer may move it)
         with torch.no_grad():
-            parts = [self.model(x[i:i + BATCH].to(device)).float().cpu() for i in range(0, len(x), BATCH)]
-        if not parts:  # no input: no rows, the output's own width
-            with torch.no_grad():
-                parts = [self.model(torch.zeros(1, *x.shape[1:], device=device)).float().cpu()[:0]]
+            parts = [self.model(x[i:i + BATCH].to(device, dtype)).float().cpu() for i in range(0, len(x), BATCH)]
+            if not parts:  # no input: no rows, the output's own width
+                parts = [self.model(torch.zeros(1, *x.shape[1:], device=device, dtype=dtype)).float().cpu()[:0]]
         return torch.cat(parts).numpy()
 
     def _device(self) -> torch.device:
         return next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
+
+    def _dtype(self) -> torch.dtype:
+        floats = (t.dtype for t in self.model.parameters() if t.is_floating_point())
+        return next(floats, torch.float32)
 
     def _embed(self, model_input):
         from modelpress.data.text import sentence_embedding, tokenize

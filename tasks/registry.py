@@ -155,13 +155,24 @@ def comparable(all_versions: list, like) -> list:
     return [v for v in same if not _num(v, "test_images", 0) or _num(v, "test_images", 0) >= most]
 
 
+def check_name(name: str, dataset: str) -> None:
+    """Before any work: a registered name holds the models of one data set. Versions of another
+    one under it would take its ``champion`` (inputs and classes of another kind for the
+    consumers that serve it); ValueError naming both and the setting to change."""
+    others = sorted({v.tags.get(TAG + "dataset") for v in versions(name)} - {None, "", dataset})
+    if others:
+        raise ValueError(f"registry: {name} holds versions of data set {', '.join(others)}, and this run's is {dataset}: "
+                         f"set registry.model_name to register it under a name of its own")
+
+
 def promote(name: str, new_version: str, max_top1_drop: float) -> str:
     """Put ``candidate`` on the newest version and ``champion`` on the version the rule picks
     among all versions comparable with ``new_version`` (it may be an older one: a version made
     champion under a looser ``max_top1_drop`` loses the alias to one that meets this run's). When
-    none qualifies, ``champion`` stays where it is. Computed again when a version was added
-    meanwhile (two runs registering at once agree on the result). Returns the decision, also
-    stored in the new version's ``modelpress.promotion`` tag."""
+    none qualifies, ``champion`` stays where it is; an older version it moves to gets a
+    ``modelpress.promotion`` tag saying so. Computed again when a version was added meanwhile
+    (two runs registering at once under the same rule agree on the result). Returns the decision,
+    also stored in the new version's ``modelpress.promotion`` tag."""
     c = client()
     for _ in range(3):
         every = versions(name)
@@ -169,8 +180,13 @@ def promote(name: str, new_version: str, max_top1_drop: float) -> str:
         _, decision = promotion(every, new_version, max_top1_drop)
         new = next(v for v in every if str(v.version) == str(new_version))
         best = choose_champion(comparable(every, new), max_top1_drop)
-        if best is not None:
+        current = (c.get_registered_model(name).aliases or {}).get("champion")
+        if best is not None and str(current) != str(best.version):
             c.set_registered_model_alias(name, "champion", best.version)
+            if str(best.version) != str(new_version):  # an older version: its tag says why it is champion now
+                c.set_model_version_tag(name, best.version, TAG + "promotion", (
+                    f"champion again at version {new_version}'s registration (max_top1_drop {max_top1_drop}): "
+                    f"smallest eligible file ({int(_num(best, 'packed_bytes', 0)):,} bytes)"))
         if versions(name)[0].version == every[0].version:
             break
     c.set_model_version_tag(name, new_version, TAG + "promotion", decision)

@@ -18,6 +18,24 @@ from .resolve import pin_model_uri, resolve_teacher_weights
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 
 
+def gpu_task_timeout_s(env=os.environ) -> float:
+    """The time limit of one attempt of a GPU task (teacher, method step, compress, fine-tune),
+    waiting for the machine's GPU slot included: MODELPRESS_GPU_TASK_TIMEOUT_H hours (default 6),
+    for work that takes longer on the pool's machines (a long fine-tuning of a large model)."""
+    raw = env.get("MODELPRESS_GPU_TASK_TIMEOUT_H", "6")
+    try:
+        hours = float(raw)
+    except ValueError:
+        hours = float("nan")
+    if not (0 < hours <= 24 * 365):  # nan, inf and the absurd: a timer cannot be set to them
+        raise ValueError(f"MODELPRESS_GPU_TASK_TIMEOUT_H={raw!r}: give the hours one GPU task may take, "
+                         "a number > 0 (at most a year)")
+    return hours * 3600
+
+
+GPU_TIMEOUT_S = gpu_task_timeout_s()
+
+
 @task(name="fetch", timeout_seconds=3600, **RETRY)
 def fetch_dataset(recipe: Recipe) -> str:
     """Fetch the dataset files (local, HTTP(S) or S3), checked against their sha256."""
@@ -33,7 +51,7 @@ def pin_teacher(recipe: Recipe) -> Recipe:
     return recipe if pinned == recipe.teacher.weights else recipe.with_overrides({"teacher.weights": pinned}, "pinned teacher")
 
 
-@task(name="teacher", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+@task(name="teacher", timeout_seconds=GPU_TIMEOUT_S, tags=[GPU_TAG], **RETRY)
 def prepare_teacher(recipe: Recipe, data_dir: str) -> str:
     """Load the teacher (file or MLflow URI) or train one; evaluate it."""
     log_device(recipe.run.device)
@@ -53,16 +71,17 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.registry.enabled:
         from prefect.runtime import deployment
 
-        from .registry import DEFAULT_TRACKING_URI, check_reachable
+        from .registry import DEFAULT_TRACKING_URI, check_name, check_reachable
 
         if deployment.get_id() and not os.environ.get("MLFLOW_TRACKING_URI"):
             get_run_logger().warning(
                 "MLFLOW_TRACKING_URI is not set on this worker: the model is registered in %s on the worker's own "
                 "disk, not in the team's registry (set it in the worker's environment: infra/README.md)", DEFAULT_TRACKING_URI)
         check_reachable()
+        check_name(recipe.registered_name(), recipe.data.name)
 
 
-@task(name="method-step", task_run_name="{label}-{step}", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+@task(name="method-step", task_run_name="{label}-{step}", timeout_seconds=GPU_TIMEOUT_S, tags=[GPU_TAG], **RETRY)
 def method_step(recipe: Recipe, teacher_path: str, step: int, label: str = "step") -> dict:
     """One step (1-based) of an iterative method (a pruning cycle): run it, evaluate,
     checkpoint. A retry restarts this step from the previous one's checkpoint; finished steps
@@ -77,7 +96,7 @@ def method_step(recipe: Recipe, teacher_path: str, step: int, label: str = "step
     return record
 
 
-@task(name="compress", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+@task(name="compress", timeout_seconds=GPU_TIMEOUT_S, tags=[GPU_TAG], **RETRY)
 def compress_model(recipe: Recipe, teacher_path: str) -> str:
     """Layer-by-layer compression; checkpoints each layer, so a retry continues."""
     log_device(recipe.run.device)
@@ -88,7 +107,7 @@ def compress_model(recipe: Recipe, teacher_path: str) -> str:
     return str(path)
 
 
-@task(name="finetune", timeout_seconds=6 * 3600, tags=[GPU_TAG], **RETRY)
+@task(name="finetune", timeout_seconds=GPU_TIMEOUT_S, tags=[GPU_TAG], **RETRY)
 def finetune_model(recipe: Recipe, compressed_path: str) -> str:
     """Distil all codebooks from the teacher; re-estimate BatchNorm statistics."""
     log_device(recipe.run.device)

@@ -8,6 +8,7 @@ the compression deployment instead, which the work pool's workers pick up on the
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -48,6 +49,9 @@ def _gate(sweep: SweepConfig) -> threading.Semaphore:
 def check_sweep(sweep: SweepConfig) -> list[str]:
     """Every point's recipe is valid and fits the architecture, and the tracking server the
     points register in answers, before any work."""
+    if sweep.runner == "local" and os.environ.get("MODELPRESS_WORKER_KIND") == "control":
+        raise ValueError("sweep runner 'local' on a control worker would compute every point on this machine, outside "
+                         "the GPU pool and its GPU slot: choose runner 'deployment' (the points run on the GPU pool)")
     names = []
     for name, recipe in sweep.expand():
         if sweep.runner == "deployment":  # its points run on the pool's machines (a GPU), not on this control worker
@@ -59,6 +63,8 @@ def check_sweep(sweep: SweepConfig) -> list[str]:
         names.append(name)
     if sweep.base.registry.enabled:
         registry.check_reachable()
+        for model_name, dataset in sorted({(r.registered_name(), r.data.name) for _, r in sweep.expand()}):
+            registry.check_name(model_name, dataset)
     return names
 
 
@@ -81,8 +87,6 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     """Run the point as a flow run of the compression deployment (the work pool's machines).
     The run registers its model itself; the point's figures are read back from that model
     version (tagged with the flow run's id), so no shared result storage is needed."""
-    from prefect.deployments import run_deployment
-
     from .register import settings_key
 
     t0 = time.perf_counter()
@@ -95,10 +99,14 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     with _gate(sweep):  # at most `concurrency` points submitted at once, as on the local runner
         # Keyed by this sweep's flow run: a retry of this task, or this sweep run rescheduled after its
         # worker died, finds the point's flow run already submitted and waits for it (no second run
-        # computing the same point); a new run of the sweep submits afresh.
+        # computing the same point). A run so found that had already failed (the sweep retried after
+        # it ended Failed) is followed by a fresh one, keyed after it; a new sweep run submits afresh.
         ident = f"modelpress-sweep:{flow_run.get_id() or uuid.uuid4()}:{name}:{key}"
-        run = run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
-                             flow_run_name=recipe.run.name, timeout=timeout_s, idempotency_key=ident)
+        run = _submit(sweep, recipe, ident)
+        while run.state is not None and run.state.is_final() and not run.state.is_completed():
+            ident = f"{ident}:after:{run.id}"
+            run = _submit(sweep, recipe, ident)
+        run = _wait(run.id, timeout_s)
         if run.state is None or not run.state.is_final():  # still queued or computing after point_timeout_h
             _cancel(run.id)
             raise PointTimeout(f"point {name}: flow run {run.id} not finished after {timeout_s:.0f} s "
@@ -111,6 +119,27 @@ def _on_deployment(sweep: SweepConfig, name: str, recipe: Recipe) -> dict:
     if not found:
         raise RuntimeError(f"point {name}: flow run {run.id} registered no version of {recipe.registered_name()}")
     return {**_from_version(found[0], recipe, t0), "flow_run_id": str(run.id)}
+
+
+def _submit(sweep: SweepConfig, recipe: Recipe, ident: str):
+    """The point's flow run on the deployment: created, or the one ``ident`` already names."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(sweep.deployment, parameters={"recipe": recipe.model_dump(mode="json")},
+                          flow_run_name=recipe.run.name, timeout=0, idempotency_key=ident)
+
+
+def _wait(flow_run_id, timeout_s: float, poll_s: float = 5.0):
+    """The flow run once final, or as it is after ``timeout_s``."""
+    from prefect.client.orchestration import get_client
+
+    end = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if (run.state is not None and run.state.is_final()) or time.monotonic() >= end:
+                return run
+            time.sleep(poll_s)
 
 
 def _from_version(v, recipe: Recipe, t0: float) -> dict:

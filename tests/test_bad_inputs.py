@@ -164,7 +164,7 @@ def test_s3_server_on_a_port_in_use_fails_with_one_line():
 
 
 def test_the_sweep_form_has_a_default_even_without_a_params_file():
-    """Deployments from a git URL without --params: the compress deployments run the built-in
+    """Deployments with no parameters file to read: the compress deployments run the built-in
     recipe, and the sweep's UI form is still pre-filled with a valid budget sweep of it."""
     from modelpress.flows.deploy import sweep_defaults
     from modelpress.sweep import SweepConfig

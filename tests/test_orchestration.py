@@ -134,9 +134,11 @@ def test_nightly_schedule_and_parameter_form_read_back_from_server(prefect_stack
         # The form is pre-filled with params.yaml, validated by the schema.
         assert Recipe.model_validate(dep.parameters["recipe"]) == Recipe.from_yaml(REPO / "params.yaml")
         assert dep.enforce_parameter_schema
-        # They hold params.yaml as of this deploy: the description says which, to see the drift.
-        sha = hashlib.sha256((REPO / "params.yaml").read_bytes()).hexdigest()[:12]
-        assert f"params.yaml (sha256 {sha}) as of this deploy; rerun infra/deploy.sh" in dep.description, dep.description
+        # They hold params.yaml as of this deploy: the description says which, and the recipe's sha256.
+        from modelpress.flows.deploy import recipe_sha256
+
+        sha = recipe_sha256(Recipe.from_yaml(REPO / "params.yaml").model_dump(mode="json"))
+        assert f"params.yaml as of this deploy (recipe sha256 {sha}); rerun infra/deploy.sh" in dep.description, dep.description
 
     # The sweep deployment: its form is the sweep schema, pre-filled with a budget sweep of
     # params.yaml whose points run as runs of the on-demand deployment on the same pool.

@@ -144,9 +144,15 @@ def test_champion_is_the_rules_choice_among_all_versions_and_candidate_the_newes
     v3 = add(110_000, 0.4, 90.1)  # the nightly, default rule: version 1 is the smallest within it
     assert registry.promote("m", v3, 1.0) == "not promoted: version 1 is smaller (100,000 vs 110,000 bytes)"
     assert c.get_model_version_by_alias("m", "champion").version == v1
+    assert c.get_model_version("m", v1).tags["modelpress.promotion"].startswith(f"champion again at version {v3}'s registration")
     assert c.get_model_version_by_alias("m", "candidate").version == v3
     registry.promote("m", v1, 1.0)  # found again by a rerun of its flow
     assert c.get_model_version_by_alias("m", "candidate").version == v3
+    # A run of another data set under this name is refused before any work (it would take the champion).
+    registry.check_name("m", "fashion-mnist")
+    with pytest.raises(ValueError, match="m holds versions of data set fashion-mnist, and this run's is cifar10"):
+        registry.check_name("m", "cifar10")
+    registry.check_name("no-such-model", "cifar10")
 
 
 def test_consumer_process_reproduces_evaluate_predictions(registered, tmp_path):

@@ -301,3 +301,14 @@ def test_a_sweep_point_is_measured_by_a_fresh_process(trained_workdir, tmp_path,
     rec = run_point(recipe)
     assert rec["summary"]["packed_bytes"] == stages.paths(recipe)["packed"].stat().st_size
     assert rec["summary"]["test_images"] == TEST_IMAGES
+
+
+def test_a_local_sweep_is_refused_on_a_control_worker(tmp_path, monkeypatch):
+    """A sweep from the UI form with runner 'local' would compute every point on the sweeps'
+    control worker (no GPU, no GPU slot): refused before any work, naming the choice to make."""
+    from modelpress.tasks.sweep import check_sweep
+
+    sweep = SweepConfig(name="ui", workdir=str(tmp_path / "s"), runner="local", points=[{"name": "a"}])
+    monkeypatch.setenv("MODELPRESS_WORKER_KIND", "control")
+    with pytest.raises(ValueError, match="choose runner 'deployment'"):
+        check_sweep.fn(sweep)

@@ -261,3 +261,18 @@ def test_progress_bar_updates_never_hold_up_the_work_and_an_unreachable_api_cost
     assert done[-1] == 200 and len(done) <= 2 and mirror.failures == len(done), (mirror.failures, done)
     warnings = [r.getMessage() for r in caplog.records if "progress bar not updated" in r.getMessage()]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
+
+
+def test_the_gpu_tasks_time_limit_is_set_by_the_worker_environment():
+    """One attempt of a GPU task may take 6 h by default; MODELPRESS_GPU_TASK_TIMEOUT_H sets it
+    (a fine-tuning that takes longer on the pool's machines), and a bad value names itself."""
+    from modelpress.tasks import steps
+
+    assert steps.gpu_task_timeout_s({}) == 6 * 3600
+    assert steps.gpu_task_timeout_s({"MODELPRESS_GPU_TASK_TIMEOUT_H": "12.5"}) == 45_000
+    for bad in ("0", "-1", "six", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"MODELPRESS_GPU_TASK_TIMEOUT_H='{bad}'"):
+            steps.gpu_task_timeout_s({"MODELPRESS_GPU_TASK_TIMEOUT_H": bad})
+    expected = steps.gpu_task_timeout_s(os.environ)
+    for task in (steps.prepare_teacher, steps.method_step, steps.compress_model, steps.finetune_model):
+        assert task.timeout_seconds == expected, task.name
