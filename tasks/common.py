@@ -229,13 +229,20 @@ def gpu_slot(lease_s: float = 300.0, renew_every_s: float = 15.0):
 
 
 def log_device(requested: str) -> str:
-    """Log (and return) the device a task computes on: CUDA when present, else the CPU."""
+    """Log (and return) the device a task computes on: CUDA when present, else the CPU. On a
+    worker declared a GPU worker (MODELPRESS_REQUIRE_CUDA=1) no CUDA device is an error, unless
+    the recipe asks for the CPU."""
     import torch
 
     from modelpress.train import resolve_device
 
     device = resolve_device(requested)
-    if device.type == "cuda" and torch.cuda.is_available():
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if not cuda and requested != "cpu" and os.environ.get("MODELPRESS_REQUIRE_CUDA", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError("this worker is declared a GPU worker (MODELPRESS_REQUIRE_CUDA) but torch sees no CUDA device "
+                           "(driver, the container's GPU access, or a CPU build of torch): the run would crawl on the CPU; "
+                           "fix the machine, or give run.device: cpu to compute on the CPU anyway")
+    if cuda:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         what = f"cuda:{idx} ({torch.cuda.get_device_name(idx)}, {torch.cuda.device_count()} visible)"
     elif device.type == "cuda":

@@ -276,3 +276,20 @@ def test_the_gpu_tasks_time_limit_is_set_by_the_worker_environment():
     expected = steps.gpu_task_timeout_s(os.environ)
     for task in (steps.prepare_teacher, steps.method_step, steps.compress_model, steps.finetune_model):
         assert task.timeout_seconds == expected, task.name
+
+
+def test_a_gpu_worker_without_cuda_fails_instead_of_crawling_on_the_cpu(monkeypatch):
+    """MODELPRESS_REQUIRE_CUDA on a worker (infra/docker/compose.prod.yaml sets it): no CUDA
+    device is an error naming the cause, unless the recipe asks for the CPU; unset, the CPU."""
+    import torch
+
+    from modelpress.tasks.common import log_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing falls back")
+    assert log_device("auto") == "cpu"
+    monkeypatch.setenv("MODELPRESS_REQUIRE_CUDA", "1")
+    for requested in ("auto", "cuda"):
+        with pytest.raises(RuntimeError, match="declared a GPU worker .MODELPRESS_REQUIRE_CUDA. but torch sees no CUDA device"):
+            log_device(requested)
+    assert log_device("cpu") == "cpu"
