@@ -13,7 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from modelpress.progress import add_listener, error_line
+from modelpress.progress import add_listener, error_line, log
 
 from .transient import retry_transient  # noqa: F401 - every task's retry condition, re-exported
 
@@ -61,7 +61,7 @@ class ProgressMirror:
                 except Exception as e:  # noqa: BLE001 - the bar is a convenience; the work must go on
                     self.failures += 1
                     if self.failures == 1:
-                        logging.getLogger("modelpress").warning(
+                        log.warning(
                             "progress bar not updated (the Prefect API did not answer: %s); the work goes on", error_line(e))
             with self._lock:
                 if self._closing and self._latest is None:
@@ -83,7 +83,7 @@ def ui_progress(key: str, every_s: float = 2.0):
     try:
         artifact = create_progress_artifact(0.0, description=f"{key} progress")
     except Exception as e:  # noqa: BLE001 - no bar, same work
-        logging.getLogger("modelpress").warning("no progress bar for %s (the Prefect API did not answer: %s)", key, error_line(e))
+        log.warning("no progress bar for %s (the Prefect API did not answer: %s)", key, error_line(e))
         yield
         return
     try:
@@ -91,7 +91,7 @@ def ui_progress(key: str, every_s: float = 2.0):
             artifact, 100.0 * event["done"] / event["total"], description=f"{event['stage']}: {event['done']}/{event['total']}"),
             every_s)
     except RuntimeError as e:  # no thread to be had: no bar, same work
-        logging.getLogger("modelpress").warning("no progress bar for %s: %s", key, error_line(e))
+        log.warning("no progress bar for %s: %s", key, error_line(e))
         yield
         return
     remove = add_listener(mirror)

@@ -8,29 +8,21 @@ encoder) or their labels (a sequence classifier). Inputs are run in batches of `
 device the module is on (a consumer may move ``unwrap_python_model().model`` to a GPU).
 """
 
-import hashlib
 import itertools
 
 import mlflow
 import numpy as np
 import torch
 
+from modelpress.data import sha256_file
 from modelpress.pack import load_packed
 
 BATCH = 256
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class PackedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        expected, got = (context.model_config or {}).get("packed_sha256"), _sha256(context.artifacts["packed"])
+        expected, got = (context.model_config or {}).get("packed_sha256"), sha256_file(context.artifacts["packed"])
         if expected and got != expected:  # not the registered file: damaged, or another packed file in its place
             from modelpress.pack import read_packed
 

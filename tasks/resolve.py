@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelpress.progress import error_line
 from modelpress.stages import StageError
 
 WEIGHT_SUFFIXES = (".mpk", ".pt", ".pth", ".th", ".bin")
@@ -23,7 +24,7 @@ def resolve_teacher_weights(ref: str | None) -> str | None:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
     except Exception as e:  # noqa: BLE001 - MLflow raises many types
         # chained: a network failure underneath is transient (tasks/transient.py), so the task is retried
-        raise StageError(f"teacher.weights {ref}: cannot download from MLflow: {str(e).splitlines()[0]}") from e
+        raise StageError(f"teacher.weights {ref}: cannot download from MLflow: {error_line(e)}") from e
     if local.is_file():
         return str(local)
     found = sorted(p for p in local.rglob("*") if p.suffix in WEIGHT_SUFFIXES)

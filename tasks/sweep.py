@@ -52,7 +52,7 @@ def check_sweep(sweep: SweepConfig) -> list[str]:
     if sweep.runner == "local" and os.environ.get("MODELPRESS_WORKER_KIND") == "control":
         raise ValueError("sweep runner 'local' on a control worker would compute every point on this machine, outside "
                          "the GPU pool and its GPU slot: choose runner 'deployment' (the points run on the GPU pool)")
-    names = []
+    names, registered = [], set()
     for name, recipe in sweep.expand():
         if sweep.runner == "deployment":  # its points run on the pool's machines (a GPU), not on this control worker
             recipe = recipe.with_overrides({"run.device": "auto"})
@@ -61,9 +61,10 @@ def check_sweep(sweep: SweepConfig) -> list[str]:
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
         names.append(name)
+        registered.add((recipe.registered_name(), recipe.data.name))
     if sweep.base.registry.enabled:
         registry.check_reachable()
-        for model_name, dataset in sorted({(r.registered_name(), r.data.name) for _, r in sweep.expand()}):
+        for model_name, dataset in sorted(registered):
             registry.check_name(model_name, dataset)
     return names
 
