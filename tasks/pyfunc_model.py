@@ -6,35 +6,65 @@ example; a text model (its file's input ``kind`` is ``tokens``) takes strings, t
 with the ``tokenizer.json`` logged beside the file and returns their sentence embeddings (an
 encoder) or their labels (a sequence classifier). Inputs are run in batches of ``BATCH`` on the
 device the module is on (a consumer may move ``unwrap_python_model().model`` to a GPU).
+
+Each version runs the library it was registered with (its ``code/modelpress``), imported under
+a name of its own: a process that loads several versions (champion and candidate side by side),
+or that imported another modelpress itself, never runs one version with another's code (MLflow
+only puts each version's code folder on ``sys.path``, where the first ``modelpress`` imported
+would serve them all).
 """
 
+import hashlib
+import importlib
+import importlib.util
 import itertools
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 
-from modelpress.data import sha256_file
-from modelpress.pack import load_packed
-
 BATCH = 256
+
+
+def own_library(code: Path):
+    """The modelpress package in ``code`` (a model version's logged code folder), imported as
+    ``_modelpress_<hash of its path>``; the importable ``modelpress`` where ``code`` has none
+    (this file run from the repository)."""
+    init = code / "modelpress" / "__init__.py"
+    if not init.is_file():
+        return importlib.import_module("modelpress")
+    name = "_modelpress_" + hashlib.sha256(str(init.resolve()).encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+LIBRARY = own_library(Path(__file__).resolve().parent / "code")  # MLflow runs this file from the model's folder
+_pack = importlib.import_module(LIBRARY.__name__ + ".pack")
+sha256_file = importlib.import_module(LIBRARY.__name__ + ".data.fetch").sha256_file
+load_packed = _pack.load_packed
 
 
 class PackedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         expected, got = (context.model_config or {}).get("packed_sha256"), sha256_file(context.artifacts["packed"])
         if expected and got != expected:  # not the registered file: damaged, or another packed file in its place
-            from modelpress.pack import read_packed
-
-            read_packed(context.artifacts["packed"])  # a damaged file: its own checksum error says so
+            _pack.read_packed(context.artifacts["packed"])  # a damaged file: its own checksum error says so
             raise ValueError(f"the packed file of this model version is not the one it was registered with "
                              f"(sha256 {got[:16]}..., registered {expected[:16]}...)")
         self.model, self.meta = load_packed(context.artifacts["packed"])
         self.tokenizer = None
         if self.meta.get("input", {}).get("kind") == "tokens":
-            from modelpress.data.text import load_tokenizer
-
-            self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
+            self.tokenizer = _text().load_tokenizer(context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params=None):
         if self.tokenizer is not None:
@@ -58,8 +88,7 @@ class PackedModel(mlflow.pyfunc.PythonModel):
         return next(floats, torch.float32)
 
     def _embed(self, model_input):
-        from modelpress.data.text import sentence_embedding, tokenize
-
+        sentence_embedding, tokenize = _text().sentence_embedding, _text().tokenize
         if hasattr(model_input, "iloc"):  # a one-column table (what a list of strings becomes in MLflow's schema)
             model_input = model_input.iloc[:, 0]
         texts = [str(t) for t in list(model_input)]
@@ -75,6 +104,10 @@ class PackedModel(mlflow.pyfunc.PythonModel):
             else:
                 parts.append(sentence_embedding(out, x["attention_mask"]).float().cpu())
         return torch.cat(parts).numpy()
+
+
+def _text():
+    return importlib.import_module(LIBRARY.__name__ + ".data.text")
 
 
 mlflow.models.set_model(PackedModel())

@@ -203,8 +203,10 @@ def test_module_access_and_tampered_artifact(registered):
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[:-20] + bytes(20))
-        with pytest.raises(PackedFormatError, match="checksum mismatch"):
+        with pytest.raises(ValueError, match="checksum mismatch") as failed:
             mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        # The error of the library the version was logged with (loaded under a name of its own).
+        assert type(failed.value).__name__ == PackedFormatError.__name__
         # Another valid packed file in its place (version 1's): not the file the version's tags describe.
         stored.write_bytes(_packed_of(registered[0][1]).read_bytes())
         with pytest.raises(ValueError, match="not the one it was registered with"):
@@ -224,6 +226,34 @@ def _stored_packed_file(version) -> Path:
     sha = version.tags["modelpress.packed_sha256"]
     (match,) = [p for p in (db.parent / "artifacts").rglob("*.mpk") if sha256_file(p) == sha]
     return match
+
+
+# Loads two versions in one process, in the order given, and prints what each one's load_packed marked.
+TWO_VERSIONS = CONSUMER_PREAMBLE + r"""import json, mlflow
+models = [mlflow.pyfunc.load_model(uri) for uri in sys.argv[1:]]
+print(json.dumps([m.unwrap_python_model().meta.get("loaded_by") for m in models]))
+"""
+
+
+def test_one_process_runs_each_version_with_the_code_it_was_registered_with(registered, tmp_path):
+    """A consumer comparing two versions in one process (champion and candidate side by side):
+    each runs the library logged with it, not the one the first load imported. Version 1's logged
+    copy is given a load_packed that marks what it loads."""
+    versions = [registry.client().get_model_version(NAME, s["registered"]["version"]) for _, s in registered]
+    stored = _stored_packed_file(versions[0])
+    model_dir = next(p for p in stored.parents if (p / "MLmodel").is_file())
+    pack_init = model_dir / "code" / "modelpress" / "pack" / "__init__.py"
+    original = pack_init.read_text()
+    pack_init.write_text(original + "\n_load = load_packed\n\n\ndef load_packed(*a, **k):\n"
+                         "    model, meta = _load(*a, **k)\n    return model, {**meta, 'loaded_by': 'version 1 code'}\n")
+    uris = [f"models:/{NAME}/{v.version}" for v in versions]
+    try:
+        for order, expected in ((uris, ["version 1 code", None]), (uris[::-1], [None, "version 1 code"])):
+            proc = subprocess.run([sys.executable, "-c", TWO_VERSIONS, *order], capture_output=True, text=True, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected, (order, proc.stdout[-500:])
+    finally:
+        pack_init.write_text(original)
 
 
 def test_models_cli_lists_and_shows(registered):

@@ -1,6 +1,6 @@
 """Dataset fetching (checksummed, multi-source, cached) and loading."""
 
-from modelpress.data.datasets import (
+from .datasets import (
     DATASET_INFO,
     DatasetError,
     NormalizedImageDataset,
@@ -9,7 +9,7 @@ from modelpress.data.datasets import (
     load_fashion_mnist,
     load_split,
 )
-from modelpress.data.fetch import (
+from .fetch import (
     ChecksumMismatch,
     FetchError,
     SourceUnavailable,
