@@ -124,3 +124,23 @@ def test_every_architecture_loads_with_the_requirements_its_registered_model_log
         assert proc.returncode == 0, f"blocked {blocked}:\n{proc.stderr[-3000:]}"
         assert len(json.loads(proc.stdout.split("RESULT ", 1)[1])) == len(files)
     assert needs_torchvision("torchvision:resnet18") and not needs_torchvision("cifar_resnet20")
+
+
+@pytest.mark.unit
+def test_the_library_imports_itself_relatively():
+    """A registered model version loads the library logged with it under a name of its own
+    (tasks/pyfunc_model.py), so that one process can hold several versions' code: a module of the
+    library that imported ``modelpress`` by name would pull in another copy."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "modelpress").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+                   for n in ast.walk(node)}  # `python -m` entry points may name themselves
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if id(node) not in guarded and any(n == "modelpress" or n.startswith("modelpress.") for n in names):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == [], f"absolute imports of modelpress inside the library: {found}"
