@@ -293,7 +293,8 @@ class RegistryConfig(_Section):
     experiment: str = Field("modelpress", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,199}$",
                             description="MLflow experiment of the run (letters, digits, ' ._/-'; no '..').")
     max_top1_drop: float = Field(
-        1.0, ge=0, description="Promotion rule: 'champion' goes to the smallest version losing at most this many top-1 points."
+        1.0, ge=0, description="Promotion rule: 'champion' goes to the smallest version losing at most this many top-1 points "
+                    "(against the best teacher among the versions of the name)."
     )
 
     @field_validator("experiment")

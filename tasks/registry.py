@@ -7,7 +7,8 @@ Rules, documented in the README:
 - **Duplicates**: a version whose packed file has the same sha256 as an existing version of the
   same registered model is not created again; the existing version is returned.
 - **Aliases**: ``candidate`` is the newest version. ``champion`` goes to the version that
-  (1) loses at most ``max_top1_drop`` points of top-1 against its teacher and (2) has the
+  (1) loses at most ``max_top1_drop`` points of top-1 against its teacher (against the best
+  teacher among the compared versions, when its own scored lower: ``loss``) and (2) has the
   smallest packed file among the versions meeting (1) (ties: higher top-1, then newer), among
   the versions of the same data set measured on the most test inputs (``comparable``). The
   decision is written to the new version's ``modelpress.promotion`` tag.
@@ -138,10 +139,31 @@ def _num(v, key: str, default: float = float("nan")) -> float:
 
 def choose_champion(candidates: list, max_top1_drop: float):
     """Apply the promotion rule to model versions; returns the winner or None."""
-    eligible = [v for v in candidates if _num(v, "top1_drop") <= max_top1_drop]
+    best = best_teacher_top1(candidates)
+    eligible = [v for v in candidates if loss(v, best) <= max_top1_drop]
     if not eligible:
         return None
     return min(eligible, key=lambda v: (_num(v, "packed_bytes"), -_num(v, "compressed_top1"), -int(v.version)))
+
+
+def _teacher_top1(v) -> float:
+    own = _num(v, "teacher_top1")
+    return own if own == own else _num(v, "compressed_top1") + _num(v, "top1_drop")
+
+
+def best_teacher_top1(versions_: list) -> float:
+    """The best teacher top-1 among ``versions_`` (NaN when none is known)."""
+    known = [t for t in map(_teacher_top1, versions_) if t == t]
+    return max(known, default=float("nan"))
+
+
+def loss(v, best_teacher: float) -> float:
+    """A version's top-1 points under the best teacher of those it is compared with: its own drop
+    when it was compressed from that teacher; plus the gap to it when its teacher scored lower. A
+    version close to a weaker teacher (a regressed retraining, another checkpoint) does not
+    displace a better model by its small drop alone. NaN when its figures are not numbers."""
+    gap = best_teacher - _teacher_top1(v)
+    return _num(v, "top1_drop") + (gap if gap > 0 else 0.0)
 
 
 def comparable(all_versions: list, like) -> list:
@@ -202,11 +224,14 @@ def promotion(all_versions: list, new_version: str, max_top1_drop: float) -> tup
         return False, (f"not promoted: measured on {int(_num(new, 'test_images', 0)):,} test inputs, where other versions "
                        f"were on {int(most):,} (data.test_images)")
     best = choose_champion(pool, max_top1_drop)
-    drop, size = _num(new, "top1_drop"), int(_num(new, "packed_bytes", 0))
+    teacher = best_teacher_top1(pool)
+    drop, size = loss(new, teacher), int(_num(new, "packed_bytes", 0))
+    weaker = f" (its teacher {_teacher_top1(new):.2f}, the best teacher among the versions {teacher:.2f})" \
+        if _teacher_top1(new) < teacher else ""
     if best is not None and str(best.version) == str(new_version):
         return True, f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
     if not drop <= max_top1_drop:  # a drop that is not a number (NaN outputs) is not within the rule either
-        return False, f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}" if drop > max_top1_drop else \
+        return False, f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}{weaker}" if drop > max_top1_drop else \
             f"not promoted: top-1 drop {drop} is not a number"
     other = int(_num(best, "packed_bytes", 0))
     if other < size:

@@ -110,6 +110,25 @@ def _tagged(version, size, drop, top1, dataset="fashion-mnist", test_images=10_0
         "modelpress.dataset": dataset, "modelpress.test_images": str(test_images)})
 
 
+def test_a_weaker_teachers_version_counts_its_loss_against_the_best_teacher():
+    def v(version, size, teacher, top1):
+        return SimpleNamespace(version=str(version), tags={
+            "modelpress.packed_bytes": str(size), "modelpress.teacher_top1": f"{teacher:.2f}",
+            "modelpress.compressed_top1": f"{top1:.2f}", "modelpress.top1_drop": f"{teacher - top1:.2f}"})
+
+    good = v(1, 100_000, 91.0, 90.5)
+    weak = v(2, 60_000, 85.0, 84.8)  # smaller, 0.2 under its own teacher, 6.2 under the best one
+    assert registry.choose_champion([good, weak], 1.0).version == "1"
+    assert registry.promotion([good, weak], "2", 1.0) == (
+        False, "not promoted: top-1 drop 6.20 > 1.0 (its teacher 85.00, the best teacher among the versions 91.00)")
+    assert registry.choose_champion([weak], 1.0).version == "2"  # alone, against its own teacher
+    better = v(3, 120_000, 93.0, 92.6)  # a better teacher: version 1 is now 2.5 under the best teacher
+    assert registry.choose_champion([good, weak, better], 1.0).version == "3"
+    assert registry.choose_champion([good, weak, better], 3.0).version == "1"
+    same = v(4, 90_000, 91.0, 90.0)  # the same teacher as version 1: its own drop, as before
+    assert registry.choose_champion([good, same], 1.0).version == "4"
+
+
 def test_promotion_compares_only_versions_of_one_data_set_measured_on_the_most_test_inputs():
     full = [_tagged(1, 100_000, 0.5, 90.0), _tagged(2, 90_000, 0.8, 89.7)]
     quick = _tagged(3, 40_000, 0.2, 91.0, test_images=2_000)  # smaller and better, on a fifth of the test set
