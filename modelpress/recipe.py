@@ -294,7 +294,7 @@ class RegistryConfig(_Section):
                             description="MLflow experiment of the run (letters, digits, ' ._/-'; no '..').")
     max_top1_drop: float = Field(
         1.0, ge=0, description="Promotion rule: 'champion' goes to the smallest version losing at most this many top-1 points "
-                    "(against the best teacher among the versions of the name)."
+                    "(against the best teacher among the versions it is compared with)."
     )
 
     @field_validator("experiment")

@@ -7,11 +7,13 @@ with the ``tokenizer.json`` logged beside the file and returns their sentence em
 encoder) or their labels (a sequence classifier). Inputs are run in batches of ``BATCH`` on the
 device the module is on (a consumer may move ``unwrap_python_model().model`` to a GPU).
 
-Each version runs the library it was registered with (its ``code/modelpress``), imported under
-a name of its own: a process that loads several versions (champion and candidate side by side),
-or that imported another modelpress itself, never runs one version with another's code (MLflow
-only puts each version's code folder on ``sys.path``, where the first ``modelpress`` imported
-would serve them all).
+Each version runs the library it was registered with (its ``code/modelpress``): as
+``modelpress`` when the process has imported none yet, or one of the very same files; otherwise
+under a name of its own, ``_modelpress_<digest of its files>``. A process that loads several
+versions (champion and candidate side by side), or that imported another modelpress itself,
+never runs one version with another's code (MLflow only puts each version's code folder on
+``sys.path``, where the first ``modelpress`` imported would serve them all), and loading a
+version again reuses its modules.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ import importlib
 import importlib.util
 import itertools
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -26,26 +29,44 @@ import numpy as np
 import torch
 
 BATCH = 256
+_IMPORTING = threading.Lock()
+
+
+def code_digest(package: Path) -> str:
+    """sha256 of a modelpress package's Python files, their paths and contents (the orchestration,
+    installed as modelpress/flows and modelpress/tasks, is not logged with a version: left out)."""
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        rel = f.relative_to(package)
+        if "__pycache__" in rel.parts or (len(rel.parts) > 1 and rel.parts[0] in ("flows", "tasks")):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def own_library(code: Path):
-    """The modelpress package in ``code`` (a model version's logged code folder), imported as
-    ``_modelpress_<hash of its path>``; the importable ``modelpress`` where ``code`` has none
-    (this file run from the repository)."""
-    init = code / "modelpress" / "__init__.py"
-    if not init.is_file():
+    """The modelpress package of ``code`` (a model version's logged code folder), imported as said
+    above; the importable ``modelpress`` where ``code`` has none (this file run from the repository)."""
+    package = code / "modelpress"
+    if not (package / "__init__.py").is_file():
         return importlib.import_module("modelpress")
-    name = "_modelpress_" + hashlib.sha256(str(init.resolve()).encode()).hexdigest()[:16]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    digest = code_digest(package)
+    with _IMPORTING:
+        current = sys.modules.get("modelpress") or importlib.import_module("modelpress")  # MLflow put code/ first
+        if code_digest(Path(current.__file__).parent) == digest:
+            return current
+        name = f"_modelpress_{digest[:16]}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                          submodule_search_locations=[str(package)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return sys.modules[name]
 
 
 LIBRARY = own_library(Path(__file__).resolve().parent / "code")  # MLflow runs this file from the model's folder

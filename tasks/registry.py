@@ -163,16 +163,17 @@ def loss(v, best_teacher: float) -> float:
     version close to a weaker teacher (a regressed retraining, another checkpoint) does not
     displace a better model by its small drop alone. NaN when its figures are not numbers."""
     gap = best_teacher - _teacher_top1(v)
-    return _num(v, "top1_drop") + (gap if gap > 0 else 0.0)
+    return round(_num(v, "top1_drop") + (gap if gap > 0 else 0.0), 2)  # the tags' two decimals: 1.00 is within 1.0
 
 
 def comparable(all_versions: list, like) -> list:
-    """The versions the promotion rule compares ``like`` with: those of its data set, measured on
-    the most test inputs any of them was. A quick check (``data.test_images``) never displaces a
+    """The versions the promotion rule compares ``like`` with: those of its data set and figure
+    (top-1, or a text encoder's cosine to its teacher), measured on the most test inputs any of them was. A quick check (``data.test_images``) never displaces a
     version measured on the whole test set, and a model of another data set registered under the
     same name is not weighed against this one. (Versions without the figures: compared.)"""
-    dataset = like.tags.get(TAG + "dataset", "")
-    same = [v for v in all_versions if v.tags.get(TAG + "dataset", "") == dataset]
+    dataset, metric = like.tags.get(TAG + "dataset", ""), like.tags.get(TAG + "metric", "top1")
+    same = [v for v in all_versions
+            if v.tags.get(TAG + "dataset", "") == dataset and v.tags.get(TAG + "metric", "top1") == metric]
     most = max((_num(v, "test_images", 0) for v in same), default=0)
     return [v for v in same if not _num(v, "test_images", 0) or _num(v, "test_images", 0) >= most]
 
@@ -226,10 +227,10 @@ def promotion(all_versions: list, new_version: str, max_top1_drop: float) -> tup
     best = choose_champion(pool, max_top1_drop)
     teacher = best_teacher_top1(pool)
     drop, size = loss(new, teacher), int(_num(new, "packed_bytes", 0))
-    weaker = f" (its teacher {_teacher_top1(new):.2f}, the best teacher among the versions {teacher:.2f})" \
+    weaker = f" (against the best teacher among the versions, {teacher:.2f}; its own {_teacher_top1(new):.2f})" \
         if _teacher_top1(new) < teacher else ""
     if best is not None and str(best.version) == str(new_version):
-        return True, f"champion: top-1 drop {drop:.2f} <= {max_top1_drop} and smallest eligible file ({size:,} bytes)"
+        return True, f"champion: top-1 drop {drop:.2f} <= {max_top1_drop}{weaker} and smallest eligible file ({size:,} bytes)"
     if not drop <= max_top1_drop:  # a drop that is not a number (NaN outputs) is not within the rule either
         return False, f"not promoted: top-1 drop {drop:.2f} > {max_top1_drop}{weaker}" if drop > max_top1_drop else \
             f"not promoted: top-1 drop {drop} is not a number"
